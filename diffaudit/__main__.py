@@ -1,0 +1,3 @@
+from diffaudit.cli import main
+
+main()

@@ -1,0 +1,27 @@
+"""Command-line entry point. Errors of the ``DiffauditError`` family print one line and exit 2;
+``--debug`` shows the traceback. Command modules are imported here; stages are imported inside commands."""
+
+from __future__ import annotations
+
+import sys
+
+from diffaudit.commands import STATE, app
+from diffaudit.commands import core as _core  # noqa: F401  (registers commands)
+from diffaudit.errors import DiffauditError
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="diffaudit")
+    except DiffauditError as e:
+        if STATE["debug"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The run folder: the only contract between stages (see DESIGN.md).
+
+A run is a folder with ``run.json`` (the config snapshot and a record of the stages done), images
+under ``images/<prompt_id>/<seed>.png`` and parquet tables. Every write is atomic (temp file in the
+same folder, fsync, ``os.replace``): a crash leaves either the old file or the new one, never half.
+Writers hold the run's lock (``fcntl.flock``, which the OS drops when a process dies, so a killed
+writer's lock is taken over without ceremony).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from diffaudit import schema as _schema
+from diffaudit.errors import NotARunError, RunLockedError, SchemaError
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+FORMAT = "diffaudit-run"
+FORMAT_VERSION = 1
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def now() -> str:
+    """UTC timestamp in ISO 8601, seconds precision."""
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file beside it, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_name(value: str, what: str) -> str:
+    """Reject names that are unsafe as one path component (prompt ids, table parts)."""
+    if not _SAFE.match(value) or value in {".", ".."}:
+        raise SchemaError(f"{what} {value!r} is not a safe name (letters, digits, '_', '.', '-')")
+    return value
+
+
+class _Lock:
+    """A reentrant, per-process view of one run's ``flock``."""
+
+    _held: dict[Path, tuple[int, int]] = {}  # path -> (fd, depth)
+    _mutex = threading.Lock()
+
+    @classmethod
+    @contextlib.contextmanager
+    def hold(cls, path: Path) -> Iterator[None]:
+        with cls._mutex:
+            if path in cls._held:
+                fd, depth = cls._held[path]
+                cls._held[path] = (fd, depth + 1)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    raise RunLockedError(
+                        f"run {path.parent} is locked by {holder}; wait for it to finish or stop it"
+                    ) from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} since {now()}".encode(), 0)
+                cls._held[path] = (fd, 1)
+        try:
+            yield
+        finally:
+            with cls._mutex:
+                fd, depth = cls._held[path]
+                if depth > 1:
+                    cls._held[path] = (fd, depth - 1)
+                else:
+                    del cls._held[path]
+                    os.close(fd)  # closing the descriptor releases the flock
+
+
+class Run:
+    """A run folder. ``Run.create`` makes one, ``Run.open`` opens an existing one."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    # -- life cycle ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike, config: dict[str, Any] | None = None) -> Run:
+        """Create a run (or reopen it if it exists); ``config`` is merged into ``run.json``."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise NotARunError(f"{root} exists and is not a folder")
+        if root.is_dir() and any(root.iterdir()) and not (root / RUN_FILE).exists():
+            raise NotARunError(f"{root} is a non-empty folder that is not a diffaudit run; choose a new --out")
+        root.mkdir(parents=True, exist_ok=True)
+        run = cls(root)
+        with run.lock():
+            if not (run.root / RUN_FILE).exists():
+                info = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": run.root.name,
+                        "created": now(), "schema_version": _schema.SCHEMA_VERSION, "stages": {}}
+                atomic_write_text(run.root / RUN_FILE, json.dumps(info, indent=2) + "\n")
+            if config:
+                run.update_info(config)
+        return run
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> Run:
+        """Open an existing run or raise ``NotARunError``."""
+        run = cls(root)
+        if not run.root.is_dir():
+            raise NotARunError(f"no run folder at {root}")
+        if not (run.root / RUN_FILE).is_file():
+            raise NotARunError(f"{root} is not a diffaudit run (no {RUN_FILE})")
+        run.info  # noqa: B018 - validates run.json
+        return run
+
+    @staticmethod
+    def is_run(path: str | os.PathLike) -> bool:
+        return (Path(path) / RUN_FILE).is_file()
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the run's write lock (reentrant in one process; raises ``RunLockedError``)."""
+        return _Lock.hold(self.root / LOCK_FILE)
+
+    # -- run.json --------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def info(self) -> dict[str, Any]:
+        try:
+            info = json.loads((self.root / RUN_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise NotARunError(f"{self.root / RUN_FILE} is unreadable: {e}") from e
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise NotARunError(f"{self.root / RUN_FILE} is not a diffaudit run file")
+        return info
+
+    def update_info(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``fields`` into run.json (nested dicts merge one level deep) atomically."""
+        with self.lock():
+            info = self.info
+            for key, value in fields.items():
+                if isinstance(value, dict) and isinstance(info.get(key), dict):
+                    info[key] = {**info[key], **value}
+                else:
+                    info[key] = value
+            atomic_write_text(self.root / RUN_FILE, json.dumps(info, indent=2, default=str) + "\n")
+            return info
+
+    def record_stage(self, stage: str, *, seconds: float, **details: Any) -> None:
+        """Record that a stage finished, with its wall time (shown by ``runs show``, read by ``audit run``)."""
+        entry = {"finished": now(), "seconds": round(float(seconds), 3), **details}
+        self.update_info({"stages": {stage: entry}})
+
+    def stage_done(self, stage: str) -> bool:
+        return stage in self.info.get("stages", {})
+
+    # -- paths -----------------------------------------------------------------------------------
+    def path(self, relative: str | os.PathLike) -> Path:
+        """Resolve a path recorded in a table, refusing anything that leaves the run folder."""
+        p = (self.root / relative).resolve()
+        if not p.is_relative_to(self.root):
+            raise SchemaError(f"path {relative!r} leaves the run folder {self.root}")
+        return p
+
+    def image_relpath(self, prompt_id: str, seed: int) -> str:
+        return f"images/{check_name(prompt_id, 'prompt_id')}/{int(seed)}.png"
+
+    def image_path(self, prompt_id: str, seed: int) -> Path:
+        return self.root / self.image_relpath(prompt_id, seed)
+
+    def table_path(self, table: str) -> Path:
+        parts = table.split("/")
+        for part in parts:
+            check_name(part, "table name part")
+        _schema.schema_for(table)
+        return self.root.joinpath(*parts[:-1], parts[-1] + ".parquet")
+
+    # -- tables ----------------------------------------------------------------------------------
+    def has_table(self, table: str) -> bool:
+        return self.table_path(table).is_file()
+
+    def tables(self) -> list[str]:
+        """Names of the tables present in this run."""
+        found = []
+        for p in sorted(self.root.rglob("*.parquet")):
+            rel = p.relative_to(self.root).with_suffix("").as_posix()
+            if not rel.startswith("images/"):
+                found.append(rel)
+        return found
+
+    def write_table(self, table: str, df: pd.DataFrame) -> Path:
+        """Validate and write a table atomically (under the run lock)."""
+        arrow = _schema.to_arrow(table, df)
+        path = self.table_path(table)
+        sink = pa.BufferOutputStream()
+        pq.write_table(arrow, sink)
+        with self.lock():
+            atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        return path
+
+    def read_table(self, table: str) -> pd.DataFrame:
+        """Read and check a table; a missing table is an empty frame with the schema's columns."""
+        path = self.table_path(table)
+        if not path.is_file():
+            return _schema.schema_for(table).empty_table().to_pandas()
+        try:
+            arrow = pq.read_table(path)
+        except (OSError, pa.ArrowException) as e:
+            raise SchemaError(f"{path} is not a readable parquet table: {e}") from e
+        _schema.check_arrow(table, arrow, str(path))
+        return arrow.to_pandas()
+
+    def append_rows(self, table: str, df: pd.DataFrame, *, key: str | None = None) -> pd.DataFrame:
+        """Append rows to a table atomically; with ``key``, a new row replaces an old one with the same key."""
+        with self.lock():
+            old = self.read_table(table)
+            frames = [f for f in (old, df) if len(f)]
+            merged = pd.concat(frames, ignore_index=True) if frames else df
+            if key is not None:
+                merged = merged.drop_duplicates(subset=[key], keep="last").reset_index(drop=True)
+            self.write_table(table, merged)
+            return merged
+
+    # -- resume ----------------------------------------------------------------------------------
+    def completed_images(self) -> set[str]:
+        """image_ids recorded in ``generations`` whose file exists with the recorded sha256."""
+        done = set()
+        gens = self.read_table("generations")
+        for image_id, rel, digest in zip(gens["image_id"], gens["path"], gens["sha256"], strict=True):
+            p = self.path(rel)
+            if p.is_file() and sha256_file(p) == digest:
+                done.add(image_id)
+        return done
+
+    def images(self) -> pd.DataFrame:
+        """The generations table with an absolute ``file`` column, for stages that read images."""
+        gens = self.read_table("generations")
+        gens["file"] = [str(self.path(p)) for p in gens["path"]]
+        return gens
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[Run]:
+    """Runs directly inside ``runs_dir`` (or ``runs_dir`` itself if it is a run)."""
+    runs_dir = Path(runs_dir)
+    if Run.is_run(runs_dir):
+        return [Run(runs_dir)]
+    if not runs_dir.is_dir():
+        return []
+    return [Run(p) for p in sorted(runs_dir.iterdir()) if p.is_dir() and Run.is_run(p)]

@@ -1,0 +1,230 @@
+"""Load, validate and expand prompt suites.
+
+A suite is a YAML file in this folder (or any path): cited ``sources``, ``templates`` with a
+``{subject}`` slot (and ``{a}`` for its indefinite article), ``subjects``, and optional ``edits``
+(img2img / inpaint requests on a source image). Expansion gives one ``Request`` per prompt with its
+seeds; a seed depends only on (run seed, prompt_id, index), never on batch size or order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from diffaudit.config import Frozen, load_yaml, validate
+from diffaudit.errors import SuiteError
+
+SUITES_DIR = Path(__file__).parent
+_ID = r"^[a-z0-9][a-z0-9_]*$"
+BUILTIN_SOURCES = {
+    "skimage": ("astronaut", "coffee", "chelsea", "camera", "rocket", "retina", "cat", "immunohistochemistry"),
+    "sklearn": ("china.jpg", "flower.jpg"),
+}
+
+
+class Template(Frozen):
+    id: str = Field(pattern=_ID)
+    text: str
+    source: str | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{subject}" not in v:
+            raise ValueError("a template needs a {subject} slot")
+        unknown = set(re.findall(r"{(\w*)}", v)) - {"subject", "a"}
+        if unknown:
+            raise ValueError(f"unknown slot(s) {sorted(unknown)}; use {{subject}} and {{a}}")
+        return v
+
+
+class Subject(Frozen):
+    id: str = Field(pattern=_ID)
+    text: str = Field(min_length=1)
+    article: Literal["a", "an", ""] | None = None
+    bls: str | None = None  # row of the BLS 2022 cpsaat11 table
+    unmapped: str | None = None  # why there is no BLS row
+
+    @property
+    def a(self) -> str:
+        if self.article is not None:
+            return self.article
+        return "an" if self.text[:1].lower() in "aeiou" else "a"
+
+
+class Edit(Frozen):
+    """An image-to-image or inpainting request on a source image."""
+
+    id: str = Field(pattern=_ID)
+    mode: Literal["img2img", "inpaint"]
+    prompt: str
+    negative_prompt: str | None = None
+    source: str  # "skimage:NAME", "sklearn:NAME" or a path (relative to the suite file)
+    mask: str | None = None  # "box:x0,y0,x1,y1" in fractions of the image, or a path
+    strength: float = Field(0.75, gt=0, le=1)
+    subject: str | None = None
+
+    @model_validator(mode="after")
+    def _mask_for_inpaint(self) -> Edit:
+        if self.mode == "inpaint" and not self.mask:
+            raise ValueError("inpaint needs a mask")
+        if self.mode == "img2img" and self.mask:
+            raise ValueError("img2img takes no mask (use mode: inpaint)")
+        return self
+
+
+class Suite(Frozen):
+    name: str = Field(pattern=_ID)
+    description: str
+    sources: list[str] = Field(min_length=1)
+    negative_prompt: str = ""
+    templates: list[Template] = []
+    subjects: list[Subject] = []
+    edits: list[Edit] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> Suite:
+        for what, items in (("template", self.templates), ("subject", self.subjects), ("edit", self.edits)):
+            ids = [i.id for i in items]
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            if dup:
+                raise ValueError(f"duplicate {what} id(s): {dup}")
+        if bool(self.templates) != bool(self.subjects):
+            raise ValueError("templates and subjects go together: give both or neither")
+        if not self.subjects and not self.edits:
+            raise ValueError("a suite needs subjects with templates, or edits")
+        return self
+
+
+class Request(Frozen):
+    """One prompt to generate ``len(seeds)`` images for."""
+
+    prompt_id: str
+    suite: str
+    subject: str
+    template: str
+    prompt: str
+    negative_prompt: str
+    mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    source_image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
+    seeds: tuple[int, ...]
+
+    def image_id(self, seed: int) -> str:
+        return f"{self.prompt_id}-{seed}"
+
+
+def derive_seed(run_seed: int, prompt_id: str, index: int) -> int:
+    """A 32-bit seed from (run seed, prompt_id, index): independent of batching and order."""
+    digest = hashlib.sha256(f"{int(run_seed)}/{prompt_id}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def list_suites() -> list[str]:
+    """Names of the built-in suites (the YAML files in this folder)."""
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def suite_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in {".yaml", ".yml"}:
+        if not p.is_file():
+            raise SuiteError(f"suite file {p} does not exist")
+        return p
+    builtin = SUITES_DIR / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        raise SuiteError(f"unknown suite {str(name_or_path)!r}; built-in suites: {', '.join(list_suites())} "
+                         "(or pass a path to a .yaml file)")
+    return builtin
+
+
+@cache
+def _load(path: Path, mtime: float) -> Suite:
+    data, lines = load_yaml(path, SuiteError)
+    suite = validate(Suite, data, path, lines, SuiteError)
+    for i, edit in enumerate(suite.edits):
+        for field, ref in (("source", edit.source), ("mask", edit.mask)):
+            if ref is not None:
+                problem = _check_ref(ref, path.parent, field)
+                if problem:
+                    line = lines.get(("edits", i, field))
+                    raise SuiteError(f"{path}:{line}: field 'edits.{i}.{field}': {problem}")
+    return suite
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Load and validate a suite by built-in name or path. Errors name the file, line and field."""
+    path = suite_path(name_or_path).resolve()
+    return _load(path, path.stat().st_mtime)
+
+
+def _check_ref(ref: str, base: Path, field: str) -> str | None:
+    scheme, _, name = ref.partition(":")
+    if scheme in BUILTIN_SOURCES and name:
+        return None if name in BUILTIN_SOURCES[scheme] else (
+            f"unknown {scheme} image {name!r}; choose from {', '.join(BUILTIN_SOURCES[scheme])}")
+    if scheme == "box" and field == "mask":
+        try:
+            x0, y0, x1, y1 = (float(v) for v in name.split(","))
+        except ValueError:
+            return f"mask {ref!r} must look like box:x0,y0,x1,y1 (fractions)"
+        return None if 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 else f"mask box {ref!r} is outside [0, 1]"
+    return None if (base / ref).is_file() else f"file {ref!r} not found (relative to {base})"
+
+
+def resolve_ref(ref: str | None, suite_file: Path) -> str | None:
+    """Builtin refs stay as they are; file refs become absolute paths."""
+    if ref is None:
+        return None
+    scheme, _, name = ref.partition(":")
+    if (scheme in BUILTIN_SOURCES and name) or scheme == "box":
+        return ref
+    return str((suite_file.parent / ref).resolve())
+
+
+def expand(suite_name_or_path: str | Path, *, images_per_prompt: int, seed: int = 0,
+           templates: tuple[str, ...] | None = None, subjects: tuple[str, ...] | None = None) -> list[Request]:
+    """Expand a suite into requests: templates x subjects (txt2img), then edits. Stable order and ids."""
+    if images_per_prompt < 1:
+        raise SuiteError("images_per_prompt must be at least 1")
+    path = suite_path(suite_name_or_path).resolve()
+    suite = load_suite(path)
+    chosen_t = _subset(suite.templates, templates, "template", suite.name)
+    chosen_s = _subset(suite.subjects, subjects, "subject", suite.name)
+    requests = []
+
+    def seeds(prompt_id: str) -> tuple[int, ...]:
+        return tuple(derive_seed(seed, prompt_id, i) for i in range(images_per_prompt))
+
+    for t in chosen_t:
+        for s in chosen_s:
+            prompt_id = f"{t.id}-{s.id}"
+            prompt = t.text.replace("{a}", s.a).replace("{subject}", s.text)
+            prompt = re.sub(r"\s+", " ", prompt).strip()
+            requests.append(Request(prompt_id=prompt_id, suite=suite.name, subject=s.id, template=t.id,
+                                    prompt=prompt, negative_prompt=suite.negative_prompt, seeds=seeds(prompt_id)))
+    if subjects is None and templates is None:
+        for e in suite.edits:
+            prompt_id = f"{e.mode}-{e.id}"
+            requests.append(Request(
+                prompt_id=prompt_id, suite=suite.name, subject=e.subject or e.id, template="edit",
+                prompt=e.prompt, negative_prompt=e.negative_prompt if e.negative_prompt is not None
+                else suite.negative_prompt, mode=e.mode, source_image=resolve_ref(e.source, path),
+                mask=resolve_ref(e.mask, path), strength=e.strength, seeds=seeds(prompt_id)))
+    return requests
+
+
+def _subset(items: list, wanted: tuple[str, ...] | None, what: str, suite: str) -> list:
+    if wanted is None:
+        return list(items)
+    ids = {i.id: i for i in items}
+    unknown = [w for w in wanted if w not in ids]
+    if unknown:
+        raise SuiteError(f"suite {suite!r} has no {what}(s) {unknown}; it has: {', '.join(ids)}")
+    return [ids[w] for w in wanted]
