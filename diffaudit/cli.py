@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 
 from diffaudit.commands import STATE, app
-from diffaudit.commands import core as _core  # noqa: F401  (registers commands)
 from diffaudit.errors import DiffauditError
+
+COMMAND_MODULES = ("core", "generate", "bias", "stats", "memorization", "provenance", "dashboard", "audit")
+
+for _name in COMMAND_MODULES:
+    if importlib.util.find_spec(f"diffaudit.commands.{_name}") is not None:
+        importlib.import_module(f"diffaudit.commands.{_name}")
 
 
 def main(argv: list[str] | None = None) -> None:
