@@ -187,9 +187,6 @@ def to_arrow(table: str, df: pd.DataFrame) -> pa.Table:
         arrow = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
         raise SchemaError(f"table {table!r}: {e}") from e
-    for f in schema:
-        if not f.nullable and arrow.column(f.name).null_count:
-            raise SchemaError(f"table {table!r}: column {f.name!r} may not contain nulls")
     meta = {VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: table.encode()}
     return arrow.replace_schema_metadata(meta)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -105,7 +105,7 @@ def runs_show(run: Path = typer.Argument(..., help="A run folder."),
         c.print(f"table {table}: {len(r.read_table(table))} rows", markup=False)
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     probes = "probes"
     hashes = "hashes"
     watermarks = "watermarks"

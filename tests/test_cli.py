@@ -1,0 +1,69 @@
+"""The CLI: fast help without torch, one-line errors with exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import make_photo_run
+
+
+def diffaudit(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffaudit", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_help_is_fast_and_imports_no_stage():
+    code = ("import sys, time; t = time.perf_counter(); import diffaudit.cli; "
+            "print(time.perf_counter() - t); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'open_clip', 'c2pa', 'streamlit', 'cv2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[1] == "[]", f"CLI start-up imported heavy modules: {out[1]}"
+    start = time.perf_counter()
+    res = diffaudit("--help")
+    elapsed = time.perf_counter() - start
+    assert res.returncode == 0 and "suites" in res.stdout and "audit" in res.stdout
+    assert elapsed < 5, f"diffaudit --help took {elapsed:.2f}s"  # generous bound for a loaded CI box
+
+
+def test_suites_and_list_commands():
+    res = diffaudit("suites", "show", "demo", "--json")
+    assert res.returncode == 0 and res.stdout.count("\n") == 15
+    assert "heim_face-ceo" in res.stdout
+    res = diffaudit("list", "probes")
+    assert res.returncode == 0 and res.stdout.split("\n")[0].startswith("clip\t")
+    assert diffaudit("list", "suites").stdout.split() == ["demo", "descriptors", "occupations"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("suites", "show", "no-such-suite"), "unknown suite 'no-such-suite'"),
+    (("runs", "show", "/nonexistent/run"), "no run folder at /nonexistent/run"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    res = diffaudit(*args)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: ") and message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_malformed_suite_file_via_cli(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndescription: x\nsources: [a]\ntemplates:\n  - {id: t, text: no slot}\nsubjects: []\n")
+    res = diffaudit("suites", "show", str(bad))
+    assert res.returncode == 2 and f"{bad}:5: field 'templates.0.text'" in res.stderr
+
+
+def test_debug_shows_traceback():
+    res = diffaudit("--debug", "suites", "show", "no-such-suite")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_runs_list_and_show(tmp_path):
+    make_photo_run(tmp_path / "runs" / "a", photos=("astronaut", "coffee"), size=64)
+    res = diffaudit("runs", "list", str(tmp_path / "runs"))
+    assert res.returncode == 0 and "a" in res.stdout and "photos" in res.stdout
+    res = diffaudit("runs", "show", str(tmp_path / "runs" / "a"))
+    assert res.returncode == 0 and "table generations: 2 rows" in res.stdout
