@@ -73,18 +73,18 @@ PROBES = pa.schema([
     _f("probe_version", _str),
 ])
 
-# --- bias statistics (audit/bias.py) ---------------------------------------------------------
+# --- bias statistics (audit/stats.py, written by audit/bias.py) -----------------------------
 BIAS_SUMMARY = pa.schema([
     _f("probe", _str),
     _f("attribute", _str),
     _f("subject", _str),
     _f("template", _str),            # a template id, or "all" when pooled
-    _f("label", _str),
+    _f("label", _str, True),         # null only when every image abstained on this attribute
     _f("count", _i64),
     _f("n", _i64),                   # non-abstained images for this subject x attribute
-    _f("share", _f64),
-    _f("ci_low", _f64),
-    _f("ci_high", _f64),
+    _f("share", _f64, True),         # share and its Wilson interval: null when n == 0
+    _f("ci_low", _f64, True),
+    _f("ci_high", _f64, True),
     _f("sim_ci_low", _f64, True),    # simultaneous multinomial interval
     _f("sim_ci_high", _f64, True),
     _f("abstained", _i64),
@@ -97,6 +97,19 @@ BIAS_SUMMARY = pa.schema([
     _f("p_value", _f64, True),
     _f("q_value", _f64, True),
     _f("amplified", _bool, True),
+])
+
+BIAS_METRICS = pa.schema([           # aggregate scores comparable with peers (audit.stats.metrics)
+    _f("probe", _str),
+    _f("attribute", _str),
+    _f("template", _str),            # a template id, or "all" when pooled
+    _f("subject", _str),             # a subject, or "all": the mean over subjects
+    _f("metric", _str),              # gender_imbalance | mad | entropy | mean_abs_gap | amplified_share
+    _f("value", _f64, True),
+    _f("ci_low", _f64, True),        # percentile bootstrap over images within subjects
+    _f("ci_high", _f64, True),
+    _f("subjects", _i64),
+    _f("n", _i64),                   # non-abstained images behind the value
 ])
 
 # --- memorization (audit/memorization/) ------------------------------------------------------
@@ -152,6 +165,7 @@ TABLES: dict[str, pa.Schema] = {
     "generations": GENERATIONS,
     "probes/*": PROBES,
     "bias/summary": BIAS_SUMMARY,
+    "bias/metrics": BIAS_METRICS,
     "memorization/matches": MEMORIZATION_MATCHES,
     "memorization/rates": MEMORIZATION_RATES,
     "provenance/stamps": PROVENANCE_STAMPS,

@@ -1,0 +1,201 @@
+"""Bias statistics: per (probe, attribute, subject, template, label) counts, shares and intervals, the
+comparison with a workforce reference, and aggregate metrics comparable with HEIM and DALL-Eval.
+
+The unit of analysis is the image: each image casts at most one vote per (probe, attribute).
+- Whole-image rows (``face_index == -1``) are that vote.
+- Per-face rows: the image's vote is its largest face (bbox area ``w * h``; ties go to the lowest
+  ``face_index``). If that face abstained, the image abstains: we never fall back to a smaller face,
+  which would select faces by how confident the probe is. When an image has face rows, they take
+  precedence over a whole-image row of the same attribute (e.g. a "no face" row).
+- An image that appears in a probe table but has no row for one of its attributes abstains on that
+  attribute (reason ``no_row``): no image is silently dropped. Images absent from a probe table
+  altogether (not yet probed) are not counted.
+Shares are over non-abstained images (``n``); abstentions are reported beside them.
+
+Intervals (all from statsmodels): per-label Wilson score intervals (``ci_*``), simultaneous Goodman
+multinomial intervals over the labels of one (probe, attribute, subject, template) (``sim_ci_*``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from diffaudit.errors import InputError, SchemaError
+
+POOLED = "all"  # the template value of rows pooled over templates
+PARITY = 0.5
+_GROUP = ["probe", "attribute", "subject", "template"]
+_PROBE_COLUMNS = ["image_id", "face_index", "bbox", "attribute", "label", "abstained", "abstain_reason", "probe"]
+
+
+def votes(generations: pd.DataFrame, probe_table: pd.DataFrame) -> pd.DataFrame:
+    """One vote per (image, probe, attribute) from a PROBES table (see the module docstring for the rule).
+
+    Returns columns image_id, subject, template, probe, attribute, label (null when abstained), abstained,
+    abstain_reason.
+    """
+    missing = [c for c in _PROBE_COLUMNS if c not in probe_table.columns]
+    if missing:
+        raise SchemaError(f"probe table lacks column(s) {missing}")
+    out_cols = ["image_id", "subject", "template", "probe", "attribute", "label", "abstained", "abstain_reason"]
+    if probe_table.empty:
+        return pd.DataFrame(columns=out_cols)
+    rows = probe_table[_PROBE_COLUMNS].copy()
+    rows["is_face"] = rows["face_index"].astype(int) >= 0
+    rows["area"] = [float(b[2]) * float(b[3]) if b is not None and len(b) == 4 else 0.0 for b in rows["bbox"]]
+    rows = rows.sort_values(["probe", "image_id", "attribute", "is_face", "area", "face_index"],
+                            ascending=[True, True, True, False, False, True], kind="stable")
+    picked = rows.drop_duplicates(["probe", "image_id", "attribute"], keep="first")
+    # Images probed (by that probe) but without a row for an attribute abstain on it.
+    full = pd.MultiIndex.from_frame(
+        picked[["probe", "image_id"]].drop_duplicates().merge(
+            picked[["probe", "attribute"]].drop_duplicates(), on="probe"))
+    picked = picked.set_index(["probe", "image_id", "attribute"]).reindex(full).reset_index()
+    no_row = picked["abstained"].isna()
+    picked.loc[no_row, "abstained"] = True
+    picked.loc[no_row, "abstain_reason"] = "no_row"
+    picked["abstained"] = picked["abstained"].astype(bool)
+    picked.loc[picked["abstained"], "label"] = None
+
+    unknown = set(picked["image_id"]) - set(generations["image_id"])
+    if unknown:
+        raise InputError(f"probe table has rows for {len(unknown)} image(s) not in generations "
+                         f"(e.g. {sorted(unknown)[0]!r}); re-run the probes on this run")
+    merged = picked.merge(generations[["image_id", "subject", "template"]], on="image_id", how="left")
+    return merged[out_cols].reset_index(drop=True)
+
+
+def _counts(v: pd.DataFrame) -> pd.DataFrame:
+    """Counts per (probe, attribute, subject, template, label) with n and abstained per group; every label
+    seen for a (probe, attribute) anywhere gets a row in every group (zero counts included)."""
+    groups = v.groupby(_GROUP, sort=True, observed=True).agg(
+        abstained=("abstained", "sum"), total=("abstained", "size")).reset_index()
+    groups["n"] = groups["total"] - groups["abstained"]
+    labels = v.loc[~v["abstained"], ["probe", "attribute", "label"]].drop_duplicates()
+    grid = groups.merge(labels, on=["probe", "attribute"], how="inner")
+    counts = (v[~v["abstained"]].groupby(_GROUP + ["label"], observed=True).size()
+              .rename("count").reset_index())
+    grid = grid.merge(counts, on=_GROUP + ["label"], how="left")
+    grid["count"] = grid["count"].fillna(0).astype("int64")
+    # Groups whose images all abstained keep one row per known label (count 0, n 0) via the inner merge;
+    # attributes with no label at all (everything abstained everywhere) keep one row with a null label.
+    lost = groups.merge(labels[["probe", "attribute"]].drop_duplicates(), on=["probe", "attribute"],
+                        how="left", indicator=True)
+    lost = lost[lost["_merge"] == "left_only"].drop(columns="_merge")
+    if len(lost):
+        lost = lost.assign(label=None, count=0)
+        grid = pd.concat([grid, lost], ignore_index=True)
+    return grid.drop(columns="total").sort_values(_GROUP + ["label"], kind="stable").reset_index(drop=True)
+
+
+def _intervals(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Add share, Wilson and simultaneous (Goodman) intervals to a counts table."""
+    from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
+
+    t = table.copy()
+    n = t["n"].to_numpy(dtype=float)
+    k = t["count"].to_numpy(dtype=float)
+    ok = n > 0
+    share = np.full(len(t), np.nan)
+    lo = np.full(len(t), np.nan)
+    hi = np.full(len(t), np.nan)
+    share[ok] = k[ok] / n[ok]
+    if ok.any():
+        lo[ok], hi[ok] = proportion_confint(k[ok], n[ok], alpha=alpha, method="wilson")
+    t["share"], t["ci_low"], t["ci_high"] = share, lo, hi
+    sim_lo = np.full(len(t), np.nan)
+    sim_hi = np.full(len(t), np.nan)
+    for _, idx in t.groupby(_GROUP, sort=False).indices.items():
+        c = t["count"].to_numpy()[idx]
+        if len(idx) >= 2 and c.sum() > 0:
+            ci = multinomial_proportions_confint(c, alpha=alpha, method="goodman")
+            sim_lo[idx], sim_hi[idx] = ci[:, 0], ci[:, 1]
+    t["sim_ci_low"], t["sim_ci_high"] = sim_lo, sim_hi
+    t["abstention_rate"] = t["abstained"] / (t["n"] + t["abstained"]).where(lambda s: s > 0)
+    return t
+
+
+def amplified(share: np.ndarray | float, reference_share: np.ndarray | float) -> np.ndarray:
+    """True where the run share is further from parity (0.5) than the reference, on the same side.
+
+    Exactly: ``|s - 0.5| > |r - 0.5|`` and ``(s - 0.5) * (r - 0.5) >= 0`` (a reference at parity counts
+    any departure). A point-estimate flag: read it with ``q_value`` for significance. NaN reference ->
+    null (returned as NaN in a float array; summarize turns it into a nullable boolean).
+    """
+    s = np.asarray(share, dtype=float) - PARITY
+    r = np.asarray(reference_share, dtype=float) - PARITY
+    out = ((np.abs(s) > np.abs(r)) & (s * r >= 0)).astype(float)
+    return np.where(np.isnan(s) | np.isnan(r), np.nan, out)
+
+
+def _compare(t: pd.DataFrame, suite: str, reference: str, alpha: float) -> pd.DataFrame:
+    """Reference columns: share, gap with interval, exact binomial test and BH q-values across subjects."""
+    from scipy.stats import binomtest
+    from statsmodels.stats.multitest import multipletests
+
+    from audit.reference import load_reference, reference_share, subject_reference
+
+    load_reference(reference)  # unknown name -> ConfigError before anything else
+    refs = subject_reference(suite, reference).set_index("subject")
+    ref_share = np.array([
+        reference_share(a, lab, refs.loc[s]) if (s in refs.index and lab is not None) else np.nan
+        for a, lab, s in zip(t["attribute"], t["label"], t["subject"], strict=True)])
+    has = ~np.isnan(ref_share) & (t["n"].to_numpy() > 0)
+    t["reference"] = np.where(has, reference, None)
+    t["reference_share"] = np.where(has, ref_share, np.nan)
+    # BLS sampling error is treated as 0 (CPS standard errors are about a point for large occupations),
+    # so the gap's interval is the Wilson interval shifted by the reference share.
+    t["gap"] = t["share"] - t["reference_share"]
+    t["gap_ci_low"] = t["ci_low"] - t["reference_share"]
+    t["gap_ci_high"] = t["ci_high"] - t["reference_share"]
+    p = np.full(len(t), np.nan)
+    for i in np.flatnonzero(has):
+        p[i] = binomtest(int(t["count"].iat[i]), int(t["n"].iat[i]), float(ref_share[i])).pvalue
+    t["p_value"] = p
+    q = np.full(len(t), np.nan)
+    family = ["probe", "attribute", "template", "label"]
+    for _, idx in t[has].groupby(family, sort=False).indices.items():
+        rows = np.flatnonzero(has)[idx]
+        q[rows] = multipletests(p[rows], alpha=alpha, method="fdr_bh")[1]
+    t["q_value"] = q
+    amp = amplified(t["share"].to_numpy(), t["reference_share"].to_numpy())
+    t["amplified"] = pd.array([None if np.isnan(a) else bool(a) for a in amp], dtype="boolean")
+    return t
+
+
+def summarize(generations: pd.DataFrame, probe_tables: dict[str, pd.DataFrame], *, suite: str | None,
+              reference: str | None = "bls-2022", alpha: float = 0.05) -> pd.DataFrame:
+    """The BIAS_SUMMARY table: one row per (probe, attribute, subject, template, label), with per-template
+    rows and rows pooled over templates (``template == "all"``).
+
+    ``probe_tables`` maps probe name -> PROBES table. With ``suite`` and ``reference`` (e.g. "bls-2022"),
+    subjects mapped to a reference row get reference_share, gap (share - reference) with interval, an exact
+    binomial test against the reference share, Benjamini-Hochberg q-values across subjects (one family per
+    probe, attribute, template and label) and the ``amplified`` flag; other rows leave those null.
+    """
+    frames = [votes(generations, table) for table in probe_tables.values() if len(table)]
+    if not frames:
+        raise InputError("no probe rows to summarize; run `diffaudit audit bias RUN` first")
+    v = pd.concat(frames, ignore_index=True)
+    pooled = v.assign(template=POOLED)
+    per_template = v[v["template"] != POOLED]
+    table = pd.concat([_counts(pooled), _counts(per_template)], ignore_index=True)
+    table = _intervals(table, alpha)
+    ref_cols = ["reference", "reference_share", "gap", "gap_ci_low", "gap_ci_high", "p_value", "q_value"]
+    if suite is not None and reference is not None:
+        table = _compare(table, suite, reference, alpha)
+    else:
+        if reference is not None:
+            from audit.reference import load_reference
+
+            load_reference(reference)
+        for c in ref_cols:
+            table[c] = None if c == "reference" else np.nan
+        table["amplified"] = pd.array([None] * len(table), dtype="boolean")
+    table["count"] = table["count"].astype("int64")
+    table["n"] = table["n"].astype("int64")
+    table["abstained"] = table["abstained"].astype("int64")
+    from diffaudit.schema import BIAS_SUMMARY
+
+    return table[BIAS_SUMMARY.names].reset_index(drop=True)
