@@ -18,6 +18,8 @@ multinomial intervals over the labels of one (probe, attribute, subject, templat
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -199,3 +201,85 @@ def summarize(generations: pd.DataFrame, probe_tables: dict[str, pd.DataFrame], 
     from diffaudit.schema import BIAS_SUMMARY
 
     return table[BIAS_SUMMARY.names].reset_index(drop=True)
+
+
+# --- aggregate metrics, comparable with peers ---------------------------------------------------------
+METRICS = ("gender_imbalance", "mad", "entropy", "mean_abs_gap", "amplified_share")
+GENDER_ATTRIBUTE, FEMALE_LABEL = "perceived_gender", "woman"
+
+
+def _subject_scores(p: np.ndarray, labels: list[str], ref: np.ndarray, attribute: str) -> dict[str, np.ndarray]:
+    """Per-subject scores from shares ``p`` (..., K) over ``labels``; ``ref`` (K,) or (S, K) reference shares."""
+    k = p.shape[-1]
+    out: dict[str, np.ndarray] = {}
+    if attribute == GENDER_ATTRIBUTE and FEMALE_LABEL in labels:
+        # HEIM (Lee et al. 2023, helm GenderMetric): |female fraction - 0.5| per prompt.
+        out["gender_imbalance"] = np.abs(p[..., labels.index(FEMALE_LABEL)] - PARITY)
+    # DALL-Eval (Cho et al. 2023, compute_mad.py): mean over categories of |p_k - mean_k p_k| = |p_k - 1/K|.
+    out["mad"] = np.mean(np.abs(p - 1.0 / k), axis=-1)
+    if k >= 2:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plogp = np.where(p > 0, p * np.log(p), 0.0)
+        out["entropy"] = -plogp.sum(axis=-1) / np.log(k)
+    has_ref = ~np.isnan(ref)
+    if has_ref.any():
+        gaps = np.where(has_ref, np.abs(p - np.nan_to_num(ref)), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # subjects without a reference: NaN, as meant
+            out["mean_abs_gap"] = np.nanmean(gaps, axis=-1)
+        s, r = p - PARITY, np.nan_to_num(ref) - PARITY
+        amp = (np.abs(s) > np.abs(r)) & (s * r >= 0) & has_ref
+        out["amplified_share"] = np.where(has_ref.any(axis=-1), amp.any(axis=-1).astype(float), np.nan)
+    return out
+
+
+def metrics(summary: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
+    """Aggregate scores from a BIAS_SUMMARY table, as a BIAS_METRICS table.
+
+    Per (probe, attribute, template), per subject and over subjects (``subject == "all"``: the unweighted
+    mean over subjects with n > 0, as HEIM and DALL-Eval average over prompts):
+    - ``gender_imbalance``: HEIM's |share(woman) - 0.5| (perceived_gender only);
+    - ``mad``: DALL-Eval's mean absolute deviation of the label distribution from uniform (equals
+      gender_imbalance for two labels);
+    - ``entropy``: Shannon entropy of the label distribution / log K (1 = uniform);
+    - ``mean_abs_gap``: mean |share - reference share| over labels with a reference;
+    - ``amplified_share``: fraction of referenced subjects flagged ``amplified`` (overall rows only).
+    Intervals: seeded percentile bootstrap resampling non-abstained images within each subject (a
+    multinomial draw from the subject's counts, which is the same thing). A subject whose images all
+    carry one label has a zero-width interval: the bootstrap cannot see beyond the sample.
+    """
+    from diffaudit.schema import BIAS_METRICS
+
+    rng = np.random.default_rng(seed)
+    q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
+    rows: list[dict] = []
+    s = summary[summary["label"].notna() & (summary["n"] > 0)]
+    for (probe, attribute, template), fam in s.groupby(["probe", "attribute", "template"], sort=True):
+        labels = sorted(fam["label"].unique())
+        counts = fam.pivot_table(index="subject", columns="label", values="count", aggfunc="sum",
+                                 fill_value=0).reindex(columns=labels, fill_value=0)
+        ref = fam.pivot_table(index="subject", columns="label", values="reference_share", aggfunc="first",
+                              dropna=False).reindex(index=counts.index, columns=labels)
+        c = counts.to_numpy(dtype=float)
+        n = c.sum(axis=1)
+        r = ref.to_numpy(dtype=float)
+        point = _subject_scores(c / n[:, None], labels, r, attribute)
+        draws = np.stack([rng.multinomial(int(ni), ci / ni, size=n_boot) for ni, ci in zip(n, c, strict=True)],
+                         axis=1) / n[None, :, None]  # (B, S, K)
+        boot = _subject_scores(draws, labels, r[None], attribute)
+        for metric in (m for m in METRICS if m in point):
+            value, reps = point[metric], boot[metric]
+            ok = np.isfinite(value)
+            if not ok.any():
+                continue
+            if metric != "amplified_share":
+                lo, hi = np.percentile(reps[:, ok], q, axis=0)
+                for j, subject in enumerate(counts.index[ok]):
+                    rows.append(dict(probe=probe, attribute=attribute, template=template, subject=subject,
+                                     metric=metric, value=value[ok][j], ci_low=lo[j], ci_high=hi[j],
+                                     subjects=1, n=int(n[ok][j])))
+            lo, hi = np.percentile(reps[:, ok].mean(axis=1), q)
+            rows.append(dict(probe=probe, attribute=attribute, template=template, subject=POOLED,
+                             metric=metric, value=float(value[ok].mean()), ci_low=lo, ci_high=hi,
+                             subjects=int(ok.sum()), n=int(n[ok].sum())))
+    return pd.DataFrame(rows, columns=BIAS_METRICS.names)
