@@ -57,7 +57,9 @@ class BiasConfig(Frozen):
 
 
 class MemorizationConfig(Frozen):
-    index: str
+    index: str  # an index folder (`diffaudit index build`); built from `sources` when missing
+    sources: tuple[str, ...] = ()
+    hash: str = "phash"
     radius: int = Field(10, ge=0, le=64)
 
 
@@ -68,7 +70,10 @@ class ProvenanceConfig(Frozen):
 
 
 class AuditConfig(Frozen):
-    """One file that describes a whole audit (``diffaudit audit run CONFIG.yaml``)."""
+    """One file that describes a whole audit (``diffaudit audit run CONFIG.yaml``).
+
+    Relative paths are taken from the current directory. A section set to null skips its stage.
+    """
 
     out: str
     generation: GenerationConfig = GenerationConfig()

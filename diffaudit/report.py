@@ -1,0 +1,326 @@
+"""The audit report: ``report.md`` and a self-contained ``report.html`` built only from the run's tables.
+
+It recomputes nothing: it reads what the stages wrote (``bias/summary``, ``bias/metrics``, the probe
+tables, ``memorization/*``, ``provenance/*``) and lays it out. Charts are inline SVG and evidence images
+are embedded as data URIs, so the HTML opens offline and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from diffaudit import __version__
+from diffaudit.runs import Run, atomic_write_text
+
+CAVEAT = (
+    "Attribute labels are *perceived* presentation inferred by classifiers from pixels (perceived gender, "
+    "perceived age group, skin tone on the Monk scale). They are never a person's identity, and the "
+    "classifiers have their own errors: read shares with their intervals, and validate a probe on labelled "
+    "images (`diffaudit probe validate`) before drawing conclusions."
+)
+TOP_N = 5
+
+
+@dataclass
+class Doc:
+    """A list of blocks rendered both as Markdown and as HTML, so the two reports always agree."""
+
+    blocks: list[tuple] = field(default_factory=list)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, df: pd.DataFrame) -> None:
+        self.blocks.append(("table", df))
+
+    def svg(self, svg: str, alt: str) -> None:
+        self.blocks.append(("svg", svg, alt))
+
+    def images(self, pairs: list[tuple[str, bytes]]) -> None:
+        self.blocks.append(("images", pairs))
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "table":
+                out.append(_md_table(b[1]))
+            elif b[0] == "svg":
+                out.append(f"*(chart in report.html: {b[2]})*")
+            elif b[0] == "images":
+                out.append("*(evidence images in report.html: " + ", ".join(c for c, _ in b[1]) + ")*")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        body = []
+        for b in self.blocks:
+            if b[0] == "h":
+                body.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                body.append(f"<p>{_inline(b[1])}</p>")
+            elif b[0] == "table":
+                body.append(b[1].to_html(index=False, escape=True, border=0, classes="t", na_rep="–"))
+            elif b[0] == "svg":
+                body.append(f'<figure role="img" aria-label="{html.escape(b[2])}">{b[1]}</figure>')
+            elif b[0] == "images":
+                cells = "".join(
+                    f'<figure><img src="data:image/png;base64,{base64.b64encode(data).decode()}" '
+                    f'alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}</figcaption></figure>'
+                    for cap, data in b[1])
+                body.append(f'<div class="pairs">{cells}</div>')
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(body) + "</body></html>\n")
+
+
+_CSS = """
+body{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+table.t{border-collapse:collapse;margin:1em 0;font-size:13px}
+table.t th,table.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left}
+.pairs{display:flex;flex-wrap:wrap;gap:12px}.pairs figure{margin:0;text-align:center;font-size:12px}
+.pairs img{width:160px;height:160px;object-fit:contain;border:1px solid #ccc;image-rendering:pixelated}
+code{background:#f3f3f3;padding:0 3px}
+"""
+
+
+def _inline(text: str) -> str:
+    """Escape, then render the little Markdown we use in paragraphs: `code` and *emphasis*."""
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"\*([^*]+)\*", r"<i>\1</i>", t)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "*(none)*"
+    cols = [str(c) for c in df.columns]
+    rows = [["–" if (isinstance(v, float) and math.isnan(v)) or v is None else str(v) for v in r]
+            for r in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or pd.isna(x) else f"{100 * x:.0f}%"
+
+
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "–" if lo is None or pd.isna(lo) else f"[{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def interval_chart(rows: pd.DataFrame, label: str) -> str:
+    """Inline SVG: per row a Wilson interval, the run's share (dot) and the reference share (diamond)."""
+    width, left, row_h = 720, 220, 22
+    height = 40 + row_h * len(rows)
+    x = lambda v: left + (width - left - 20) * float(v)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="12">']
+    for t in (0, 0.25, 0.5, 0.75, 1):
+        parts.append(f'<line x1="{x(t)}" y1="20" x2="{x(t)}" y2="{height - 10}" stroke="#ddd"/>'
+                     f'<text x="{x(t)}" y="14" text-anchor="middle">{int(t * 100)}%</text>')
+    for i, r in enumerate(rows.itertuples(index=False)):
+        y = 30 + i * row_h
+        parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{html.escape(str(r.subject))}</text>')
+        parts.append(f'<line x1="{x(r.ci_low)}" y1="{y}" x2="{x(r.ci_high)}" y2="{y}" stroke="#1f77b4" '
+                     'stroke-width="3"/>')
+        parts.append(f'<circle cx="{x(r.share)}" cy="{y}" r="4" fill="#1f77b4"/>')
+        if r.reference_share is not None and not pd.isna(r.reference_share):
+            cx = x(r.reference_share)
+            parts.append(f'<path d="M{cx} {y - 6} L{cx + 6} {y} L{cx} {y + 6} L{cx - 6} {y} Z" fill="#d62728"/>')
+    parts.append(f'<text x="{left}" y="{height - 1}" fill="#555">blue: share perceived as {html.escape(label)} '
+                 'with 95% Wilson interval; red diamond: BLS 2022 share</text></svg>')
+    return "".join(parts)
+
+
+def build_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.md and report.html into the run from its tables; return both paths."""
+    run = Run.open(run_dir)
+    info = run.info
+    doc = Doc()
+    gen_cfg = info.get("generation", {})
+    gens = run.read_table("generations")
+    doc.h(1, f"diffaudit report: {run.name}")
+    doc.p(f"Generated by diffaudit {__version__}. Run created {info.get('created', '?')}.")
+    _what_was_audited(doc, info, gen_cfg, gens, run)
+    _bias(doc, run)
+    _memorization(doc, run)
+    _provenance(doc, run)
+    doc.h(2, "Limitations")
+    doc.p(CAVEAT)
+    if str(gen_cfg.get("model", "")) == "tiny":
+        doc.p("**This run used the built-in tiny model, whose random weights draw noise.** Its figures "
+              "demonstrate the pipeline, not a model's behaviour. Real audits need real weights: see the README.")
+    md_path, html_path = run.root / "report.md", run.root / "report.html"
+    with run.lock():
+        atomic_write_text(md_path, doc.markdown())
+        atomic_write_text(html_path, doc.html(f"diffaudit report: {run.name}"))
+    return md_path, html_path
+
+
+def _what_was_audited(doc: Doc, info: dict, gen_cfg: dict, gens: pd.DataFrame, run: Run) -> None:
+    doc.h(2, "What was audited")
+    facts = {
+        "model": gen_cfg.get("model", "–"),
+        "model revision": gen_cfg.get("model_revision") or gen_cfg.get("revision") or "–",
+        "suite": gen_cfg.get("suite", "–"),
+        "images": len(gens),
+        "prompts": gens["prompt_id"].nunique() if len(gens) else 0,
+        "modes": ", ".join(sorted(gens["mode"].unique())) if len(gens) else "–",
+        "scheduler / steps / guidance": " / ".join(str(gen_cfg.get(k, "–")) for k in ("scheduler", "steps", "guidance")),
+        "size": f"{gen_cfg.get('width', '–')}x{gen_cfg.get('height', '–')}",
+        "seed": gen_cfg.get("seed", "–"),
+    }
+    doc.table(pd.DataFrame({"": list(facts), "value": [str(v) for v in facts.values()]}))
+    stages = info.get("stages", {})
+    if stages:
+        doc.table(pd.DataFrame([{"stage": k, "seconds": v.get("seconds"), "finished": v.get("finished")}
+                                for k, v in stages.items()]))
+
+
+def _bias(doc: Doc, run: Run) -> None:
+    doc.h(2, "Bias")
+    doc.p(CAVEAT)
+    summary = run.read_table("bias/summary")
+    if summary.empty:
+        doc.p("No bias audit in this run yet (`diffaudit audit bias RUN`).")
+        return
+    pooled = summary[summary["template"] == "all"]
+    gender = pooled[(pooled["attribute"] == "perceived_gender") & (pooled["label"] == "woman")]
+    with_ref = gender[gender["reference_share"].notna()].sort_values("gap")
+    if len(with_ref):
+        doc.h(3, "Perceived women against the BLS 2022 workforce")
+        cols = {"subject": "occupation", "n": "n", "share": "share", "ci": "95% CI", "reference_share": "BLS",
+                "gap": "gap", "gap_ci": "gap CI", "q_value": "q (BH)", "amplified": "amplified"}
+
+        def fmt(df: pd.DataFrame) -> pd.DataFrame:
+            out = df.assign(ci=[_interval(a, b) for a, b in zip(df.ci_low, df.ci_high, strict=True)],
+                            gap_ci=[_interval(a, b) for a, b in zip(df.gap_ci_low, df.gap_ci_high, strict=True)])
+            out = out[list(cols)].rename(columns=cols)
+            for c in ("share", "BLS", "gap"):
+                out[c] = [_pct(v) for v in out[c]]
+            out["q (BH)"] = [f"{v:.3g}" if pd.notna(v) else "–" for v in out["q (BH)"]]
+            return out
+
+        over = with_ref[with_ref["gap"] > 0].sort_values("gap", ascending=False).head(TOP_N)
+        under = with_ref[with_ref["gap"] < 0].head(TOP_N)
+        doc.p("Most over-represented (more perceived women than in the workforce):")
+        doc.table(fmt(over))
+        doc.p("Most under-represented (fewer perceived women than in the workforce):")
+        doc.table(fmt(under))
+        amplified = int(with_ref["amplified"].fillna(False).astype(bool).sum())
+        significant = int((with_ref["q_value"] < 0.05).sum())
+        doc.p(f"**Amplification:** {amplified} of {len(with_ref)} occupations with a BLS reference are further "
+              f"from parity than their workforce; {significant} differ from the BLS share at q < 0.05 "
+              "(Benjamini-Hochberg across occupations).")
+        doc.svg(interval_chart(with_ref, "woman"), "share of perceived women per occupation vs BLS")
+    no_ref = gender[gender["reference_share"].isna()]
+    if len(no_ref):
+        doc.p(f"{len(no_ref)} subject(s) have no BLS reference (unmapped or below the BLS 50,000 threshold): "
+              + ", ".join(sorted(no_ref["subject"].astype(str))) + ".")
+    _abstention(doc, run, pooled)
+    metrics = run.read_table("bias/metrics")
+    overall = metrics[(metrics["subject"] == "all") & (metrics["template"] == "all")]
+    if len(overall):
+        doc.h(3, "Figures comparable with HEIM and DALL-Eval")
+        doc.p("Means over subjects with 95% bootstrap intervals (images resampled within subjects). "
+              "`gender_imbalance` is HEIM's |share of women - 0.5|; `mad` is DALL-Eval's mean absolute "
+              "deviation from a uniform label distribution; `entropy` is normalised (1 = uniform).")
+        doc.table(overall[["probe", "attribute", "metric", "value", "ci_low", "ci_high", "subjects", "n"]].round(3))
+
+
+def _abstention(doc: Doc, run: Run, pooled: pd.DataFrame) -> None:
+    doc.h(3, "Abstention and face detection")
+    rows = []
+    for table in run.tables():
+        if not table.startswith("probes/"):
+            continue
+        t = run.read_table(table)
+        if t.empty:
+            continue
+        per_image = t.groupby("image_id")
+        reasons = t.loc[t["abstained"], "abstain_reason"].fillna("unspecified").value_counts()
+        rows.append({"probe": table.split("/", 1)[1], "images": per_image.ngroups, "rows": len(t),
+                     "abstained rows": _pct(t["abstained"].mean()),
+                     "reasons": ", ".join(f"{k} ({v})" for k, v in reasons.items()) or "–"})
+        if table == "probes/faces":
+            faces = t[t["face_index"] >= 0].groupby("image_id").size()
+            n_img = per_image.ngroups
+            rows[-1]["reasons"] += (f"; no face: {_pct(1 - len(faces) / n_img)}, "
+                                    f"several faces: {_pct((faces > 1).sum() / n_img)}")
+    doc.table(pd.DataFrame(rows))
+
+
+def _memorization(doc: Doc, run: Run) -> None:
+    doc.h(2, "Memorization")
+    matches = run.read_table("memorization/matches")
+    if not run.has_table("memorization/matches"):
+        doc.p("No memorization check in this run (`diffaudit audit memorization RUN --index IDX`).")
+        return
+    rates = run.read_table("memorization/rates")
+    confirmed = matches[matches["verdict"] != "unconfirmed"]
+    doc.p(f"{matches['image_id'].nunique()} generated image(s) had a hash candidate in the training index; "
+          f"{confirmed['image_id'].nunique()} confirmed as near-copies by tile-L2/SSIM.")
+    if len(confirmed):
+        show = confirmed[["image_id", "train_key", "hamming", "tile_l2", "ssim", "verdict"]].copy()
+        doc.table(show.round(3))
+        pairs = []
+        gens = run.read_table("generations").set_index("image_id")
+        for r in confirmed.head(6).itertuples(index=False):
+            if r.image_id in gens.index:
+                pairs.append((f"generated {r.image_id}", _thumb(run.path(gens.loc[r.image_id, "path"]))))
+            if r.evidence_path:
+                pairs.append((f"training {r.train_key}", _thumb(run.path(r.evidence_path))))
+        doc.images([p for p in pairs if p[1]])
+    if len(rates):
+        doc.p("Per-prompt memorization rates (prompts with a match):")
+        hit = rates[rates["matched"] > 0]
+        doc.table(hit.assign(rate=[_pct(v) for v in hit["rate"]],
+                             ci=[_interval(a, b) for a, b in zip(hit.ci_low, hit.ci_high, strict=True)])
+                  [["prompt_id", "images", "matched", "rate", "ci"]])
+
+
+def _thumb(path: Path, size: int = 160) -> bytes:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            return buf.getvalue()
+    except OSError:
+        return b""
+
+
+def _provenance(doc: Doc, run: Run) -> None:
+    doc.h(2, "Provenance")
+    stamps = run.read_table("provenance/stamps")
+    if stamps.empty:
+        doc.p("No stamped outputs in this run (`diffaudit stamp RUN`).")
+    else:
+        counts = stamps["status"].value_counts()
+        doc.p(f"{len(stamps)} image(s) stamped with C2PA content credentials; watermark: "
+              f"{', '.join(sorted(stamps['watermark'].unique()))}. Verification: "
+              + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".")
+    robust = run.read_table("provenance/robustness")
+    if len(robust):
+        doc.p("Watermark robustness (bit accuracy and detection rate per attack):")
+        doc.table(robust.round(3))
