@@ -37,12 +37,24 @@ def votes(generations: pd.DataFrame, probe_table: pd.DataFrame) -> pd.DataFrame:
     Returns columns image_id, subject, template, probe, attribute, label (null when abstained), abstained,
     abstain_reason.
     """
-    missing = [c for c in _PROBE_COLUMNS if c not in probe_table.columns]
-    if missing:
-        raise SchemaError(f"probe table lacks column(s) {missing}")
     out_cols = ["image_id", "subject", "template", "probe", "attribute", "label", "abstained", "abstain_reason"]
     if probe_table.empty:
         return pd.DataFrame(columns=out_cols)
+    picked = pick(probe_table)
+    unknown = set(picked["image_id"]) - set(generations["image_id"])
+    if unknown:
+        raise InputError(f"probe table has rows for {len(unknown)} image(s) not in generations "
+                         f"(e.g. {sorted(unknown)[0]!r}); re-run the probes on this run")
+    merged = picked.merge(generations[["image_id", "subject", "template"]], on="image_id", how="left")
+    return merged[out_cols].reset_index(drop=True)
+
+
+def pick(probe_table: pd.DataFrame) -> pd.DataFrame:
+    """The per-image vote rule alone: one row per (probe, image_id, attribute) of a PROBES table, with
+    label (null when abstained), abstained and abstain_reason."""
+    missing = [c for c in _PROBE_COLUMNS if c not in probe_table.columns]
+    if missing:
+        raise SchemaError(f"probe table lacks column(s) {missing}")
     rows = probe_table[_PROBE_COLUMNS].copy()
     rows["is_face"] = rows["face_index"].astype(int) >= 0
     rows["area"] = [float(b[2]) * float(b[3]) if b is not None and len(b) == 4 else 0.0 for b in rows["bbox"]]
@@ -59,13 +71,7 @@ def votes(generations: pd.DataFrame, probe_table: pd.DataFrame) -> pd.DataFrame:
     picked.loc[no_row, "abstain_reason"] = "no_row"
     picked["abstained"] = picked["abstained"].astype(bool)
     picked.loc[picked["abstained"], "label"] = None
-
-    unknown = set(picked["image_id"]) - set(generations["image_id"])
-    if unknown:
-        raise InputError(f"probe table has rows for {len(unknown)} image(s) not in generations "
-                         f"(e.g. {sorted(unknown)[0]!r}); re-run the probes on this run")
-    merged = picked.merge(generations[["image_id", "subject", "template"]], on="image_id", how="left")
-    return merged[out_cols].reset_index(drop=True)
+    return picked[["probe", "image_id", "attribute", "label", "abstained", "abstain_reason"]]
 
 
 def _counts(v: pd.DataFrame) -> pd.DataFrame:
