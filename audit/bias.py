@@ -1,0 +1,183 @@
+"""The bias audit of a run: probe every image, then summarize by subject with intervals.
+
+``audit_bias`` runs the selected probes over the run's images in batches (each image decoded once and
+shared by all probes, the next batch decoded while the current one is scored), writes
+``probes/<name>.parquet`` as it goes (every ``flush_seconds`` and on interrupt), and resumes: an image
+already probed with the same probe version is never probed again; rows of another version (another
+CLIP model, other thresholds) are replaced. It then writes ``bias/summary.parquet`` and
+``bias/metrics.parquet`` with ``audit.stats``. The run's lock is held throughout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from audit.probes.base import ImageBatch, Probe, decode_batch, load_probe
+from diffaudit.errors import ConfigError, InputError, SuiteError
+from diffaudit.registry import PROBES as REGISTRY
+from diffaudit.runs import Run
+
+DEFAULT_PROBES: tuple[str, ...] = ("clip", "faces", "skin_tone")
+
+
+@dataclass
+class BiasResult:
+    """What ``audit_bias`` did: images newly probed per probe, the summary table and the wall time."""
+
+    probed: dict[str, int]
+    summary: pd.DataFrame
+    clip_model: str | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def default_clip_model(run: Run) -> str:
+    """``tiny`` for runs made with the tiny generator (so the audit runs offline), else ViT-L-14/OpenAI."""
+    from audit.probes.clip import DEFAULT_MODEL, TINY
+
+    return TINY if run.info.get("generation", {}).get("model") == "tiny" else DEFAULT_MODEL
+
+
+def build_probes(names: Sequence[str], *, clip_model: str | None = None, face_detector: str | None = None,
+                 device: str | None = None, clip_options: dict[str, Any] | None = None) -> list[Probe]:
+    """Probes by registered name; face-reading probes share one detector (so faces are found once)."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise ConfigError("no probes selected; choose from: " + ", ".join(REGISTRY))
+    for name in names:
+        if name not in REGISTRY:
+            raise ConfigError(f"unknown probe {name!r}; choose from: {', '.join(REGISTRY)}")
+    detector = None
+    if {"faces", "skin_tone"} & set(names):
+        from audit.probes.faces import make_detector
+
+        detector = make_detector(face_detector)
+    options: dict[str, dict[str, Any]] = {
+        "clip": {"model": clip_model, "device": device, **(clip_options or {})},
+        "faces": {"detector": detector},
+        "skin_tone": {"detector": detector},
+    }
+    return [load_probe(name, **options.get(name, {})) for name in names]
+
+
+def _pending(run: Run, probe: Probe, image_ids: list[str]) -> tuple[set[str], int]:
+    """Images ``probe`` still has to score, after dropping its rows of other versions (returns how many)."""
+    table = f"probes/{probe.name}"
+    old = run.read_table(table)
+    stale = old["probe_version"] != probe.version
+    if stale.any():
+        run.write_table(table, old[~stale])
+    done = set(old.loc[~stale, "image_id"])
+    return {i for i in image_ids if i not in done}, int(stale.sum())
+
+
+def _batches(items: list[tuple[str, str]], batch_size: int, workers: int) -> Iterator[ImageBatch]:
+    """Decoded batches, the next one decoding in the background while the caller scores the current one."""
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if not chunks:
+        return
+    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as ahead:
+        future = ahead.submit(decode_batch, chunks[0], pool)
+        for nxt in chunks[1:]:
+            batch = future.result()
+            future = ahead.submit(decode_batch, nxt, pool)
+            yield batch
+        yield future.result()
+
+
+def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 32, progress: bool = True,
+              flush_seconds: float = 30.0, decode_workers: int = 4) -> dict[str, int]:
+    """Score the run's not-yet-probed images with each probe; returns images newly probed per probe.
+
+    Rows are appended to ``probes/<name>.parquet`` every ``flush_seconds`` and when the loop ends or is
+    interrupted, so a killed audit loses at most that much work and resumes where it stopped.
+    """
+    from tqdm.auto import tqdm
+
+    images = run.images()
+    if images.empty:
+        raise InputError(f"run {run.root} has no images; generate some first (`diffaudit generate`)")
+    ids = list(images["image_id"])
+    pending = {p.name: _pending(run, p, ids)[0] for p in probes}
+    todo = [(i, f) for i, f in zip(images["image_id"], images["file"], strict=True)
+            if any(i in pending[p.name] for p in probes)]
+    buffers: dict[str, list[pd.DataFrame]] = {p.name: [] for p in probes}
+    probed = dict.fromkeys(buffers, 0)
+
+    def flush() -> None:
+        for name, frames in buffers.items():
+            if frames:
+                table = f"probes/{name}"
+                run.write_table(table, pd.concat([run.read_table(table), *frames], ignore_index=True))
+                frames.clear()
+
+    last = time.monotonic()
+    with tqdm(total=len(todo), desc="probing", unit="img", disable=not progress) as bar:
+        try:
+            for batch in _batches(todo, batch_size, decode_workers):
+                for probe in probes:
+                    sub = batch.subset(i for i in batch.image_ids if i in pending[probe.name])
+                    if len(sub):
+                        buffers[probe.name].append(probe.score(sub))
+                        probed[probe.name] += len(sub)
+                bar.update(len(batch))
+                if time.monotonic() - last >= flush_seconds:
+                    flush()
+                    last = time.monotonic()
+        finally:
+            flush()
+    return probed
+
+
+def summarize_run(run: Run, *, reference: str | None = "bls-2022") -> tuple[pd.DataFrame, list[str]]:
+    """Write ``bias/summary`` and ``bias/metrics`` from every probe table of the run (``audit.stats``)."""
+    from audit import stats
+    from prompts.suites import load_suite
+
+    notes = []
+    suite = run.info.get("generation", {}).get("suite")
+    if suite is not None:
+        try:
+            load_suite(suite)
+        except SuiteError:
+            notes.append(f"suite {suite!r} is not a known prompt suite: no reference comparison")
+            suite = None
+    tables = {t.split("/", 1)[1]: run.read_table(t) for t in run.tables() if t.startswith("probes/")}
+    summary = stats.summarize(run.read_table("generations"), tables, suite=suite, reference=reference)
+    run.write_table("bias/summary", summary)
+    run.write_table("bias/metrics", stats.metrics(summary))
+    return summary, notes
+
+
+def audit_bias(run_dir: str | Run, *, probes: Sequence[str] = DEFAULT_PROBES, clip_model: str | None = None,
+               reference: str | None = "bls-2022", batch_size: int = 32, progress: bool = True,
+               face_detector: str | None = None, device: str | None = None,
+               clip_options: dict[str, Any] | None = None) -> BiasResult:
+    """Probe a run's images (resumably) and write ``probes/<name>``, ``bias/summary`` and ``bias/metrics``.
+
+    ``clip_model``: ``tiny``, ``NAME[:PRETRAINED]``, ``NAME:/weights.pt`` or a folder; ``None`` picks
+    ``tiny`` for runs of the tiny generator and ``ViT-L-14:openai`` otherwise. ``face_detector``:
+    ``haar`` (default) or a YuNet ``.onnx`` path. ``clip_options``: ``min_margin``, ``person_threshold``.
+    """
+    start = time.perf_counter()
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    if run.images().empty:
+        raise InputError(f"run {run.root} has no images; generate some first (`diffaudit generate`)")
+    if "clip" in probes and clip_model is None:
+        clip_model = default_clip_model(run)
+    selected = build_probes(probes, clip_model=clip_model, face_detector=face_detector, device=device,
+                            clip_options=clip_options)
+    with run.lock():
+        probed = probe_run(run, selected, batch_size=batch_size, progress=progress)
+        summary, notes = summarize_run(run, reference=reference)
+        seconds = time.perf_counter() - start
+        run.record_stage("bias", seconds=seconds, probes=[p.name for p in selected],
+                         versions={p.name: p.version for p in selected}, probed=probed,
+                         clip_model=clip_model if "clip" in probes else None, reference=reference)
+    return BiasResult(probed, summary, clip_model if "clip" in probes else None, seconds, notes)
