@@ -1,0 +1,281 @@
+"""Generate a prompt suite into a run folder: batched, seeded per image, resumable, I/O overlapped.
+
+Every image's noise comes from its own CPU ``torch.Generator`` seeded with the image's seed (derived
+from run seed, prompt_id and index by ``prompts.suites``), so batch size and order never change an
+image. Everything is validated (suite, sizes, sources, masks, model) before the run folder is touched.
+Images are PNG-encoded and written by a thread pool while the next batch runs on the device; rows are
+appended to ``generations`` as batches land. A killed run resumes: an image recorded with a matching
+sha256 is never generated again. On CUDA out-of-memory the batch is halved and generation goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from diffaudit.config import GenerationConfig
+from diffaudit.errors import ConfigError, InputError, NotARunError
+from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes
+from generate.models import Pipelines, check_scheduler, load_pipelines
+from generate.sources import prepare
+from prompts.suites import Request, expand
+
+# Settings that change an image's pixels: a run resumes only if they match what it was started with.
+CONTENT_KEYS = ("suite", "model", "model_revision", "scheduler", "steps", "guidance", "width", "height",
+                "seed", "dtype")
+ROW_FLUSH_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+
+    request: Request
+    index: int
+    seed: int
+
+    @property
+    def image_id(self) -> str:
+        return self.request.image_id(self.seed)
+
+    @property
+    def group(self) -> tuple:
+        """Jobs that can share one pipeline call (same mode, source, mask and strength)."""
+        r = self.request
+        return (r.mode, r.source_image, r.mask, r.strength)
+
+
+@dataclass
+class Plan:
+    """A validated generation: requests, jobs, loaded model, resolved settings, prepared sources."""
+
+    config: GenerationConfig
+    jobs: list[Job]
+    pipes: Pipelines
+    settings: dict[str, Any]
+    sources: dict[tuple[str, str | None], tuple[Image.Image, Image.Image | None]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.settings["width"], self.settings["height"]
+
+
+def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
+             pipelines: Pipelines | None = None) -> Plan:
+    """Validate everything and load the model, writing nothing. Raises a ``DiffauditError`` on bad input."""
+    _check_out(Path(run_dir))
+    check_scheduler(config.scheduler)
+    requests = expand(config.suite, images_per_prompt=config.images_per_prompt, seed=config.seed,
+                      templates=config.templates, subjects=config.subjects)
+    jobs = [Job(r, i, s) for r in requests for i, s in enumerate(r.seeds)]
+    pipes = pipelines or load_pipelines(config.model, scheduler=config.scheduler, device=config.device,
+                                        dtype=config.dtype, safety_checker=config.safety_checker,
+                                        compile_=config.compile)
+    width = config.width or pipes.default_size[0]
+    height = config.height or pipes.default_size[1]
+    if width % 8 or height % 8:
+        raise ConfigError(f"size {width}x{height}: width and height must be multiples of 8")
+    steps = config.steps or pipes.default_steps
+    guidance = pipes.default_guidance if config.guidance is None else config.guidance
+    plan = Plan(config=config, jobs=jobs, pipes=pipes, settings={})
+    for mode in sorted({r.mode for r in requests}):
+        pipes.for_mode(mode)  # ModelError now rather than half-way through
+    for r in requests:
+        if r.mode == "txt2img":
+            continue
+        if r.strength is not None and int(steps * r.strength) < 1:
+            raise InputError(f"{r.prompt_id}: strength {r.strength} with {steps} steps leaves no denoising step; "
+                             f"use --steps {math.ceil(1 / r.strength)} or more")
+        key = (r.source_image, r.mask)
+        if key not in plan.sources:
+            plan.sources[key] = prepare(r.source_image, r.mask, (width, height))
+    plan.settings = {
+        "suite": config.suite, "images_per_prompt": config.images_per_prompt, "seed": config.seed,
+        "templates": config.templates, "subjects": config.subjects, "steps": steps, "guidance": guidance,
+        "width": width, "height": height, "batch_size": config.batch_size, **pipes.info(),
+        "noise": "per image: torch.Generator('cpu').manual_seed(seed); independent of batch size and order",
+        "requests": len(requests), "images": len(jobs),
+    }
+    _check_resume(Path(run_dir), plan.settings)
+    return plan
+
+
+def generate_run(run_dir: str | os.PathLike, config: GenerationConfig, *, progress: bool = True,
+                 pipelines: Pipelines | None = None) -> dict[str, Any]:
+    """Generate ``config``'s suite into the run at ``run_dir`` (created or resumed); return a summary."""
+    plan = plan_run(run_dir, config, pipelines=pipelines)
+    run = Run.create(run_dir)
+    with run.lock():
+        run.update_info({"generation": plan.settings})
+        return _Generator(run, plan, progress).execute()
+
+
+def initial_noise(generators: Sequence, shape: tuple[int, ...]):
+    """One (1, *shape) draw per image from its own CPU generator, stacked: the same whatever the batch."""
+    import torch
+
+    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+
+
+def auto_batch_size(device: str, width: int, height: int) -> int:
+    """A starting batch: 16 at 512x512 on CUDA scaled by area (OOM halves it), 8 elsewhere."""
+    if device.startswith("cuda"):
+        return max(1, min(32, 16 * 512 * 512 // (width * height)))
+    return 8
+
+
+class _Generator:
+    """One generation pass over the jobs that are not done yet."""
+
+    def __init__(self, run: Run, plan: Plan, progress: bool):
+        self.run, self.plan, self.progress = run, plan, progress
+        pipes, (w, h) = plan.pipes, plan.size
+        bs = plan.config.batch_size
+        self.batch_size = auto_batch_size(pipes.device, w, h) if bs == "auto" else int(bs)
+        self.rows: list[dict[str, Any]] = []
+        self.last_flush = time.perf_counter()
+
+    def execute(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        done = self.run.completed_images()
+        todo = [j for j in self.plan.jobs if j.image_id not in done]
+        groups: dict[tuple, deque[Job]] = {}
+        for job in todo:
+            groups.setdefault(job.group, deque()).append(job)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="img", desc="generate", disable=not self.progress, smoothing=0.1)
+        writes: deque[tuple[list[Future], list[dict[str, Any]]]] = deque()
+        workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png") as pool:
+                try:
+                    for queue in groups.values():
+                        while queue:
+                            batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+                            t0 = time.perf_counter()
+                            pixels, nsfw = self._generate(batch)
+                            seconds = (time.perf_counter() - t0) / len(batch)
+                            futures = [pool.submit(_write_png, self.run.image_path(j.request.prompt_id, j.seed),
+                                                   pixels[k]) for k, j in enumerate(batch)]
+                            rows = [self._row(j, seconds, None if nsfw is None else nsfw[k])
+                                    for k, j in enumerate(batch)]
+                            writes.append((futures, rows))
+                            while len(writes) > 1:  # keep one batch of writes in flight behind the device
+                                self._collect(*writes.popleft(), bar)
+                finally:
+                    while writes:  # also on Ctrl-C / errors: record what reached the disk
+                        self._collect(*writes.popleft(), bar)
+                    self._flush_rows(force=True)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        n = len(todo)
+        self.run.record_stage("generate", seconds=seconds, images=len(self.plan.jobs), generated=n,
+                              skipped=len(self.plan.jobs) - n, batch_size=self.batch_size)
+        return {"run": str(self.run.root), "images": len(self.plan.jobs), "generated": n,
+                "skipped": len(self.plan.jobs) - n, "seconds": round(seconds, 3),
+                "images_per_second": round(n / seconds, 3) if seconds > 0 else None,
+                "batch_size": self.batch_size}
+
+    def _collect(self, futures: list[Future], rows: list[dict[str, Any]], bar) -> None:
+        for fut, row in zip(futures, rows, strict=True):
+            row["sha256"] = fut.result()
+            self.rows.append(row)
+            bar.update(1)
+        self._flush_rows()
+
+    def _flush_rows(self, force: bool = False) -> None:
+        if self.rows and (force or time.perf_counter() - self.last_flush >= ROW_FLUSH_SECONDS):
+            self.run.append_rows("generations", pd.DataFrame(self.rows), key="image_id")
+            self.rows = []
+            self.last_flush = time.perf_counter()
+
+    def _generate(self, batch: list[Job]) -> tuple[np.ndarray, list[bool] | None]:
+        """Pixels (B, H, W, 3) uint8 and NSFW flags; on CUDA OOM, halve the batch and go on."""
+        import torch
+
+        try:
+            pixels = self._call(batch)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, len(batch) // 2)
+            print(f"CUDA out of memory at batch {len(batch)}; going on with batch {self.batch_size}")
+            parts = [self._generate(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
+            flags = [f for _, fl in parts if fl is not None for f in fl]
+            return np.concatenate([p for p, _ in parts]), (flags if parts[0][1] is not None else None)
+        return pixels, self.plan.pipes.flag_nsfw(pixels)
+
+    def _call(self, batch: list[Job]) -> np.ndarray:
+        import torch
+
+        plan, pipes = self.plan, self.plan.pipes
+        req = batch[0].request
+        pipe = pipes.for_mode(req.mode)
+        w, h = plan.size
+        gens = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+        kwargs: dict[str, Any] = dict(
+            prompt=[j.request.prompt for j in batch], negative_prompt=[j.request.negative_prompt for j in batch],
+            num_inference_steps=plan.settings["steps"], guidance_scale=plan.settings["guidance"],
+            generator=gens, output_type="pt")
+        if req.mode == "txt2img":
+            shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+            latents = initial_noise(gens, shape).to(pipes.device, pipes.dtype)
+            kwargs.update(height=h, width=w, latents=latents)
+        else:
+            source, mask = plan.sources[(req.source_image, req.mask)]
+            kwargs.update(image=[source] * len(batch), strength=req.strength)
+            if req.mode == "inpaint":
+                kwargs.update(mask_image=[mask] * len(batch), height=h, width=w)
+        with torch.inference_mode():
+            images = pipe(**kwargs).images
+        return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _row(self, job: Job, seconds: float, nsfw: bool | None) -> dict[str, Any]:
+        r, s = job.request, self.plan.settings
+        return dict(
+            image_id=job.image_id, prompt_id=r.prompt_id, suite=r.suite, template=r.template, subject=r.subject,
+            prompt=r.prompt, negative_prompt=r.negative_prompt, mode=r.mode, source_image=r.source_image,
+            mask=r.mask, strength=r.strength, index=job.index, seed=job.seed, model=s["model"],
+            model_revision=s["model_revision"], scheduler=s["scheduler"], steps=s["steps"],
+            guidance=float(s["guidance"]), width=s["width"], height=s["height"],
+            path=self.run.image_relpath(r.prompt_id, job.seed), sha256="", seconds=float(seconds), nsfw=nsfw)
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> str:
+    """Encode and write one image atomically; return its sha256 (runs in the writer pool)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
+def _check_out(root: Path) -> None:
+    if root.exists() and not Run.is_run(root) and (not root.is_dir() or any(root.iterdir())):
+        raise NotARunError(f"{root} exists and is not a diffaudit run; choose a new --out")
+
+
+def _check_resume(root: Path, settings: dict[str, Any]) -> None:
+    """A run resumes only with the settings that made its images."""
+    if not Run.is_run(root):
+        return
+    old = Run.open(root).info.get("generation", {})
+    diff = [f"{k}: {old[k]!r} -> {settings[k]!r}" for k in CONTENT_KEYS if k in old and old[k] != settings[k]]
+    if diff:
+        raise ConfigError(f"run {root} was generated with other settings ({'; '.join(diff)}); "
+                          "use the same settings to resume or a new --out")
