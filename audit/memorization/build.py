@@ -1,0 +1,137 @@
+"""Build (or extend) an index from sources: plan units, hash each unit in a worker, append shards in order.
+
+Engines: ``local`` runs units on a process pool (all cores); ``ray`` maps the same ``hash_unit`` over a
+Ray Dataset (a local Ray or ``--ray-address``). Results are appended in unit order, so both engines
+write the same index. A build can be interrupted: finished units are shards already, a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from audit.memorization.hashing import BATCH, from_hex, get_hasher
+from audit.memorization.index import ITEMS, Index
+from audit.memorization.sources import Counts, Record, Unit, iter_files, iter_tar, plan
+from diffaudit.errors import ConfigError, InputError
+
+ENGINES = ("local", "ray")
+
+
+def _hashes_unit(unit: Unit, hash_name: str, counts: Counts) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Read a parquet of precomputed hashes: ``key`` plus a ``<hash_name>``, ``hash`` or ``code`` column."""
+    table = pq.read_table(unit.path)
+    cols = table.column_names
+    col = next((c for c in (hash_name, "hash", "code") if c in cols), None)
+    if "key" not in cols or col is None:
+        raise InputError(f"{unit.path}: a hash parquet needs a 'key' column and a '{hash_name}', 'hash' or "
+                         f"'code' column (16-digit hex or integer); it has {cols}")
+    codes, rows = [], []
+    values = table.column(col).to_pylist()
+    uris = table.column("uri").to_pylist() if "uri" in cols else [None] * len(values)
+    caps = table.column("caption").to_pylist() if "caption" in cols else [None] * len(values)
+    for key, value, uri, cap in zip(table.column("key").to_pylist(), values, uris, caps, strict=True):
+        counts.add("seen")
+        try:
+            code = from_hex(value) if isinstance(value, str) else int(value) & ((1 << 64) - 1)
+        except (TypeError, ValueError):
+            counts.add("skipped_bad_hash")
+            continue
+        codes.append(code)
+        rows.append({"key": str(key), "uri": uri, "caption": cap, "source": uri if uri and os.path.isfile(uri)
+                     else None, "member": None, "offset": None, "size": None})
+    return np.asarray(codes, dtype=np.uint64), rows
+
+
+def hash_unit(unit: Unit, hash_name: str, exact: bool = False) -> tuple[np.ndarray, list[dict[str, Any]], dict]:
+    """Read and hash one unit: (codes, item rows, counts). Runs in a worker process or a Ray task."""
+    counts = Counts()
+    if unit.kind == "hashes":
+        codes, rows = _hashes_unit(unit, hash_name, counts)
+        counts.add("indexed", len(rows))
+        return codes, rows, dict(counts.c)
+    hasher = get_hasher(hash_name)
+    records = iter_files(unit, counts) if unit.kind == "files" else iter_tar(unit.path, unit.meta, counts)
+    codes, rows = [], []
+
+    def flush(batch: list[Record]) -> None:
+        c, good, reasons = hasher.hash_data([r.data for r in batch], exact=exact)
+        for reason in reasons:
+            if reason:
+                counts.add(f"skipped_{reason}")
+        codes.append(c)
+        for i in good:
+            r = batch[i]
+            rows.append({"key": r.key, "uri": r.uri, "caption": r.caption, "source": r.source,
+                         "member": r.member, "offset": r.offset, "size": r.size})
+
+    batch: list[Record] = []
+    for rec in records:
+        batch.append(rec)
+        if len(batch) == BATCH:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    counts.add("indexed", len(rows))
+    out = np.concatenate(codes) if codes else np.empty(0, np.uint64)
+    return out, rows, dict(counts.c)
+
+
+def _local(units: list[Unit], hash_name: str, exact: bool, workers: int) -> Iterator[tuple]:
+    if workers <= 1 or len(units) == 1:
+        for u in units:
+            yield hash_unit(u, hash_name, exact)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(hash_unit, units, [hash_name] * len(units), [exact] * len(units))
+
+
+def build_index(sources: list[str], out: str, *, hash_name: str = "phash", engine: str = "local",
+                workers: int | None = None, exact: bool = False, ray_address: str | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Index the training images of ``sources`` into the folder ``out`` (created or extended).
+
+    Returns a summary: path, hash, count, units done/skipped, per-reason counts of this build, seconds.
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    get_hasher(hash_name)  # unknown names fail before any work
+    t0 = time.perf_counter()
+    units = plan(list(sources))
+    fresh = not os.path.exists(os.path.join(out, "meta.json"))
+    index = Index.create(out, hash_name)
+    todo = [u for u in units if not index.is_done(u.uid)]
+    workers = workers or os.cpu_count() or 1
+    if engine == "ray":
+        from audit.memorization.ray_engine import ray_hash_units
+
+        results: Iterable[tuple] = ray_hash_units(todo, hash_name, exact, address=ray_address)
+    else:
+        results = _local(todo, hash_name, exact, workers)
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, total=len(todo), unit="unit", desc=f"index {hash_name}")
+    counts: Counter = Counter()
+    for unit, (codes, rows, c) in zip(todo, results, strict=True):
+        index.append(codes, pd.DataFrame(rows, columns=ITEMS.names), unit=unit.uid, counts=c)
+        counts.update(c)
+    if index.count == 0:
+        if fresh:
+            shutil.rmtree(index.root, ignore_errors=True)
+        raise InputError(f"no usable images in {', '.join(sources)} "
+                         f"({', '.join(f'{k}={v}' for k, v in sorted(counts.items())) or 'nothing read'})")
+    return {"path": str(index.root), "hash": hash_name, "engine": engine, "count": index.count,
+            "units": len(units), "units_skipped": len(units) - len(todo), "counts": dict(sorted(counts.items())),
+            "seconds": round(time.perf_counter() - t0, 3)}
