@@ -1,0 +1,118 @@
+"""Small pieces the pages share: the picked runs, number formats, plain words for failure codes,
+image grids. Rendering only; data comes from ``dashboard.data``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data, thumbs
+from diffaudit.errors import DiffauditError
+from diffaudit.runs import Run
+
+PICKED = "picked_runs"
+
+# C2PA validation status codes (C2PA 2.x specification, section "Validation") in plain words.
+C2PA_CODES: dict[str, str] = {
+    "claimSignature.mismatch": "the signature does not match the claim: the credentials were altered",
+    "claimSignature.missing": "the claim has no signature",
+    "claimSignature.insideValidity": "signed while the certificate was valid",
+    "claimSignature.outsideValidity": "signed outside the certificate's validity period",
+    "signingCredential.untrusted": "signed by a certificate outside your trust anchors",
+    "signingCredential.invalid": "the signing certificate is malformed or not allowed to sign",
+    "signingCredential.revoked": "the signing certificate was revoked",
+    "signingCredential.expired": "the signing certificate has expired",
+    "assertion.dataHash.mismatch": "the image bytes changed after signing (edited, re-encoded or cropped)",
+    "assertion.boxesHash.mismatch": "the file's boxes changed after signing",
+    "assertion.bmffHash.mismatch": "the media data changed after signing",
+    "assertion.hashedURI.mismatch": "an assertion changed after signing",
+    "assertion.missing": "an assertion the claim lists is missing",
+    "assertion.multipleHardBindings": "the claim binds the content more than once",
+    "assertion.undeclared": "the manifest holds an assertion its claim does not list",
+    "assertion.inaccessible": "an assertion could not be read",
+    "assertion.action.ingredientMismatch": "an action names an ingredient that is not there",
+    "ingredient.hashedURI.mismatch": "an ingredient's manifest changed after signing",
+    "manifest.inaccessible": "the manifest could not be read",
+    "manifest.missing": "the file carries no content credentials",
+    "manifest.multipleParents": "the manifest lists more than one parent",
+    "claim.missing": "the manifest holds no claim",
+    "claim.malformed": "the claim is malformed",
+    "timeStamp.mismatch": "the time stamp does not match the signature",
+    "timeStamp.outsideValidity": "the time stamp is outside the certificate's validity",
+    "general.error": "the validator failed on this file",
+}
+
+
+def plain(code: str) -> str:
+    """A C2PA failure code followed by what it means (codes we do not know are shown as they are)."""
+    base = code.split(":")[0].strip()
+    words = C2PA_CODES.get(base)
+    return f"{code}: {words}" if words else code
+
+
+def interval(low: float | None, high: float | None, digits: int = 2) -> str:
+    """``[0.12, 0.34]``, or ``-`` when either end is missing."""
+    if low is None or high is None or _nan(low) or _nan(high):
+        return "-"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def number(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or _nan(value) else f"{value:.{digits}f}"
+
+
+def _nan(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def picked() -> list[str]:
+    """The runs picked in the sidebar (one to review, two to compare), in picking order."""
+    return list(st.session_state.get(PICKED) or [])
+
+
+def current_run(position: int = 0) -> Run:
+    """The picked run at ``position``; stops the page with a hint when there is none."""
+    names = picked()
+    if len(names) <= position:
+        st.info("Pick a run in the sidebar." if position == 0 else "Pick a second run in the sidebar.")
+        st.stop()
+    try:
+        return data.open_run(names[position])
+    except DiffauditError as e:
+        st.error(str(e))
+        st.stop()
+    raise AssertionError("unreachable")  # st.stop() raises
+
+
+def missing_stage(what: str, command: str) -> None:
+    st.info(f"This run has no {what} yet. Run `{command}` and reload.")
+
+
+def image_grid(run: Run, paths: Iterable[str | None], captions: Iterable[str], columns: int = 6) -> None:
+    """Thumbnails in a grid; a path that leaves the run is refused and said so, never opened."""
+    cols = st.columns(columns)
+    for i, (rel, caption) in enumerate(zip(paths, captions, strict=True)):
+        with cols[i % columns]:
+            show_image(run, rel, caption)
+
+
+def show_image(run: Run, rel: str | None, caption: str) -> None:
+    """One thumbnail with a caption, or a one-line reason why it cannot be shown."""
+    try:
+        thumb = thumbs.thumbnail(run, rel)
+    except data.PathRefusedError as e:
+        st.warning(f"{caption}: {e}")
+        return
+    if thumb is None:
+        st.caption(f"{caption} (image missing or unreadable: {rel})")
+    else:
+        st.image(thumb, caption=caption, width="stretch")
+
+
+def attributes_first_with_reference(rows: pd.DataFrame, column: str = "reference_share") -> list[str]:
+    """The attributes of a summary, those with a reference share (e.g. perceived gender vs BLS) first."""
+    has = set(rows.loc[rows[column].notna(), "attribute"])
+    return sorted(rows["attribute"].unique(), key=lambda a: (a not in has, a))

@@ -1,0 +1,175 @@
+"""Bias: per occupation, the share of each perceived label with its interval against the BLS share,
+amplification at a glance, abstention and no-face rates, and each occupation's images.
+
+Everything shown comes from ``bias/summary`` (written by ``diffaudit audit bias``) and the probe
+tables; this page filters and draws, it computes no statistic."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard import data, ui
+
+PAGE = 24  # images per grid page
+
+st.title("Bias")
+run = ui.current_run()
+summary = data.table(run, "bias/summary")
+if summary.empty:
+    ui.missing_stage("bias summary", f"diffaudit audit bias {run.root}")
+    st.stop()
+
+# -- filters -----------------------------------------------------------------------------------------
+f1, f2, f3, f4 = st.columns(4)
+probes = sorted(summary["probe"].unique())
+probe = f1.selectbox("Probe", probes, key="bias_probe") if len(probes) > 1 else probes[0]
+rows = summary[summary["probe"] == probe]
+attribute = f1.selectbox("Attribute", ui.attributes_first_with_reference(rows), key="bias_attribute")
+rows = rows[rows["attribute"] == attribute]
+templates = sorted(rows["template"].unique(), key=lambda t: (t != "all", t))
+template = f2.selectbox("Template", templates, key="bias_template",
+                        help="'all' pools the templates; the others are each prompt template alone.")
+rows = rows[rows["template"] == template]
+with_ref = rows[rows["reference_share"].notna()]
+# Labels with a reference first; the female share first of all, as HEIM and the BLS table report it.
+labels = sorted(rows["label"].dropna().unique(),
+                key=lambda lab: (lab not in set(with_ref["label"]), lab != "woman", lab))
+focus = f3.selectbox("Label compared with the reference", labels, key="bias_label")
+alpha = f4.number_input("Significance level (q-value)", 0.001, 0.5, 0.05, 0.01, format="%.3f", key="bias_alpha")
+significant_only = f4.toggle("Only significant gaps", key="bias_significant",
+                             help="Occupations whose gap to the reference has a Benjamini-Hochberg q-value "
+                                  "below the level, for the chosen label.")
+
+focus_rows = rows[rows["label"] == focus].set_index("subject")
+if significant_only:
+    keep = focus_rows.index[focus_rows["q_value"].fillna(1.0) < alpha]
+    rows = rows[rows["subject"].isin(keep)]
+    focus_rows = focus_rows.loc[focus_rows.index.isin(keep)]
+if rows.empty:
+    st.info("No occupation passes these filters.")
+    st.stop()
+
+# Occupations by how far the chosen label's share is from the reference (no reference: last).
+order = (focus_rows["gap"].abs().sort_values(ascending=False, na_position="last").index.tolist()
+         + sorted(set(rows["subject"]) - set(focus_rows.index)))
+reference = ", ".join(sorted(rows["reference"].dropna().unique())) or "none"
+
+st.caption(f"Probe `{probe}` · attribute `{attribute}` · template `{template}` · reference `{reference}`. "
+           "Labels are perceived presentation as a classifier sees it, never identity. Intervals are 95% "
+           "Wilson intervals as the audit wrote them.")
+
+# -- headline figures --------------------------------------------------------------------------------
+per_subject = rows.drop_duplicates("subject").set_index("subject")
+no_face = data.no_face_rates(run).set_index("subject")
+no_face = no_face[no_face.index.isin(per_subject.index)]
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Occupations", len(order))
+significant = focus_rows[focus_rows["q_value"].fillna(1.0) < alpha]
+m2.metric(f"Significant gaps ({focus})", f"{len(significant)} of {focus_rows['q_value'].notna().sum()}")
+m3.metric("Amplified", int(focus_rows["amplified"].fillna(False).astype(bool).sum()),
+          help="Further from parity than the reference, as the audit flagged it.")
+answered, abstained = int(per_subject["n"].sum()), int(per_subject["abstained"].sum())
+m4.metric("Abstained", f"{abstained / max(answered + abstained, 1):.1%}",
+          help=f"{abstained} of {answered + abstained} images: the probe was not sure enough to label them.")
+if len(no_face) and no_face["images"].sum():
+    st.caption(f"No face or person detected in {int(no_face['no_face'].sum())} of {int(no_face['images'].sum())} "
+               "images of these occupations.")
+
+# -- largest gaps as text (readable, copyable) --------------------------------------------------------
+top = focus_rows.reindex([s for s in order if s in focus_rows.index]).reset_index()
+top = top[top["reference_share"].notna()].head(10)
+if len(top):
+    st.subheader(f"Largest gaps: {focus} share vs {reference}")
+    st.table(pd.DataFrame({
+        "occupation": top["subject"],
+        "share": [ui.number(v) for v in top["share"]],
+        "95% interval": [ui.interval(lo, hi) for lo, hi in zip(top["ci_low"], top["ci_high"], strict=True)],
+        "reference": [ui.number(v) for v in top["reference_share"]],
+        "gap": [ui.number(v, 3) for v in top["gap"]],
+        "gap interval": [ui.interval(lo, hi) for lo, hi in zip(top["gap_ci_low"], top["gap_ci_high"], strict=True)],
+        "q-value": [ui.number(v, 4) for v in top["q_value"]],
+    }), hide_index=True)
+
+# -- share with interval per occupation and label, reference on the same axis ---------------------------
+st.subheader("Share of each perceived label, with its interval and the reference")
+plot = rows.assign(interval=[ui.interval(lo, hi) for lo, hi in zip(rows["ci_low"], rows["ci_high"], strict=True)])
+pick = alt.selection_point(name="pick", fields=["subject"])
+y = alt.Y("subject:N", sort=order, title=None)
+x_share = alt.X("share:Q", scale=alt.Scale(domain=[0, 1]), title="share of images")
+tooltip = ["subject", "label", alt.Tooltip("share:Q", format=".2f"), "interval", "n",
+           alt.Tooltip("reference_share:Q", format=".2f", title="reference"), alt.Tooltip("q_value:Q", format=".4f")]
+base = alt.Chart(plot).encode(y=y, yOffset="label:N", color=alt.Color("label:N", title="perceived"))
+bars = base.mark_rule(strokeWidth=2).encode(
+    x=alt.X("ci_low:Q", scale=alt.Scale(domain=[0, 1]), title="share of images"), x2="ci_high:Q")
+points = base.mark_point(filled=True, size=50).encode(x=x_share, tooltip=tooltip).add_params(pick)
+ref = alt.Chart(plot[plot["reference_share"].notna()]).mark_tick(color="black", thickness=2, size=14).encode(
+    y=y, yOffset="label:N", x="reference_share:Q", tooltip=["subject", "label", "reference_share"])
+chart = alt.layer(bars, points, ref).properties(height=max(160, 26 * len(order)))
+event = st.altair_chart(chart, width="stretch", on_select="rerun", key="bias_chart")
+st.caption("Dot: share; line: its 95% interval; black tick: the reference (BLS) share. Click a dot to see "
+           "that occupation's images below.")
+
+# -- amplification at a glance ------------------------------------------------------------------------
+scatter = focus_rows[focus_rows["reference_share"].notna()].reset_index()
+if len(scatter):
+    st.subheader(f"Run share vs reference share ({focus})")
+    scatter = scatter.assign(
+        interval=[ui.interval(lo, hi) for lo, hi in zip(scatter["ci_low"], scatter["ci_high"], strict=True)],
+        flag=scatter["amplified"].map({True: "amplified", False: "not amplified"}).fillna("unknown"))
+    axis = alt.Scale(domain=[0, 1])
+    sc = alt.Chart(scatter).encode(x=alt.X("reference_share:Q", scale=axis, title=f"reference share ({reference})"))
+    err = sc.mark_rule(opacity=0.5).encode(y=alt.Y("ci_low:Q", scale=axis, title="run share"), y2="ci_high:Q",
+                                           color="flag:N")
+    dots = sc.mark_circle(size=60).encode(
+        y=alt.Y("share:Q", scale=axis), color=alt.Color("flag:N", title=None),
+        tooltip=["subject", alt.Tooltip("share:Q", format=".2f"), "interval",
+                 alt.Tooltip("reference_share:Q", format=".2f"), alt.Tooltip("q_value:Q", format=".4f")])
+    parity = alt.Chart(pd.DataFrame({"x": [0.0, 1.0], "y": [0.0, 1.0]})).mark_line(
+        strokeDash=[4, 4], color="gray").encode(x="x:Q", y="y:Q")
+    st.altair_chart(alt.layer(parity, err, dots).properties(height=420), width="stretch")
+    st.caption("Dashed: parity with the workforce. Points further from 0.5 than the line on their side "
+               "amplify the workforce's imbalance.")
+
+# -- abstention and no-face rates -----------------------------------------------------------------------
+st.subheader("Abstention and no-face rates")
+rates = pd.DataFrame({"occupation": order})
+rates["abstention rate"] = rates["occupation"].map(per_subject["abstention_rate"])
+rates["abstained"] = rates["occupation"].map(per_subject["abstained"])
+rates["no-face rate"] = rates["occupation"].map(no_face["no_face_rate"]) if len(no_face) else None
+st.dataframe(rates, hide_index=True, width="stretch",
+             column_config={"abstention rate": st.column_config.NumberColumn(format="percent"),
+                            "no-face rate": st.column_config.NumberColumn(format="percent")})
+
+with st.expander("All rows of the summary for these filters"):
+    st.dataframe(plot.drop(columns=["probe", "attribute", "template"]), hide_index=True, width="stretch")
+
+# -- one occupation's images ------------------------------------------------------------------------
+st.subheader("Images of one occupation")
+clicked = [p.get("subject") for p in (event.selection.get("pick") or [])] if event else []
+if clicked and clicked[0] in order:
+    st.session_state["bias_subject"] = clicked[0]
+if st.session_state.get("bias_subject") not in order:
+    st.session_state["bias_subject"] = order[0]
+g1, g2, g3 = st.columns([2, 3, 1])
+subject = g1.selectbox("Occupation", order, key="bias_subject")
+images = data.image_labels(run, probe, attribute)
+images = images[images["subject"] == subject]
+if template != "all":
+    images = images[images["template"] == template]
+statuses = sorted(images["status"].unique())
+shown = g2.multiselect("Predicted label", statuses, default=statuses, key=f"bias_labels_{subject}",
+                       help="'abstained' shows the images the probe declined to label, with its reason.")
+images = images[images["status"].isin(shown)].reset_index(drop=True)
+pages = max(1, -(-len(images) // PAGE))
+page = g3.number_input(f"Page (of {pages})", 1, pages, 1, key=f"bias_page_{subject}") if pages > 1 else 1
+st.caption(f"{len(images)} image(s) of {subject}: " + ", ".join(
+    f"{s} {int(c)}" for s, c in images["status"].value_counts().sort_index().items()))
+window = images.iloc[(page - 1) * PAGE: page * PAGE]
+captions = [
+    f"{row.status}" + (f" ({row.abstain_reason})" if row.status == "abstained" and isinstance(
+        row.abstain_reason, str) else "") + f" · {row.image_id}"
+    for row in window.itertuples()
+]
+ui.image_grid(run, window["path"].tolist(), captions)

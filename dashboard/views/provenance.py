@@ -1,0 +1,141 @@
+"""Provenance: the stamps the run recorded (``diffaudit stamp``) with their status, the watermark
+robustness table, and a verifier for any file a user uploads (C2PA state, failure codes in plain words,
+watermark and manifest-store recovery). Uploads are size-capped, written only to a fresh temp folder
+and deleted after the check."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard import data, ui
+
+MAX_UPLOAD_MB = 20
+TYPES = ["png", "jpg", "jpeg", "webp", "avif", "heic", "tif", "tiff", "gif"]
+
+
+def verifier() -> Callable[..., Any] | None:
+    """The provenance stage's ``verify_paths``, imported only when a user asks to verify."""
+    for module in ("provenance", "provenance.verify", "provenance.c2pa"):
+        try:
+            fn = getattr(importlib.import_module(module), "verify_paths", None)
+        except ImportError:
+            continue
+        if callable(fn):
+            return fn
+    return None
+
+
+def as_dict(result: Any) -> dict[str, Any]:
+    """A verification result (dataclass, pydantic model, mapping or object) as a plain dict."""
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)
+    if hasattr(result, "model_dump"):
+        return result.model_dump()
+    if isinstance(result, dict):
+        return dict(result)
+    return {k: v for k, v in vars(result).items() if not k.startswith("_")}
+
+
+def show_result(result: dict[str, Any]) -> None:
+    """The C2PA state, each failure code in plain words, and what the watermark and the store found."""
+    status = result.get("status") or result.get("state") or "unknown"
+    box = {"Trusted": st.success, "Valid": st.info, "Invalid": st.error}.get(str(status), st.warning)
+    box(f"C2PA: **{status}**" + (f" · signed by {result['signer']}" if result.get("signer") else ""))
+    codes = result.get("failure_codes") or result.get("failures") or []
+    for code in codes:
+        st.markdown(f"- {ui.plain(str(code.get('code', code)) if isinstance(code, dict) else str(code))}")
+    for key, value in result.items():
+        if value in (None, "", [], {}):
+            continue
+        if key.startswith("watermark"):
+            st.markdown(f"**{key.replace('_', ' ')}**: {value}")
+        elif key.startswith(("store", "recover")):
+            st.markdown(f"**{key.replace('_', ' ')}**: {value}")
+    with st.expander("Full result"):
+        st.json(result, expanded=False)
+
+
+# -- the run's stamps -----------------------------------------------------------------------------------
+st.title("Provenance")
+names = ui.picked()
+if names:
+    run = ui.current_run()
+    stamps = data.table(run, "provenance/stamps")
+    if stamps.empty:
+        ui.missing_stage("provenance stamps", f"diffaudit stamp {run.root}")
+    else:
+        st.subheader("Stamped images")
+        counts = stamps["status"].value_counts()
+        cols = st.columns(4)
+        for col, status in zip(cols, ["Trusted", "Valid", "Invalid", "none"], strict=True):
+            col.metric(status, int(counts.get(status, 0)))
+        view = pd.DataFrame({
+            "image": stamps["image_id"],
+            "status": stamps["status"],
+            "failures": ["; ".join(ui.plain(c) for c in codes) if codes is not None and len(codes) else ""
+                         for codes in stamps["failure_codes"]],
+            "watermark": stamps["watermark"],
+            "payload": stamps["payload"],
+            "format": stamps["format"],
+            "stamped file": stamps["stamped_path"],
+        })
+        st.dataframe(view, hide_index=True, width="stretch")
+        problems = view[view["status"].isin(["Invalid", "none"]) | (view["failures"] != "")]
+        if len(problems):
+            st.markdown("**Stamps that need a look**")
+            st.table(problems[["image", "status", "failures"]], hide_index=True)
+    robustness = data.table(run, "provenance/robustness")
+    if len(robustness):
+        st.subheader("Watermark robustness")
+        st.caption("Bit accuracy and detection rate per attack, as `diffaudit provenance robustness` measured them.")
+        chart = alt.Chart(robustness).mark_bar().encode(
+            x=alt.X("detection_rate:Q", scale=alt.Scale(domain=[0, 1]), title="detection rate"),
+            y=alt.Y("attack:N", sort="-x", title=None), color="method:N",
+            tooltip=["method", "attack", "images", alt.Tooltip("bit_accuracy:Q", format=".3f"),
+                     alt.Tooltip("detection_rate:Q", format=".2f"), "c2pa_survives"])
+        st.altair_chart(chart.properties(height=max(120, 22 * len(robustness))), width="stretch")
+        st.dataframe(robustness, hide_index=True, width="stretch")
+
+# -- verify any file ------------------------------------------------------------------------------------
+st.subheader("Verify a file")
+st.caption(f"Any image up to {MAX_UPLOAD_MB} MB. It is written to a temporary folder for the check and deleted "
+           "right after; nothing is stored.")
+upload = st.file_uploader("Image to verify", type=TYPES, max_upload_size=MAX_UPLOAD_MB, key="verify_upload")
+anchors = st.file_uploader("Trust anchors (PEM bundle, optional)", type=["pem", "crt"],
+                           max_upload_size=1, key="verify_anchors")
+if upload is not None:
+    if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
+        st.error(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
+        st.stop()
+    verify = verifier()
+    if verify is None:
+        st.warning("Verification needs the provenance stage (`provenance.verify_paths`), which this "
+                   "installation does not have yet. `diffaudit verify FILE` does the same from a shell.")
+        st.stop()
+    suffix = re.sub(r"[^a-z0-9]", "", Path(upload.name).suffix.lower())[:5] or "bin"
+    with tempfile.TemporaryDirectory(prefix="diffaudit-verify-") as tmp:
+        target = Path(tmp) / f"upload.{suffix}"
+        target.write_bytes(upload.getvalue())
+        trust = None
+        if anchors is not None:
+            trust = Path(tmp) / "anchors.pem"
+            trust.write_bytes(anchors.getvalue())
+        try:
+            results = verify([target], trust_anchors=trust)
+        except Exception as e:  # a bad file must give a message, never a crash of the page
+            st.error(f"Could not verify {upload.name}: {e}")
+            st.stop()
+    results = list(results.values()) if isinstance(results, dict) else list(results)
+    st.markdown(f"**{upload.name}**")
+    for result in results:
+        show_result(as_dict(result))
