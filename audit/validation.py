@@ -6,10 +6,12 @@ against the rest) with Wilson intervals, using the same one-vote-per-image rule 
 (:func:`audit.stats.pick`). Abstentions are reported per true class and left out of both rates.
 
 :func:`rogan_gladen` corrects an observed share for a two-class probe (Rogan and Gladen 1978):
-``(share + specificity - 1) / (sensitivity + specificity - 1)``, clipped to [0, 1], with a parametric
-bootstrap interval over the three binomials (the audit images, the labelled positives, the labelled
-negatives), so it carries both the sampling and the validation uncertainty. It assumes the probe errs
-at the same rates on the audited images as on the labelled ones: label a random sample of the run.
+``(share + specificity - 1) / (sensitivity + specificity - 1)``, clipped to [0, 1], with a simulation
+interval over the three binomials (the audit images, the labelled positives, the labelled negatives), so
+it carries both the sampling and the validation uncertainty. Each proportion is drawn from its Jeffreys
+Beta(k + 1/2, n - k + 1/2) distribution rather than resampled binomially, so a share of 0/n or n/n
+still gets a non-degenerate interval. It assumes the probe errs at the same rates on the audited images
+as on the labelled ones: label a random sample of the run.
 """
 
 from __future__ import annotations
@@ -131,10 +133,10 @@ class Corrected:
 
 def rogan_gladen(share: float, sensitivity: float, specificity: float, *, n: int, positives: int,
                  negatives: int, confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> Corrected:
-    """The Rogan-Gladen corrected share with a parametric bootstrap interval over three binomials:
-    ``share`` from ``n`` audited images, ``sensitivity`` from ``positives`` labelled positives and
-    ``specificity`` from ``negatives`` labelled negatives. Draws where the resampled probe is no better
-    than chance (sensitivity + specificity <= 1) are left out of the interval."""
+    """The Rogan-Gladen corrected share with a simulation interval over three binomials: ``share`` from
+    ``n`` audited images, ``sensitivity`` from ``positives`` labelled positives and ``specificity`` from
+    ``negatives`` labelled negatives, each drawn from its Jeffreys Beta. Draws where the simulated probe is
+    no better than chance (sensitivity + specificity <= 1) are left out of the interval."""
     youden = sensitivity + specificity - 1
     if youden <= 0:
         raise InputError(f"the probe is no better than chance (sensitivity {sensitivity:.3f} + specificity "
@@ -143,9 +145,11 @@ def rogan_gladen(share: float, sensitivity: float, specificity: float, *, n: int
         raise InputError("rogan_gladen needs n, positives and negatives >= 1")
     estimate = float(np.clip((share + specificity - 1) / youden, 0, 1))
     rng = np.random.default_rng(seed)
-    s = rng.binomial(n, share, n_boot) / n
-    se = rng.binomial(positives, sensitivity, n_boot) / positives
-    sp = rng.binomial(negatives, specificity, n_boot) / negatives
+
+    def draw(p: float, m: int) -> np.ndarray:
+        return rng.beta(p * m + 0.5, (1 - p) * m + 0.5, n_boot)
+
+    s, se, sp = draw(share, n), draw(sensitivity, positives), draw(specificity, negatives)
     j = se + sp - 1
     ok = j > 0
     boot = np.clip((s[ok] + sp[ok] - 1) / j[ok], 0, 1)

@@ -48,12 +48,12 @@ def probe_validate(
                             generations=r.read_table("generations"), run_root=r.root, alpha=1 - confidence)
     console = Console()
     level = f"{confidence:.0%}"
-    t = Table("class", "labelled", "sensitivity", f"{level} CI", "specificity", f"{level} CI", "abstained",
+    t = Table("class", "labelled", f"sensitivity ({level} CI)", f"specificity ({level} CI)", "abstained",
               title=f"{probe} / {attribute} on {labels.name}")
     for d in result.to_dict("records"):
-        t.add_row(str(d["class"]), str(d["positives"]), _pct(d["sensitivity"]),
-                  f"{_pct(d['sensitivity_ci_low'])}-{_pct(d['sensitivity_ci_high'])}", _pct(d["specificity"]),
-                  f"{_pct(d['specificity_ci_low'])}-{_pct(d['specificity_ci_high'])}",
+        t.add_row(str(d["class"]), str(d["positives"]),
+                  f"{_pct(d['sensitivity'])} ({_pct(d['sensitivity_ci_low'])}-{_pct(d['sensitivity_ci_high'])})",
+                  f"{_pct(d['specificity'])} ({_pct(d['specificity_ci_low'])}-{_pct(d['specificity_ci_high'])})",
                   f"{d['abstained']} ({_pct(d['abstention_rate'])})")
     console.print(t)
     if not (correct and len(result) == 2 and r.has_table("bias/summary")):
@@ -61,11 +61,11 @@ def probe_validate(
     summary = r.read_table("bias/summary")
     summary = summary[summary["template"] == "all"]
     fixed = correct_summary(summary, result, probe=probe, attribute=attribute, confidence=confidence)
-    c = Table("subject", "label", "n", "observed", "corrected", f"{level} CI (both uncertainties)",
+    c = Table("subject", "label", "n", "observed", f"corrected ({level} CI, both uncertainties)",
               title="Rogan-Gladen corrected shares (pooled over templates)")
     for row in fixed[fixed["label"] == result["class"].iloc[-1]].itertuples(index=False):
-        c.add_row(row.subject, row.label, str(row.n), _pct(row.share), _pct(row.corrected_share),
-                  f"{_pct(row.corrected_ci_low)}-{_pct(row.corrected_ci_high)}")
+        c.add_row(row.subject, row.label, str(row.n), _pct(row.share),
+                  f"{_pct(row.corrected_share)} ({_pct(row.corrected_ci_low)}-{_pct(row.corrected_ci_high)})")
     console.print(c)
 
 
