@@ -49,6 +49,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pywt
 
 MAGIC = b"DA"
 MIN_PIXELS = 256 * 256  # imwatermark's own lower bound; fewer blocks make too few votes per bit
@@ -133,7 +134,7 @@ class Watermark:
             return Detection(self.name, False, None, 0.0, False, np.zeros(0, np.uint8), reason="image smaller than 256x256 or not RGB")
         p = self._scores(np.ascontiguousarray(rgb, dtype=np.uint8))
         confidence = float(np.mean(np.abs(2 * p - 1)))
-        hard = (p > 0.5).astype(np.uint8)
+        hard = (p * 255 > 127).astype(np.uint8)  # imwatermark's rule: an exact tie reads as 1
         for flips in self._candidates(p):
             bits = hard.copy()
             bits[flips] ^= 1
@@ -174,9 +175,9 @@ class _DwtBlocks(Watermark):
     def _u_and_blocks(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         h, w = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
         yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV)  # == imwatermark's BGR2YUV on its BGR input
-        u = yuv[:h, :w, 1].astype(np.float64)
-        # Haar level 1 approximation (pywt 'haar'): (a + b + c + d) / 2 over each 2x2 cell.
-        ca = u.reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3)) / 2.0
+        # Haar level 1 approximation, (a + b + c + d) / 2 per 2x2 cell, computed by pywt as imwatermark
+        # does, so that ties (integer pixels make many) round the same way in both decoders.
+        ca = pywt.dwt2(yuv[:h, :w, 1], "haar")[0]
         b = self.block
         nr, nc = ca.shape[0] // b, ca.shape[1] // b
         blocks = ca[:nr * b, :nc * b].reshape(nr, b, nc, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
@@ -258,8 +259,13 @@ class DwtDct(_DwtBlocks):
     def _embed_bits(self, rgb: np.ndarray, bits: np.ndarray) -> np.ndarray:
         yuv, blocks, nr, nc = self._u_and_blocks(rgb)
         pos, val = self._largest(blocks)
-        target = np.sign(val + (val == 0)) * self._quantise(
-            np.abs(val), bits[np.arange(len(blocks)) % self.payload_bits])
+        mag = self._quantise(np.abs(val), bits[np.arange(len(blocks)) % self.payload_bits])
+        # Unlike imwatermark, keep the marked coefficient the largest (else the decoder reads another one):
+        # raise it by whole quantisation steps above the runner-up, which leaves its bit unchanged.
+        flat = np.abs(blocks.reshape(len(blocks), -1)[:, 1:])
+        runner_up = np.sort(flat, axis=1)[:, -2] + 1.0
+        mag += np.ceil(np.maximum(runner_up - mag, 0) / self.scale) * self.scale
+        target = np.sign(val + (val == 0)) * mag
         delta = np.zeros_like(blocks).reshape(len(blocks), -1)
         delta[np.arange(len(blocks)), pos] = target - val
         return self._apply(rgb, yuv, delta.reshape(blocks.shape), nr, nc)

@@ -1,0 +1,377 @@
+"""Provenance: keys, C2PA sign/verify and tampering, watermarks, the manifest store, stamping a run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import png_bytes, skimage_photo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from diffaudit.errors import InputError
+from diffaudit.runs import Run, sha256_file
+from provenance import c2pa as cc
+from provenance.keys import describe, from_callback, from_pem, init_identity
+from provenance.stamp import Stamper, stamp_run, verify_bytes, verify_paths
+from provenance.store import ManifestStore
+from provenance.watermark import DwtDct, DwtDctSvd, get
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    """Never touch the user's default identity or store."""
+    monkeypatch.setenv("DIFFAUDIT_HOME", str(tmp_path / "diffaudit-home"))
+
+
+@pytest.fixture(scope="module")
+def identity(tmp_path_factory):
+    return init_identity(tmp_path_factory.mktemp("identity") / "id")
+
+
+@pytest.fixture(scope="module")
+def anchors(identity) -> Path:
+    return identity.folder / "root-ca.pem"
+
+
+@pytest.fixture(scope="module")
+def signed(identity) -> bytes:
+    """A 512² photo, watermarked and signed (no store)."""
+    return Stamper(identity).stamp(png_bytes(skimage_photo("astronaut", 512)), {"model": "m", "seed": 1},
+                                   title="a.png").data
+
+
+def trusted_ctx(anchors: Path):
+    return cc.reader_context(cc.load_trust(anchors))
+
+
+# --- PNG surgery: keep the manifest chunk, change what it signed --------------------------------
+
+def chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, pos = [], 8
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        out.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]))
+        pos += 12 + n
+    return out
+
+
+def build(parts: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d)) for t, d in parts)
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def splice(signed: bytes, new_png: bytes) -> bytes:
+    """``new_png``'s pixels with ``signed``'s manifest chunk, as a tool that keeps metadata would write."""
+    manifest = [c for c in chunks(signed) if c[0] == b"caBX"]
+    assert manifest, "the signed PNG has no caBX chunk"
+    new = chunks(new_png)
+    return build(new[:1] + manifest + new[1:])
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+def test_key_files_are_0600_and_never_overwritten(identity):
+    for name in ("root-ca.key", "intermediate.key", "signer.key"):
+        assert stat.S_IMODE(os.stat(identity.folder / name).st_mode) == 0o600
+    with pytest.raises(InputError, match="already holds"):
+        init_identity(identity.folder)
+    rows = describe(identity.folder)
+    assert [r["role"] for r in rows] == ["signer", "intermediate", "root"]
+    assert all(len(r["sha256"].split(":")) == 32 for r in rows)
+
+
+def test_user_pem_and_callback_signer(identity, anchors, tmp_path):
+    user = from_pem(identity.folder / "signer.pem", identity.folder / "signer.key")
+    assert user.alg == "es256" and user.signer_name == "diffaudit signer"
+    with pytest.raises(InputError, match="does not match"):
+        from_pem(identity.folder / "signer.pem", identity.folder / "intermediate.key")
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = serialization.load_pem_private_key(identity.key_pem, None)
+    calls = []
+
+    def kms_sign(data: bytes) -> bytes:  # stands in for a KMS/HSM call
+        calls.append(len(data))
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    remote = from_callback(identity.chain_pem, kms_sign)
+    out = Stamper(remote, watermark="none").stamp(png_bytes(skimage_photo("coffee", 256)), {"model": "m"},
+                                                  title="c.png")
+    assert calls and cc.read_credentials(out.data, trusted_ctx(anchors)).status == "Trusted"
+
+
+# --- C2PA sign and verify ----------------------------------------------------------------------
+
+def test_signed_is_trusted_with_our_anchors_and_valid_untrusted_without(signed, anchors):
+    trusted = cc.read_credentials(signed, trusted_ctx(anchors))
+    assert trusted.status == "Trusted" and trusted.failure_codes == []
+    assert trusted.signer["common_name"] == "diffaudit signer"
+    assert trusted.claim_generator.startswith("diffaudit")
+    created = trusted.actions[0]
+    assert created["action"] == "c2pa.created"
+    assert created["digitalSourceType"] == cc.TRAINED and created["softwareAgent"]["name"] == "m"
+    assert trusted.generation == {"model": "m", "seed": 1}
+    untrusted = cc.read_credentials(signed, cc.reader_context())
+    assert untrusted.status == "Valid" and untrusted.failure_codes == ["signingCredential.untrusted"]
+
+
+def test_changed_pixel_is_invalid_with_data_hash_mismatch(signed, anchors):
+    px = pixels(signed)
+    px[100, 100] = 255 - px[100, 100]
+    creds = cc.read_credentials(splice(signed, png_bytes(Image.fromarray(px))), trusted_ctx(anchors))
+    assert creds.status == "Invalid" and "assertion.dataHash.mismatch" in creds.failure_codes
+
+
+def test_flipped_byte_inside_manifest_is_invalid(signed, anchors):
+    start = signed.index(b"caBX") + 4
+    length = struct.unpack(">I", signed[start - 8:start - 4])[0]
+    broken = {}
+    for offset in (length // 4, length // 2, length - 40):
+        b = bytearray(signed)
+        b[start + offset] ^= 0xFF
+        broken[offset] = cc.read_credentials(bytes(b), trusted_ctx(anchors))
+    for creds in broken.values():
+        assert creds.status == "Invalid"
+        assert set(creds.failure_codes) & {"claimSignature.mismatch", "assertion.hashedURI.mismatch",
+                                           "assertion.cbor.invalid", "assertion.dataHash.mismatch",
+                                           "claim.malformed", cc.UNREADABLE}, creds.failure_codes
+
+
+def test_recompression_and_crop_lose_or_break_credentials(signed, anchors):
+    ctx = trusted_ctx(anchors)
+    img = Image.open(io.BytesIO(signed)).convert("RGB")
+    jpg = io.BytesIO()
+    img.save(jpg, "JPEG", quality=90)
+    assert cc.read_credentials(jpg.getvalue(), ctx).status == "none"          # re-save strips it
+    recompressed = io.BytesIO()
+    img.save(recompressed, "PNG", compress_level=9)                           # same pixels, new bytes
+    kept = cc.read_credentials(splice(signed, recompressed.getvalue()), ctx)
+    assert kept.status == "Invalid" and "assertion.dataHash.mismatch" in kept.failure_codes
+    cropped = png_bytes(img.crop((20, 20, 480, 480)))
+    assert cc.read_credentials(cropped, ctx).status == "none"
+    kept = cc.read_credentials(splice(signed, cropped), ctx)
+    assert kept.status == "Invalid" and "assertion.dataHash.mismatch" in kept.failure_codes
+
+
+def test_bad_files_give_a_clear_result(tmp_path, signed):
+    files = {"empty.png": b"", "truncated.png": signed[:2000], "text.png": b"hello, not an image\n" * 20,
+             "header-only.jpg": b"\xff\xd8\xff\xe0" + b"\0" * 10}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "wrong-extension.jpg").write_bytes(signed)
+    results = {Path(r.path).name: r for r in verify_paths([tmp_path])}
+    assert results["empty.png"].status == "none" and results["empty.png"].problem == "empty file"
+    assert results["text.png"].problem == "not a PNG, JPEG or WebP image"
+    assert results["truncated.png"].status in ("none", "Invalid") and results["truncated.png"].problem
+    assert results["header-only.jpg"].status == "none" and results["header-only.jpg"].problem
+    assert results["wrong-extension.jpg"].format == "png" and results["wrong-extension.jpg"].status == "Valid"
+    missing = verify_paths([tmp_path / "nope.png"])
+    assert missing[0].status == "none" and "cannot read" in missing[0].problem
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bytes_never_crash(signed, data):
+    kind = data.draw(st.sampled_from(["random", "truncate", "flip"]))
+    if kind == "random":
+        blob = data.draw(st.binary(max_size=256))
+        blob = data.draw(st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBP"])) + blob
+    elif kind == "truncate":
+        blob = signed[: data.draw(st.integers(0, len(signed)))]
+    else:
+        b = bytearray(signed)
+        for i in data.draw(st.lists(st.integers(0, len(b) - 1), min_size=1, max_size=4)):
+            b[i] ^= 0xFF
+        blob = bytes(b)
+    r = verify_bytes(blob, methods=["dwtDctSvd"])
+    assert r.status in cc.STATES
+    assert r.status in ("Trusted", "Valid") or r.problem or r.failure_codes or r.status == "none"
+
+
+# --- watermarks --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
+def test_default_watermark_survives_jpeg_q90(name):
+    wm = get("dwtDctSvd")
+    payload = wm.new_payload()
+    marked = wm.encode(np.asarray(skimage_photo(name, 512)), payload)
+    psnr = 10 * np.log10(255**2 / np.mean((marked.astype(float) - np.asarray(skimage_photo(name, 512))) ** 2))
+    assert psnr > 38
+    buf = io.BytesIO()
+    Image.fromarray(marked).save(buf, "JPEG", quality=90, subsampling=2)
+    det = wm.detect(pixels(buf.getvalue()))
+    assert det.detected and det.payload == payload
+
+
+def _reference(module: str):
+    """imwatermark's own embedder class, loaded from its file (its package __init__ imports torch)."""
+    import importlib.util
+
+    from provenance.watermark import _imwatermark_dir
+
+    spec = importlib.util.spec_from_file_location(f"_ref_{module}", _imwatermark_dir() / f"{module}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("cls,module,attr", [(DwtDctSvd, "dwtDctSvd", "EmbedDwtDctSvd"),
+                                              (DwtDct, "maxDct", "EmbedMaxDct")])
+def test_vectorised_methods_are_bit_compatible_with_imwatermark(cls, module, attr):
+    ref = getattr(_reference(module), attr)
+    wm = cls()
+    rgb = np.asarray(skimage_photo("chelsea", 512))
+    payload = wm.new_payload()
+    bits = wm.payload_to_bits(payload)
+    ours = wm.encode(rgb, payload)
+    theirs = np.ascontiguousarray(
+        ref(watermarks=list(bits), wmLen=wm.payload_bits).encode(rgb[:, :, ::-1].copy())[:, :, ::-1])
+    for img in (ours, theirs, rgb):  # both decoders read the same bits from any image
+        ref_bits = ref(watermarks=[], wmLen=wm.payload_bits).decode(img[:, :, ::-1].copy()).astype(np.uint8)
+        assert (ref_bits == (wm._scores(img) * 255 > 127)).all()
+    assert wm.detect(ours).payload == payload
+    if cls is DwtDctSvd:  # imwatermark's maxDct can mark a coefficient that is no longer the largest
+        assert wm.detect(theirs).payload == payload
+
+
+def test_checked_payload_rejects_flat_and_clean_images():
+    from provenance.attacks import clean_corpus
+
+    wm = get("dwtDctSvd")
+    for value in (0, 1):
+        bits = np.full(wm.payload_bits, value, dtype=np.uint8)
+        word = int("".join(map(str, bits)), 2)
+        assert word & 0xFFFFFF != wm.check_value(word >> 24)
+    flat = np.full((300, 300, 3), 128, dtype=np.uint8)
+    assert not wm.detect(flat).detected
+    assert not wm.detect(np.zeros((100, 100, 3), np.uint8)).detected  # too small: a reason, no crash
+    assert sum(wm.detect(img).detected for img in clean_corpus(40, seed=3, max_side=384)) == 0
+
+
+def test_rivagan_roundtrip_without_torch():
+    code = ("import sys, cv2, skimage.data; from provenance.watermark import get; wm = get('rivaGan');"
+            "rgb = cv2.resize(skimage.data.astronaut(), (256, 256));"
+            "p = wm.new_payload(); d = wm.detect(wm.encode(rgb, p));"
+            "print(d.payload == p, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.split() == ["True", "False"], out.stderr[-2000:]
+
+
+# --- store and stamping a run ------------------------------------------------------------------
+
+def _img2img_run(photo_run: Run) -> Run:
+    gens = photo_run.read_table("generations")
+    gens.loc[0, ["mode", "source_image", "strength"]] = ["img2img", "skimage:astronaut", 0.6]
+    gens.loc[1, ["mode", "source_image", "mask", "strength"]] = ["inpaint", "skimage:coffee",
+                                                                 "box:0.5,0.5,0.9,0.9", 1.0]
+    photo_run.write_table("generations", gens)
+    return photo_run
+
+
+def test_stamp_run_writes_copies_table_store_and_resumes(photo_run, identity, anchors, tmp_path):
+    run = _img2img_run(photo_run)
+    originals = {r["image_id"]: sha256_file(r["file"]) for r in run.images().to_dict("records")}
+    db = tmp_path / "store.sqlite"
+    summary = stamp_run(run.root, identity=identity, store=db)
+    assert summary["stamped"] == 5 and summary["status"] == {"Trusted": 5}
+    assert {r["image_id"]: sha256_file(r["file"]) for r in run.images().to_dict("records")} == originals
+    table = run.read_table("provenance/stamps")
+    assert len(table) == 5 and set(table["watermark"]) == {"dwtDctSvd"}
+    assert all(sha256_file(run.path(p)) == h for p, h in zip(table["stamped_path"], table["sha256"], strict=True))
+    assert run.stage_done("stamp")
+    with ManifestStore(db) as store:
+        assert len(store) == 5
+    assert stamp_run(run.root, identity=identity, store=db)["stamped"] == 0     # resumable
+
+    results = {Path(r.path).parent.name: r for r in
+               verify_paths([run.root / "provenance" / "stamped"], trust_anchors=anchors, store=db)}
+    assert {r.status for r in results.values()} == {"Trusted"}
+    astro = results["photo-astronaut"].credentials
+    assert astro["ingredients"] == [{"title": "skimage:astronaut", "relationship": "inputTo",
+                                     "format": "image/png"}]
+    assert astro["generation"]["mode"] == "img2img" and astro["generation"]["run"] == run.name
+    coffee = results["photo-coffee"].credentials
+    assert coffee["ingredients"][0]["relationship"] == "parentOf"
+    assert [a["action"] for a in coffee["actions"]] == ["c2pa.opened", "c2pa.edited"]
+
+
+def test_stripped_file_is_recovered_through_the_store(photo_run, identity, tmp_path):
+    db = tmp_path / "store.sqlite"
+    stamp_run(photo_run.root, identity=identity, store=db)
+    table = photo_run.read_table("provenance/stamps").set_index("image_id")
+    row = table.loc["photo-chelsea-1002"]
+    img = Image.open(photo_run.path(row["stamped_path"])).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    (tmp_path / "screenshot.jpg").write_bytes(buf.getvalue())
+    small = img.resize((200, 200))
+    (tmp_path / "small.png").write_bytes(png_bytes(small))
+    res = {Path(r.path).name: r for r in verify_paths([tmp_path / "screenshot.jpg", tmp_path / "small.png"],
+                                                      store=db)}
+    shot = res["screenshot.jpg"]
+    assert shot.status == "none" and shot.watermark["payload"] == row["payload"]
+    assert shot.recovered["how"] == "watermark" and shot.recovered["manifest_label"] == row["manifest_label"]
+    assert shot.recovered["credentials"]["generation"]["prompt"] == "a photo of chelsea"
+    tiny = res["small.png"]
+    assert tiny.recovered["how"] == "phash" and tiny.recovered["manifest_label"] == row["manifest_label"]
+    assert 0 <= tiny.recovered["distance"] <= 10
+
+
+def test_robustness_table(identity):
+    from provenance.attacks import robustness
+
+    table = robustness([png_bytes(skimage_photo("astronaut", 384))], methods=["dwtDctSvd"], identity=identity,
+                       attacks=["none", "metadata_strip", "jpeg_q90", "flip"], progress=False)
+    by = table.set_index("attack")
+    assert by.loc["none", "detection_rate"] == 1.0 and by.loc["none", "c2pa_survives"] == 1.0
+    assert by.loc["metadata_strip", "detection_rate"] == 1.0 and by.loc["metadata_strip", "c2pa_survives"] == 0.0
+    assert by.loc["jpeg_q90", "bit_accuracy"] > 0.95
+    assert by.loc["flip", "detection_rate"] == 0.0
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+def test_cli_keys_stamp_verify_json_without_torch(tmp_path):
+    env = {**os.environ, "DIFFAUDIT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png_bytes(skimage_photo("rocket", 256)))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        code = ("import sys; from diffaudit.cli import main\ntry: main(sys.argv[1:])\n"
+                "finally: print('TORCH', 'torch' in sys.modules, file=sys.stderr)")
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    assert cli("keys", "init").returncode == 0
+    shown = cli("keys", "show")
+    assert "sha256" in shown.stdout and "BEGIN" not in shown.stdout + shown.stderr
+    assert cli("stamp", "in/a.png", "--out", "out").returncode == 0
+    anchors = tmp_path / "home" / "identity" / "root-ca.pem"
+    out = cli("verify", "out", "in", "--json", "--trust-anchors", str(anchors))
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["status"] for r in rows] == ["Trusted", "none"]
+    assert rows[1]["recovered"]["how"] in ("phash", "watermark")
+    assert "TORCH False" in out.stderr
+    bad = cli("verify", "in", "--trust-anchors", str(tmp_path / "in" / "a.png"))
+    assert bad.returncode == 2 and "not a PEM" in bad.stderr
