@@ -229,6 +229,7 @@ def _load_pretrained(path: str, spec: str, torch_dtype):
     try:
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)  # hub deprecation chatter on a failed lookup
             return AutoPipelineForText2Image.from_pretrained(path, torch_dtype=torch_dtype)
     except Exception as e:  # diffusers/hub raise many types (OSError, ValueError, HTTP errors)
         raise ModelError(_not_loaded(spec, e)) from e

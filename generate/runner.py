@@ -149,6 +149,7 @@ class _Generator:
 
     def execute(self) -> dict[str, Any]:
         start = time.perf_counter()
+        _remove_stale_temp_files(self.run.root)
         done = self.run.completed_images()
         todo = [j for j in self.plan.jobs if j.image_id not in done]
         groups: dict[tuple, deque[Job]] = {}
@@ -263,6 +264,12 @@ def _write_png(path: Path, pixels: np.ndarray) -> str:
     data = buf.getvalue()
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
+
+
+def _remove_stale_temp_files(root: Path) -> None:
+    """Temp files that a killed writer left behind (we hold the lock, so none is in use)."""
+    for tmp in [*root.glob("images/*/.*.tmp"), *root.glob(".generations.parquet.*.tmp")]:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_out(root: Path) -> None:

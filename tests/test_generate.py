@@ -1,0 +1,331 @@
+"""Generation on the tiny offline pipelines: modes and sizes, batch independence, kill-and-resume, bad input.
+
+The tiny model is built once into the user cache (``generate.tiny``); on an empty cache the first test
+pays for that build (about a minute on one core), later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from diffaudit.config import GenerationConfig
+from diffaudit.errors import ConfigError, InputError, ModelError, NotARunError, RunLockedError, SuiteError
+from diffaudit.runs import Run, sha256_file
+from generate import runner, tiny
+from generate.models import Pipelines, load_pipelines
+from generate.runner import generate_run, plan_run
+from generate.sources import load_source
+
+ROOT = Path(__file__).resolve().parents[1]
+# Max per-pixel difference (0-255) between an image generated in a batch of 1 and in a batch of 3 on CPU
+# fp32. Measured here: 0 (bit-identical PNGs); the bound leaves room for other BLAS builds.
+BATCH_TOLERANCE = 2
+
+
+@pytest.fixture(scope="session")
+def pipes() -> Pipelines:
+    import torch
+
+    torch.set_num_threads(1)
+    return load_pipelines("tiny")
+
+
+def write_suite(folder: Path, *, mask_size: tuple[int, int] | None = None, strength: float = 0.5,
+                source: str = "astro.png") -> Path:
+    """A small suite with all three modes; sources are files beside it (a path source, a path mask)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = load_source("skimage:astronaut").resize((96, 96))
+    photo.save(folder / "astro.png")
+    mask = np.zeros((96, 96) if mask_size is None else mask_size[::-1], np.uint8)
+    mask[40:80, 40:80] = 255
+    Image.fromarray(mask, "L").save(folder / "mask.png")
+    path = folder / "suite.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: tiny_test
+        description: three modes on the tiny model
+        sources: ["test"]
+        templates:
+          - {{id: face, text: "a photo of the face of {{a}} {{subject}}"}}
+        subjects:
+          - {{id: nurse, text: nurse}}
+          - {{id: pilot, text: pilot}}
+        edits:
+          - {{id: astro, mode: img2img, prompt: "a photo of an astronaut", source: {source}, strength: {strength}}}
+          - {{id: patch, mode: inpaint, prompt: "a helmet", source: astro.png, mask: mask.png, strength: 1.0}}
+        """))
+    return path
+
+
+def config(suite: Path, **kw) -> GenerationConfig:
+    base = dict(suite=str(suite), model="tiny", images_per_prompt=2, steps=2, width=48, height=32, seed=7,
+                batch_size=3)
+    return GenerationConfig(**{**base, **kw})
+
+
+def expected_ids(cfg: GenerationConfig) -> set[str]:
+    from prompts.suites import expand
+
+    reqs = expand(cfg.suite, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed)
+    return {r.image_id(s) for r in reqs for s in r.seeds}
+
+
+def assert_valid_run(run: Run, cfg: GenerationConfig) -> pd.DataFrame:
+    gens = run.read_table("generations")
+    assert not gens["image_id"].duplicated().any()
+    assert set(gens["image_id"]) == expected_ids(cfg)
+    for rel, digest in zip(gens["path"], gens["sha256"], strict=True):
+        assert sha256_file(run.path(rel)) == digest
+    files = {p.relative_to(run.root).as_posix() for p in run.root.glob("images/*/*")}
+    assert files == set(gens["path"])  # no stray files, no leftover temp files
+    return gens
+
+
+def test_three_modes_give_images_of_the_right_size(tmp_path, pipes):
+    cfg = config(write_suite(tmp_path / "suite"))
+    summary = generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    run = Run.open(tmp_path / "run")
+    gens = assert_valid_run(run, cfg)
+    assert summary["generated"] == len(gens) == 8 and summary["skipped"] == 0
+    assert sorted(gens["mode"].unique()) == ["img2img", "inpaint", "txt2img"]
+    for f in run.images()["file"]:
+        with Image.open(f) as im:
+            assert (im.size, im.mode) == ((48, 32), "RGB")
+    pixels = {i: np.asarray(Image.open(f)) for i, f in zip(gens["image_id"], run.images()["file"], strict=True)}
+    assert len({p.tobytes() for p in pixels.values()}) == len(pixels)  # every seed gives its own image
+    info = run.info
+    assert info["generation"]["model_revision"].startswith(f"tiny-v{tiny.VERSION}:sha256:")
+    assert info["generation"]["steps"] == 2 and info["generation"]["scheduler"] == "ddim"
+    assert info["stages"]["generate"]["generated"] == 8
+    assert gens["nsfw"].isna().all()  # the tiny model has no safety checker: null, not False
+
+
+def test_same_noise_and_same_images_at_batch_sizes_1_and_3(tmp_path, pipes, monkeypatch):
+    suite = write_suite(tmp_path / "suite")
+    noise: dict[int, dict[int, object]] = {1: {}, 3: {}}
+    original = runner.initial_noise
+
+    for bs in (1, 3):
+        def recording(generators, shape, bs=bs):
+            out = original(generators, shape)
+            for g, row in zip(generators, out, strict=True):
+                noise[bs][g.initial_seed()] = row.clone()
+            return out
+
+        monkeypatch.setattr(runner, "initial_noise", recording)
+        cfg = config(suite, images_per_prompt=3, batch_size=bs)
+        generate_run(tmp_path / f"run{bs}", cfg, progress=False, pipelines=pipes)
+    assert noise[1].keys() == noise[3].keys() and len(noise[1]) == 6
+    for seed in noise[1]:
+        assert (noise[1][seed] == noise[3][seed]).all()
+    one, three = (Run.open(tmp_path / f"run{bs}").images().set_index("image_id") for bs in (1, 3))
+    assert set(one.index) == set(three.index) and len(one) == 12
+    for image_id in one.index:  # all modes, including img2img/inpaint noise drawn from per-image generators
+        a = np.asarray(Image.open(one.loc[image_id, "file"])).astype(int)
+        b = np.asarray(Image.open(three.loc[image_id, "file"])).astype(int)
+        assert np.abs(a - b).max() <= BATCH_TOLERANCE, image_id
+
+
+CHILD = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+import generate.runner as R
+from diffaudit.config import GenerationConfig
+R.ROW_FLUSH_SECONDS = 0  # record every batch, so the kill lands between recorded batches
+call = R._Generator._call
+def slow(self, batch):  # a slow model, so the parent can kill it mid-way
+    time.sleep(0.3)
+    return call(self, batch)
+R._Generator._call = slow
+R.generate_run(sys.argv[1], GenerationConfig(**json.loads(sys.argv[2])), progress=False)
+"""
+
+
+def test_killed_run_resumes_to_exactly_the_expected_set(tmp_path, pipes):
+    cfg = config(write_suite(tmp_path / "suite"), images_per_prompt=3, batch_size=1)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(out), cfg.model_dump_json()], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        rows = 0
+        while rows < 3:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "child made no progress"
+            time.sleep(0.1)
+            if (out / "generations.parquet").is_file():
+                rows = len(Run.open(out).read_table("generations"))
+        with pytest.raises(RunLockedError):  # a second generate on the same run while the first runs
+            generate_run(out, cfg, progress=False, pipelines=pipes)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    before = set(Run.open(out).read_table("generations")["image_id"])
+    assert 3 <= len(before) < 12
+    summary = generate_run(out, cfg, progress=False, pipelines=pipes)
+    assert summary["skipped"] == len(before) and summary["generated"] == 12 - len(before)
+    assert_valid_run(Run.open(out), cfg)
+    again = generate_run(out, cfg, progress=False, pipelines=pipes)  # nothing left: nothing regenerated
+    assert again["generated"] == 0 and again["skipped"] == 12
+
+
+def test_img2img_at_low_strength_keeps_the_photo(tmp_path, pipes):
+    """What the demo's memorization check relies on: the fitted tiny VAE round-trips a held-out photo."""
+    assert "astronaut" in tiny.HELD_OUT
+    suite = tmp_path / "edit.yaml"
+    suite.write_text(textwrap.dedent("""\
+        name: edit
+        description: the demo's astronaut edit
+        sources: ["test"]
+        edits:
+          - {id: astronaut, mode: img2img, prompt: "a photo of an astronaut", source: "skimage:astronaut", strength: 0.1}
+        """))
+    cfg = GenerationConfig(suite=str(suite), model="tiny", images_per_prompt=2, seed=0)
+    generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    source = load_source("skimage:astronaut")
+    for f in Run.open(tmp_path / "run").images()["file"]:
+        out = Image.open(f).convert("RGB")
+        assert out.size == (tiny.SIZE, tiny.SIZE)
+        distance = imagehash.phash(out.resize(source.size, Image.BICUBIC)) - imagehash.phash(source)
+        assert distance <= 10  # measured: 2
+
+
+def test_tokenizer_matches_open_clip():
+    import open_clip
+
+    tok = tiny.clip_tokenizer()
+    for text in ("a photo of the face of a CEO", "an air-conditioning installer, 2022!"):
+        ids = tok(text, padding="max_length", max_length=77).input_ids
+        ref = open_clip.tokenize([text])[0].tolist()
+        n = ref.index(49407) + 1
+        assert ids[:n] == ref[:n]
+
+
+def test_tiny_cache_is_built_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFAUDIT_CACHE", str(tmp_path))
+
+    def broken(folder, progress):
+        (folder / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(tiny, "_build", broken)
+    with pytest.raises(RuntimeError):
+        tiny.ensure_tiny()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    tiny.tiny_dir().mkdir()  # a folder without its marker (e.g. copied half-way) is not trusted
+    monkeypatch.setattr(tiny, "_build", lambda folder, progress: (folder / tiny.MARKER).write_text("{}"))
+    assert (tiny.ensure_tiny() / tiny.MARKER).is_file()
+
+
+# --- bad input: one-line error, nothing written --------------------------------------------------
+
+def test_unknown_hub_model_offline_fails_fast_and_says_what_to_do(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ModelError) as e:
+        generate_run(tmp_path / "run", GenerationConfig(model="nobody/no-such-model-xyz"), progress=False)
+    assert time.monotonic() - start < 60
+    assert "HF_HUB_OFFLINE" in str(e.value) and "local" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ModelError, match="not found"):
+        generate_run(tmp_path / "run", GenerationConfig(model="./missing/model.safetensors"), progress=False)
+
+
+@pytest.mark.parametrize("case", ["missing_source", "mask_size", "strength_steps", "not_a_run", "unsupported"])
+def test_bad_input_writes_nothing(tmp_path, pipes, case):
+    out = tmp_path / "run"
+    if case == "missing_source":
+        suite = write_suite(tmp_path / "s", source="gone.png")
+        err, cfg = SuiteError, config(suite)
+    elif case == "mask_size":
+        err, cfg = InputError, config(write_suite(tmp_path / "s", mask_size=(64, 96)))
+    elif case == "strength_steps":
+        err, cfg = InputError, config(write_suite(tmp_path / "s", strength=0.1), steps=5)
+    elif case == "not_a_run":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        err, cfg = NotARunError, config(write_suite(tmp_path / "s"))
+    else:  # a pipeline family without an img2img variant
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+        unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+                           down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+        pipes = Pipelines(spec="ddpm", kind="folder", txt2img=DDPMPipeline(unet, DDPMScheduler()), device="cpu",
+                          dtype=pipes.dtype, revision=None, scheduler="ddpm", default_steps=2,
+                          default_guidance=0.0, default_size=(32, 32), safety_policy="unavailable")
+        err, cfg = ModelError, config(write_suite(tmp_path / "s"))
+    with pytest.raises(err):
+        generate_run(out, cfg, progress=False, pipelines=pipes)
+    if case == "not_a_run":
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, pipes):
+    cfg = config(write_suite(tmp_path / "s"), images_per_prompt=1)
+    generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    table = (tmp_path / "run" / "generations.parquet").read_bytes()
+    with pytest.raises(ConfigError, match="steps"):
+        plan_run(tmp_path / "run", cfg.model_copy(update={"steps": 3}), pipelines=pipes)
+    assert (tmp_path / "run" / "generations.parquet").read_bytes() == table
+
+
+def cli(*args: str) -> None:
+    import diffaudit.commands.generate  # noqa: F401  (until diffaudit/cli.py imports it)
+    from diffaudit.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as e:  # typer exits 0 on success; errors (code 2) go to the caller
+        if e.code:
+            raise
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "60"], "--size: must be a multiple of 8"),
+    (["--size", "big"], "--size"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--suite", "no_such_suite"], "unknown suite"),
+    (["--scheduler", "nope"], "unknown scheduler"),
+    (["--model", "nobody/no-such-model-xyz"], "HF_HUB_OFFLINE"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
+    base = {"--suite": "demo", "--out": str(tmp_path / "run")}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    with pytest.raises(SystemExit) as e:
+        cli("generate", *[x for kv in base.items() for x in kv], "--no-progress")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_generates_and_resumes(tmp_path, capsys):
+    suite = write_suite(tmp_path / "s")
+    args = ["generate", "--suite", str(suite), "--out", str(tmp_path / "run"), "-n", "1", "--steps", "2",
+            "--size", "32", "--batch-size", "4", "--no-progress"]
+    cli(*args)
+    assert "4 images generated, 0 already done" in capsys.readouterr().out
+    cli(*args)
+    assert "0 images generated, 4 already done" in capsys.readouterr().out
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["generation"]["width"], info["generation"]["height"]) == (32, 32)
