@@ -52,7 +52,8 @@ import numpy as np
 import pywt
 
 MAGIC = b"DA"
-MIN_PIXELS = 256 * 256  # imwatermark's own lower bound; fewer blocks make too few votes per bit
+MIN_PIXELS = 256 * 256
+_U_TO_RGB = np.array([0.0, -0.395, 2.032], dtype=np.float32)  # OpenCV YUV->RGB coefficients of U  # imwatermark's own lower bound; fewer blocks make too few votes per bit
 
 
 def crc(data: bytes, *, width: int, poly: int, init: int) -> int:
@@ -172,7 +173,7 @@ class _DwtBlocks(Watermark):
     scale: float = 36.0
     block: int = 4
 
-    def _u_and_blocks(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def _blocks(self, rgb: np.ndarray) -> tuple[np.ndarray, int, int]:
         h, w = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
         yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV)  # == imwatermark's BGR2YUV on its BGR input
         # Haar level 1 approximation, (a + b + c + d) / 2 per 2x2 cell, computed by pywt as imwatermark
@@ -181,7 +182,7 @@ class _DwtBlocks(Watermark):
         b = self.block
         nr, nc = ca.shape[0] // b, ca.shape[1] // b
         blocks = ca[:nr * b, :nc * b].reshape(nr, b, nc, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
-        return yuv, blocks, nr, nc
+        return blocks, nr, nc
 
     def _votes(self, values: np.ndarray) -> np.ndarray:
         """Per-block votes (1 if ``value mod scale`` is in the upper half) averaged per payload bit."""
@@ -193,20 +194,20 @@ class _DwtBlocks(Watermark):
     def _quantise(self, values: np.ndarray, bits: np.ndarray) -> np.ndarray:
         return (np.floor_divide(values, self.scale) + 0.25 + 0.5 * bits) * self.scale
 
-    def _apply(self, rgb: np.ndarray, yuv: np.ndarray, delta_blocks: np.ndarray, nr: int, nc: int) -> np.ndarray:
-        """Add block deltas of the approximation band back to the U channel and return RGB uint8."""
+    def _apply(self, rgb: np.ndarray, delta_blocks: np.ndarray, nr: int, nc: int) -> np.ndarray:
+        """Add block deltas of the approximation band to the U channel and return RGB uint8.
+
+        Only U changes, so RGB moves along OpenCV's YUV->RGB column for U: (0, -0.395, 2.032) per unit.
+        """
         b = self.block
         h, w = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
-        d_ca = np.zeros((h // 2, w // 2))
+        d_ca = np.zeros((h // 2, w // 2), dtype=np.float32)
         d_ca[:nr * b, :nc * b] = delta_blocks.reshape(nr, nc, b, b).transpose(0, 2, 1, 3).reshape(nr * b, nc * b)
         # Inverse Haar with unchanged details: each pixel of a 2x2 cell moves by d_ca / 2.
         d_u = np.repeat(np.repeat(d_ca / 2.0, 2, axis=0), 2, axis=1)
-        yuvf = yuv.astype(np.float32) / 255.0
-        yuvf[:h, :w, 1] += (d_u / 255.0).astype(np.float32)
-        out = cv2.cvtColor(yuvf, cv2.COLOR_YUV2RGB)
-        result = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
-        result[h:], result[:, w:] = rgb[h:], rgb[:, w:]  # outside the 4-aligned area: untouched
-        return result
+        out = rgb.copy()
+        out[:h, :w] = np.clip(np.rint(rgb[:h, :w] + d_u[:, :, None] * _U_TO_RGB), 0, 255).astype(np.uint8)
+        return out
 
 
 def top_singular(blocks: np.ndarray, squarings: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -235,14 +236,14 @@ class DwtDctSvd(_DwtBlocks):
     name = "dwtDctSvd"
 
     def _embed_bits(self, rgb: np.ndarray, bits: np.ndarray) -> np.ndarray:
-        yuv, blocks, nr, nc = self._u_and_blocks(rgb)
+        blocks, nr, nc = self._blocks(rgb)
         s0, u, v = top_singular(blocks)
         target = self._quantise(s0, bits[np.arange(len(blocks)) % self.payload_bits])
         delta = (target - s0)[:, None, None] * (u @ np.swapaxes(v, 1, 2))
-        return self._apply(rgb, yuv, delta, nr, nc)
+        return self._apply(rgb, delta, nr, nc)
 
     def _scores(self, rgb: np.ndarray) -> np.ndarray:
-        _, blocks, _, _ = self._u_and_blocks(rgb)
+        blocks, _, _ = self._blocks(rgb)
         return self._votes(top_singular(blocks)[0])
 
 
@@ -257,7 +258,7 @@ class DwtDct(_DwtBlocks):
         return pos, flat[np.arange(len(flat)), pos]
 
     def _embed_bits(self, rgb: np.ndarray, bits: np.ndarray) -> np.ndarray:
-        yuv, blocks, nr, nc = self._u_and_blocks(rgb)
+        blocks, nr, nc = self._blocks(rgb)
         pos, val = self._largest(blocks)
         mag = self._quantise(np.abs(val), bits[np.arange(len(blocks)) % self.payload_bits])
         # Unlike imwatermark, keep the marked coefficient the largest (else the decoder reads another one):
@@ -268,10 +269,10 @@ class DwtDct(_DwtBlocks):
         target = np.sign(val + (val == 0)) * mag
         delta = np.zeros_like(blocks).reshape(len(blocks), -1)
         delta[np.arange(len(blocks)), pos] = target - val
-        return self._apply(rgb, yuv, delta.reshape(blocks.shape), nr, nc)
+        return self._apply(rgb, delta.reshape(blocks.shape), nr, nc)
 
     def _scores(self, rgb: np.ndarray) -> np.ndarray:
-        _, blocks, _, _ = self._u_and_blocks(rgb)
+        blocks, _, _ = self._blocks(rgb)
         return self._votes(np.abs(self._largest(blocks)[1]))
 
 
