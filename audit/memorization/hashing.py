@@ -97,9 +97,9 @@ class Hasher:
         from concurrent.futures import ProcessPoolExecutor
 
         workers = workers or os.cpu_count() or 1
-        if workers <= 1 or len(paths) < 2 * BATCH:
+        if workers <= 1 or len(paths) < 32:
             return self.hash_data(list(paths), exact=exact)
-        step = max(16, min(BATCH, len(paths) // (workers * 4) or 1))
+        step = max(8, min(BATCH, len(paths) // (workers * 4)))
         chunks = [list(paths[i:i + step]) for i in range(0, len(paths), step)]
         codes, good, reasons = [], [], []
         with ProcessPoolExecutor(workers) as pool:

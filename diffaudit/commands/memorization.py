@@ -1,0 +1,80 @@
+"""Memorization commands: ``index build|info|query`` and ``audit memorization``."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from diffaudit.commands import app, audit_app
+
+index_app = typer.Typer(help="Training-set hash indexes: build one, show it, look images up.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+class Engine(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+@index_app.command("build")
+def index_build(
+    sources: list[str] = typer.Argument(..., help="Image folders, globs, .tar shards (webdataset/img2dataset) "
+                                                  "or .parquet files of precomputed hashes."),
+    out: Path = typer.Option(..., "--out", help="Index folder to create or extend."),
+    hash_name: str = typer.Option("phash", "--hash", help="phash, dhash or whash (`diffaudit list hashes`)."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help="local processes or a Ray cluster."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Local processes (0: all cores)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
+    exact: bool = typer.Option(False, "--exact", help="Decode JPEGs in full: bit-identical to imagehash, slower."),
+) -> None:
+    """Hash training images into an index. Rerunning resumes; new sources are appended."""
+    from audit.memorization.build import build_index
+
+    summary = build_index(sources, str(out), hash_name=hash_name, engine=engine.value, workers=workers or None,
+                          exact=exact, ray_address=ray_address)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@index_app.command("info")
+def index_info(index: Path = typer.Argument(..., help="An index folder.")) -> None:
+    """Show an index: hash, count, shards, size on disk, and what reading its sources skipped."""
+    from audit.memorization.index import Index
+
+    typer.echo(json.dumps(Index.open(index).info(), indent=2))
+
+
+@index_app.command("query")
+def index_query(
+    files: list[Path] = typer.Argument(..., help="Images to look up."),
+    index: Path = typer.Option(..., "--index", help="An index folder."),
+    radius: int = typer.Option(10, "--radius", min=0, max=64, help="Hamming radius (exact search)."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Also list this many nearest codes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
+) -> None:
+    """Find training images near any image you bring (hash match within radius, then confirmed)."""
+    from audit.memorization.check import query_files
+
+    for result in query_files([str(f) for f in files], index, radius=radius, top_k=top_k):
+        if as_json:
+            typer.echo(json.dumps(result))
+            continue
+        typer.echo(f"{result['file']}  {result['hash']}  {len(result['matches'])} match(es) within {radius}")
+        for m in result["matches"]:
+            extra = f"  tile_l2={m['tile_l2']} ssim={m['ssim']}" if "tile_l2" in m else ""
+            typer.echo(f"  {m['verdict']:<15} d={m['hamming']:<3} {m['key']}  {m['uri'] or ''}{extra}")
+        typer.echo("  nearest: " + ", ".join(f"{n['key']} ({n['hamming']})" for n in result["nearest"]))
+
+
+@audit_app.command("memorization")
+def audit_memorization(
+    run: Path = typer.Argument(..., help="A run folder."),
+    index: Path = typer.Option(..., "--index", help="A training-set index (`diffaudit index build`)."),
+    radius: int = typer.Option(10, "--radius", min=0, max=64, help="Hamming radius (exact search)."),
+) -> None:
+    """Check a run's images against a training-set index -> memorization/matches + rates + evidence."""
+    from audit.memorization.check import check_run
+
+    typer.echo(json.dumps(check_run(run, index, radius=radius), indent=2))
