@@ -41,7 +41,7 @@ def votes(generations: pd.DataFrame, probe_table: pd.DataFrame) -> pd.DataFrame:
     if probe_table.empty:
         return pd.DataFrame(columns=out_cols)
     picked = pick(probe_table)
-    unknown = set(picked["image_id"]) - set(generations["image_id"])
+    unknown = set(picked["image_id"].unique()) - set(generations["image_id"].unique())
     if unknown:
         raise InputError(f"probe table has rows for {len(unknown)} image(s) not in generations "
                          f"(e.g. {sorted(unknown)[0]!r}); re-run the probes on this run")
@@ -57,7 +57,10 @@ def pick(probe_table: pd.DataFrame) -> pd.DataFrame:
         raise SchemaError(f"probe table lacks column(s) {missing}")
     rows = probe_table[_PROBE_COLUMNS].copy()
     rows["is_face"] = rows["face_index"].astype(int) >= 0
-    rows["area"] = [float(b[2]) * float(b[3]) if b is not None and len(b) == 4 else 0.0 for b in rows["bbox"]]
+    rows["area"] = 0.0
+    faces = rows["is_face"].to_numpy()
+    rows.loc[faces, "area"] = [float(b[2]) * float(b[3]) if b is not None and len(b) == 4 else 0.0
+                               for b in rows.loc[faces, "bbox"]]
     rows = rows.sort_values(["probe", "image_id", "attribute", "is_face", "area", "face_index"],
                             ascending=[True, True, True, False, False, True], kind="stable")
     picked = rows.drop_duplicates(["probe", "image_id", "attribute"], keep="first")
@@ -146,9 +149,11 @@ def _compare(t: pd.DataFrame, suite: str, reference: str, alpha: float) -> pd.Da
 
     load_reference(reference)  # unknown name -> ConfigError before anything else
     refs = subject_reference(suite, reference).set_index("subject")
-    ref_share = np.array([
-        reference_share(a, lab, refs.loc[s]) if (s in refs.index and lab is not None) else np.nan
-        for a, lab, s in zip(t["attribute"], t["label"], t["subject"], strict=True)])
+    keys = t[["subject", "attribute", "label"]].drop_duplicates()
+    keys = keys[keys["subject"].isin(refs.index) & keys["label"].notna()]
+    shares = {(s, a, lab): reference_share(a, lab, refs.loc[s])
+              for s, a, lab in keys.itertuples(index=False, name=None)}
+    ref_share = np.array([shares.get(k, np.nan) for k in zip(t["subject"], t["attribute"], t["label"], strict=True)])
     has = ~np.isnan(ref_share) & (t["n"].to_numpy() > 0)
     t["reference"] = np.where(has, reference, None)
     t["reference_share"] = np.where(has, ref_share, np.nan)
@@ -158,8 +163,12 @@ def _compare(t: pd.DataFrame, suite: str, reference: str, alpha: float) -> pd.Da
     t["gap_ci_low"] = t["ci_low"] - t["reference_share"]
     t["gap_ci_high"] = t["ci_high"] - t["reference_share"]
     p = np.full(len(t), np.nan)
+    tested: dict[tuple[int, int, float], float] = {}
     for i in np.flatnonzero(has):
-        p[i] = binomtest(int(t["count"].iat[i]), int(t["n"].iat[i]), float(ref_share[i])).pvalue
+        key = (int(t["count"].iat[i]), int(t["n"].iat[i]), float(ref_share[i]))
+        if key not in tested:  # two labels of one subject are the same test seen from both sides
+            tested[key] = tested[(key[1] - key[0], key[1], 1 - key[2])] = binomtest(*key).pvalue
+        p[i] = tested[key]
     t["p_value"] = p
     q = np.full(len(t), np.nan)
     family = ["probe", "attribute", "template", "label"]
@@ -262,6 +271,8 @@ def metrics(summary: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, confide
     s = summary[summary["label"].notna() & (summary["n"] > 0)]
     for (probe, attribute, template), fam in s.groupby(["probe", "attribute", "template"], sort=True):
         labels = sorted(fam["label"].unique())
+        if len(labels) < 2:
+            continue  # one label (e.g. faces' "face"): every spread metric is trivially 0
         counts = fam.pivot_table(index="subject", columns="label", values="count", aggfunc="sum",
                                  fill_value=0).reindex(columns=labels, fill_value=0)
         ref = fam.pivot_table(index="subject", columns="label", values="reference_share", aggfunc="first",
