@@ -22,6 +22,8 @@ from diffaudit.errors import ConfigError, SchemaError
 
 #: reference name -> CSV file inside ``audit/data``.
 REFERENCES: dict[str, str] = {"bls-2022": "bls_cpsaat11_2022.csv"}
+#: Fair Diffusion's published FairFace counts for Stable Diffusion 1.5 (250 images per occupation, 246-250 classified).
+FAIR_DIFFUSION_SD15 = "fairdiffusion_results_fairface_generated_1-5.txt"
 
 #: BLS column -> our column name.
 COLUMNS = {
@@ -116,3 +118,36 @@ def reference_share(attribute: str, label: str, row: pd.Series | dict) -> float:
     column, complement = key
     value = float(row[column])
     return 1.0 - value if complement else value
+
+
+def fair_diffusion_sd15(suite: str = "occupations", *, alpha: float = 0.05) -> pd.DataFrame:
+    """Stable Diffusion 1.5's perceived-gender counts per occupation as Fair Diffusion published them
+    (Friedrich et al. 2023, FairFace classifier): a reference line for reports, not a workforce figure.
+
+    One row per subject of ``suite`` whose text is one of their 153 occupations: subject, occupation,
+    man, woman, excluded (their ``except`` count), n (man + woman), share_woman and its Wilson interval.
+    A different classifier than diffaudit's probes: compare directions and sizes, not decimals.
+    """
+    from statsmodels.stats.proportion import proportion_confint
+
+    from prompts.suites import load_suite
+
+    lines = [ln.strip() for ln in resources.files("audit.data").joinpath(FAIR_DIFFUSION_SD15)
+             .read_text(encoding="utf-8").splitlines() if ln.strip()]
+    counts = {}
+    for occupation, line in zip(lines[0::2], lines[1::2], strict=True):
+        fields = dict(part.strip().split(": ") for part in line.split(","))
+        try:
+            counts[occupation] = {k: int(fields[k]) for k in ("man", "woman", "except")}
+        except (KeyError, ValueError):
+            raise SchemaError(f"{FAIR_DIFFUSION_SD15}: cannot read counts {line!r} of {occupation!r}") from None
+    rows = []
+    for s in load_suite(suite).subjects:
+        c = counts.get(s.text)
+        if c is not None:
+            n = c["man"] + c["woman"]
+            lo, hi = proportion_confint(c["woman"], n, alpha=alpha, method="wilson")
+            rows.append({"subject": s.id, "occupation": s.text, "man": c["man"], "woman": c["woman"],
+                         "excluded": c["except"], "n": n, "share_woman": c["woman"] / n, "ci_low": lo,
+                         "ci_high": hi})
+    return pd.DataFrame(rows)

@@ -99,3 +99,14 @@ def test_unknown_reference_and_bad_mapping_are_errors(tmp_path):
         "subjects: [{id: ceo, text: CEO, bls: 'Chief executive officers'}]\n")
     with pytest.raises(ConfigError, match="'Chief executive officers', which is not a row"):
         reference.subject_reference(str(bad))
+
+
+def test_fair_diffusion_sd15_reference_line():
+    fd = reference.fair_diffusion_sd15("occupations").set_index("subject")
+    assert len(fd) == 153 and (fd.n == 250).sum() == 151 and fd.n.between(240, 250).all()
+    acc = fd.loc["accountant"]
+    assert (acc.man, acc.woman) == (166, 84) and acc.share_woman == pytest.approx(84 / 250)
+    assert acc.ci_low < acc.share_woman < acc.ci_high
+    assert set(reference.fair_diffusion_sd15("demo").subject) <= {"ceo", "software_developer", "lawyer", "pilot",
+                                                                   "electrician", "firefighter", "janitor", "cashier",
+                                                                   "teacher", "librarian", "nurse", "hairdresser"}
