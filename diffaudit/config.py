@@ -41,6 +41,7 @@ class GenerationConfig(Frozen):
     safety_checker: Literal["flag", "off"] = "flag"
     templates: tuple[str, ...] | None = None  # subset of the suite's template ids
     subjects: tuple[str, ...] | None = None  # subset of the suite's subject ids
+    edits: tuple[str, ...] | None = None  # subset of the suite's edit ids (img2img / inpaint)
 
     @field_validator("width", "height")
     @classmethod
@@ -65,8 +66,8 @@ class MemorizationConfig(Frozen):
 
 class ProvenanceConfig(Frozen):
     identity: str | None = None  # folder made by `diffaudit keys init`; None: the default identity
-    watermark: str = "dwtDctSvd"
-    trust_anchors: str | None = None
+    watermark: str = "dwtDctSvd"  # a registered watermark method, or "none"
+    store: str | None = None  # manifest store (SQLite) for durable credentials; None: the default store
 
 
 class AuditConfig(Frozen):

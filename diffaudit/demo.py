@@ -27,7 +27,8 @@ def demo_config(runs_dir: str | Path = "runs", images_per_prompt: int = 4) -> Au
         generation=GenerationConfig(suite="demo", model="tiny", images_per_prompt=images_per_prompt, seed=0),
         memorization=MemorizationConfig(index=str(runs_dir / "demo-index"),
                                         sources=(str(runs_dir / "demo-training"),)),
-        provenance=ProvenanceConfig(identity=str(runs_dir / "demo-identity"), watermark="dwtDctSvd"),
+        provenance=ProvenanceConfig(identity=str(runs_dir / "demo-identity"), watermark="dwtDctSvd",
+                                    store=str(runs_dir / "demo-store.sqlite")),
     )
 
 

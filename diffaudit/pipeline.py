@@ -51,8 +51,8 @@ def _bias(run: Run, config: AuditConfig) -> None:
 
 
 def _memorization(run: Run, config: AuditConfig) -> None:
+    from audit.memorization.build import build_index
     from audit.memorization.check import check_run
-    from audit.memorization.index import build_index
 
     cfg = config.memorization
     if not Path(cfg.index).exists():
@@ -63,10 +63,11 @@ def _memorization(run: Run, config: AuditConfig) -> None:
 
 
 def _stamp(run: Run, config: AuditConfig) -> None:
+    from provenance.keys import load_identity
     from provenance.stamp import stamp_run
 
     cfg = config.provenance
-    stamp_run(run.root, identity=cfg.identity, watermark=cfg.watermark, trust_anchors=cfg.trust_anchors)
+    stamp_run(run.root, identity=load_identity(cfg.identity), watermark=cfg.watermark, store=cfg.store)
 
 
 def _report(run: Run, config: AuditConfig) -> None:

@@ -189,8 +189,12 @@ def resolve_ref(ref: str | None, suite_file: Path) -> str | None:
 
 
 def expand(suite_name_or_path: str | Path, *, images_per_prompt: int, seed: int = 0,
-           templates: tuple[str, ...] | None = None, subjects: tuple[str, ...] | None = None) -> list[Request]:
-    """Expand a suite into requests: templates x subjects (txt2img), then edits. Stable order and ids."""
+           templates: tuple[str, ...] | None = None, subjects: tuple[str, ...] | None = None,
+           edits: tuple[str, ...] | None = None) -> list[Request]:
+    """Expand a suite into requests: templates x subjects (txt2img), then edits. Stable order and ids.
+
+    ``templates``, ``subjects`` and ``edits`` pick subsets by id (None: all; an empty tuple: none).
+    """
     if images_per_prompt < 1:
         raise SuiteError("images_per_prompt must be at least 1")
     path = suite_path(suite_name_or_path).resolve()
@@ -209,14 +213,13 @@ def expand(suite_name_or_path: str | Path, *, images_per_prompt: int, seed: int 
             prompt = re.sub(r"\s+", " ", prompt).strip()
             requests.append(Request(prompt_id=prompt_id, suite=suite.name, subject=s.id, template=t.id,
                                     prompt=prompt, negative_prompt=suite.negative_prompt, seeds=seeds(prompt_id)))
-    if subjects is None and templates is None:
-        for e in suite.edits:
-            prompt_id = f"{e.mode}-{e.id}"
-            requests.append(Request(
-                prompt_id=prompt_id, suite=suite.name, subject=e.subject or e.id, template="edit",
-                prompt=e.prompt, negative_prompt=e.negative_prompt if e.negative_prompt is not None
-                else suite.negative_prompt, mode=e.mode, source_image=resolve_ref(e.source, path),
-                mask=resolve_ref(e.mask, path), strength=e.strength, seeds=seeds(prompt_id)))
+    for e in _subset(suite.edits, edits, "edit", suite.name):
+        prompt_id = f"{e.mode}-{e.id}"
+        requests.append(Request(
+            prompt_id=prompt_id, suite=suite.name, subject=e.subject or e.id, template="edit",
+            prompt=e.prompt, negative_prompt=e.negative_prompt if e.negative_prompt is not None
+            else suite.negative_prompt, mode=e.mode, source_image=resolve_ref(e.source, path),
+            mask=resolve_ref(e.mask, path), strength=e.strength, seeds=seeds(prompt_id)))
     return requests
 
 

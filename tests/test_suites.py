@@ -93,3 +93,12 @@ def test_malformed_yaml_and_unknown_suite(tmp_path):
         load_suite("nope")
     with pytest.raises(SuiteError, match="has no subject"):
         expand("demo", images_per_prompt=1, subjects=("astronaut_chef",))
+
+
+def test_subsets_of_subjects_and_edits():
+    reqs = expand("demo", images_per_prompt=1, subjects=("ceo",), edits=("astronaut",))
+    assert [r.prompt_id for r in reqs] == ["heim_face-ceo", "img2img-astronaut"]
+    assert [r.mode for r in expand("demo", images_per_prompt=1, subjects=(), edits=("astronaut_helmet",))] == [
+        "inpaint"]
+    with pytest.raises(SuiteError, match="has no edit"):
+        expand("demo", images_per_prompt=1, edits=("nope",))
