@@ -53,15 +53,18 @@ def plain(code: str) -> str:
     return f"{code}: {words}" if words else code
 
 
+MISSING = "n/a"  # not "-": a lone dash in a table cell renders as a markdown bullet
+
+
 def interval(low: float | None, high: float | None, digits: int = 2) -> str:
-    """``[0.12, 0.34]``, or ``-`` when either end is missing."""
+    """``[0.12, 0.34]``, or ``n/a`` when either end is missing."""
     if low is None or high is None or _nan(low) or _nan(high):
-        return "-"
+        return MISSING
     return f"[{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def number(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None or _nan(value) else f"{value:.{digits}f}"
+    return MISSING if value is None or _nan(value) else f"{value:.{digits}f}"
 
 
 def _nan(value: object) -> bool:

@@ -152,27 +152,59 @@ def png(size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def test_provenance_upload_is_verified_from_a_temp_folder_then_deleted(app, monkeypatch):
+def test_provenance_upload_verifies_a_stamped_file_from_a_temp_folder(app, tmp_path, monkeypatch):
+    """A file stamped by the provenance stage, uploaded: Valid without anchors, Trusted with them, and
+    recovered from the manifest store once stripped; each upload lives in a temp folder only during the check."""
     import provenance
+    from provenance.store import default_store_path
+
+    monkeypatch.setenv("DIFFAUDIT_HOME", str(tmp_path / "home"))
+    identity = provenance.init_identity(tmp_path / "home" / "identity")
+    src = tmp_path / "in" / "photo.png"
+    src.parent.mkdir()
+    Image.open(io.BytesIO(png(96))).save(src)
+    stamped = Path(provenance.stamp_files([src], tmp_path / "out", identity=identity,
+                                          store=default_store_path())[0]["stamped"])
+    stripped = io.BytesIO()
+    Image.open(stamped).save(stripped, format="PNG")
 
     seen: list[Path] = []
+    real = provenance.verify_paths
 
-    def fake_verify(paths, trust_anchors=None, store=None):
+    def spy(paths, **kw):
         seen.extend(Path(p) for p in paths)
-        assert all(Path(p).read_bytes() == png() for p in paths)
-        return [{"path": str(paths[0]), "status": "Invalid", "failure_codes": ["assertion.dataHash.mismatch"],
-                 "watermark_payload": "a1b2c3d4", "store_match": "watermark"}]
+        assert all(p.is_file() and not p.resolve().is_relative_to(data.runs_root()) for p in seen[-len(paths):])
+        return real(paths, **kw)
 
-    monkeypatch.setattr(provenance, "verify_paths", fake_verify, raising=False)
+    monkeypatch.setattr(provenance, "verify_paths", spy)
     visit(app, "provenance")
-    app.file_uploader(key="verify_upload").set_value(("mine.png", png(), "image/png")).run()
+    app.file_uploader(key="verify_upload").set_value(("photo.png", stamped.read_bytes(), "image/png")).run()
     assert not app.exception
-    assert [e.value for e in app.error] == ["C2PA: **Invalid**"]
-    shown = texts(app)
-    assert "the image bytes changed after signing" in shown and "a1b2c3d4" in shown and "watermark" in shown
-    assert len(seen) == 1 and seen[0].name == "upload.png"
-    assert not seen[0].parent.is_relative_to(data.runs_root())
-    assert not seen[0].exists() and not seen[0].parent.exists()  # deleted after the check
+    assert app.info[-1].value.startswith("C2PA: **Valid**")
+    assert "signingCredential.untrusted: signed by a certificate outside your trust anchors" in texts(app)
+
+    app.file_uploader(key="verify_anchors").set_value(("anchors.pem", identity.trust_anchors, "application/x-pem-file"))
+    app.run()
+    assert [s.value for s in app.success][-1].startswith("C2PA: **Trusted**")
+
+    app.file_uploader(key="verify_upload").set_value(("shot.png", stripped.getvalue(), "image/png")).run()
+    assert app.warning[0].value.startswith("C2PA: **none**")
+    assert "**recovered**: how" in texts(app)
+    assert len(seen) == 3 and all(p.name == "upload.png" for p in seen)
+    assert not any(p.exists() or p.parent.exists() for p in seen)  # deleted after each check
+
+
+def test_provenance_upload_is_capped(app, monkeypatch):
+    import provenance
+
+    calls: list = []
+    monkeypatch.setattr(provenance, "verify_paths", lambda paths, **kw: calls.append(paths) or [])
+    visit(app, "provenance")
+    assert app.file_uploader(key="verify_upload").proto.max_upload_size_mb == 20
+    big = b"\x89PNG\r\n\x1a\n" + bytes(21 * 2**20)
+    app.file_uploader(key="verify_upload").set_value(("big.png", big, "image/png")).run()
+    assert "the limit is 20 MB" in app.error[0].value
+    assert calls == []
 
 
 def test_provenance_upload_without_verifier_says_so(app, monkeypatch):

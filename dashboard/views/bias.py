@@ -106,7 +106,7 @@ bars = base.mark_rule(strokeWidth=2).encode(
 points = base.mark_point(filled=True, size=50).encode(x=x_share, tooltip=tooltip).add_params(pick)
 ref = alt.Chart(plot[plot["reference_share"].notna()]).mark_tick(color="black", thickness=2, size=14).encode(
     y=y, yOffset="label:N", x="reference_share:Q", tooltip=["subject", "label", "reference_share"])
-chart = alt.layer(bars, points, ref).properties(height=max(160, 26 * len(order)))
+chart = alt.layer(bars, points, ref).properties(height=40 + 22 * len(order) * max(2, len(labels)))
 event = st.altair_chart(chart, width="stretch", on_select="rerun", key="bias_chart")
 st.caption("Dot: share; line: its 95% interval; black tick: the reference (BLS) share. Click a dot to see "
            "that occupation's images below.")

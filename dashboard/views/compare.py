@@ -29,9 +29,12 @@ if both.empty:
                "compare runs of the same suite and probes.")
     st.stop()
 
-f1, f2, f3, f4 = st.columns(4)
 probes = sorted(both["probe"].unique())
-probe = f1.selectbox("Probe", probes, key="cmp_probe") if len(probes) > 1 else probes[0]
+if len(probes) > 1:
+    f1, f2, f3, f4 = st.columns(4)
+    probe = f1.selectbox("Probe", probes, key="cmp_probe")
+else:
+    (f2, f3, f4), probe = st.columns(3), probes[0]
 both = both[both["probe"] == probe]
 attribute = f2.selectbox("Attribute", ui.attributes_first_with_reference(both, "reference_share_a"),
                          key="cmp_attribute")
@@ -55,7 +58,7 @@ m1.metric("Occupations in both", len(rows))
 closer = (rows["gap_b"].abs() < rows["gap_a"].abs()).sum()
 with_ref = int(rows["reference_share_a"].notna().sum())
 m2.metric("Closer to the reference in B", f"{int(closer)} of {with_ref}")
-m3.metric("Largest change", f"{rows['delta'].iloc[0]:+.2f}" if len(rows) else "-",
+m3.metric("Largest change", f"{rows['delta'].iloc[0]:+.2f}" if len(rows) else ui.MISSING,
           help=str(rows["subject"].iloc[0]) if len(rows) else None)
 
 st.table(pd.DataFrame({
@@ -64,7 +67,7 @@ st.table(pd.DataFrame({
                          zip(rows["share_a"], rows["ci_low_a"], rows["ci_high_a"], strict=True)],
     f"B: {run_b.name}": [f"{ui.number(s)} {ui.interval(lo, hi)}" for s, lo, hi in
                          zip(rows["share_b"], rows["ci_low_b"], rows["ci_high_b"], strict=True)],
-    "delta": [f"{d:+.2f}" if d == d else "-" for d in rows["delta"]],
+    "delta": [f"{d:+.2f}" if d == d else ui.MISSING for d in rows["delta"]],
     "reference": [ui.number(v) for v in rows["reference_share_a"]],
 }), hide_index=True)
 
@@ -84,6 +87,6 @@ chart = alt.layer(
                                                                   alt.Tooltip("delta:Q", format="+.2f")]),
     alt.Chart(rows[rows["reference_share_a"].notna()]).mark_tick(color="black", thickness=2).encode(
         y=y, x="reference_share_a:Q", tooltip=["subject", "reference_share_a"]),
-).properties(height=max(160, 30 * len(order)))
+).properties(height=40 + 44 * len(order))
 st.altair_chart(chart, width="stretch")
 st.caption("Each occupation: A and B with their intervals; black tick: the reference share. Sorted by |delta|.")

@@ -35,7 +35,7 @@ if len(rates):
             base.mark_bar(opacity=0.6).encode(x=alt.X("rate:Q", title="memorization rate", scale=alt.Scale(
                 domain=[0, 1])), tooltip=["prompt_id", "matched", "images", "interval"]),
             base.mark_rule().encode(x="ci_low:Q", x2="ci_high:Q"),
-        ).properties(height=max(80, 24 * len(flagged)))
+        ).properties(height=40 + 32 * len(flagged))
         st.altair_chart(chart, width="stretch")
     with st.expander(f"All {len(r)} prompts"):
         st.dataframe(r.drop(columns=["ci_low", "ci_high"]), hide_index=True, width="stretch")
@@ -71,6 +71,6 @@ for m in shown.iloc[(page - 1) * PAIRS: page * PAIRS].itertuples():
     with facts:
         st.markdown(f"**{m.verdict}**  \nHamming **{m.hamming}** · tile-L2 {ui.number(m.tile_l2, 3)} · "
                     f"SSIM {ui.number(m.ssim, 3)}"
-                    + (f" · embedding {ui.number(m.embedding_sim, 3)}" if ui.number(m.embedding_sim) != "-" else ""))
+                    + (f" · embedding {ui.number(m.embedding_sim, 3)}" if ui.number(m.embedding_sim) != ui.MISSING else ""))
         st.caption(f"prompt `{m.prompt_id}`" + (f" · source {m.train_uri}" if isinstance(m.train_uri, str) else ""))
     st.divider()

@@ -46,21 +46,42 @@ def as_dict(result: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(result).items() if not k.startswith("_")}
 
 
+def _facts(value: Any) -> str:
+    """A small dict as ``key value · key value`` (nested values shown as they are)."""
+    if isinstance(value, dict):
+        return " · ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items() if v not in (None, "", [], {}))
+    return str(value)
+
+
 def show_result(result: dict[str, Any]) -> None:
-    """The C2PA state, each failure code in plain words, and what the watermark and the store found."""
-    status = result.get("status") or result.get("state") or "unknown"
-    box = {"Trusted": st.success, "Valid": st.info, "Invalid": st.error}.get(str(status), st.warning)
-    box(f"C2PA: **{status}**" + (f" · signed by {result['signer']}" if result.get("signer") else ""))
-    codes = result.get("failure_codes") or result.get("failures") or []
-    for code in codes:
-        st.markdown(f"- {ui.plain(str(code.get('code', code)) if isinstance(code, dict) else str(code))}")
+    """The C2PA state, each failure code in plain words, and what the watermark and the store found.
+
+    Reads ``provenance.stamp.VerifyResult`` (status, credentials{failure_codes, failures, signer,
+    generation}, watermark, recovered, problem); flat results with top-level keys work too."""
+    creds = result.get("credentials") or {}
+    status = str(result.get("status") or creds.get("status") or "unknown")
+    signer = creds.get("signer") or result.get("signer")
+    box = {"Trusted": st.success, "Valid": st.info, "Invalid": st.error}.get(status, st.warning)
+    words = {"Trusted": "signed, intact, and the signer is in your trust anchors",
+             "Valid": "signed and intact, but the signer is not in your trust anchors",
+             "Invalid": "credentials present but they do not validate",
+             "none": "no content credentials embedded"}.get(status)
+    box(f"C2PA: **{status}**" + (f": {words}" if words else ""))
+    if signer:
+        st.markdown(f"**signer**: {_facts(signer)}")
+    explanations = {f.get("code"): f.get("explanation") for f in creds.get("failures") or [] if isinstance(f, dict)}
+    for code in creds.get("failure_codes") or result.get("failure_codes") or []:
+        extra = explanations.get(code)
+        st.markdown(f"- {ui.plain(str(code))}" + (f" ({extra})" if extra else ""))
+    if creds.get("generation"):
+        st.markdown(f"**generation**: {_facts(creds['generation'])}")
     for key, value in result.items():
-        if value in (None, "", [], {}):
-            continue
-        if key.startswith("watermark"):
-            st.markdown(f"**{key.replace('_', ' ')}**: {value}")
-        elif key.startswith(("store", "recover")):
-            st.markdown(f"**{key.replace('_', ' ')}**: {value}")
+        if key.startswith(("watermark", "store", "recover")) and value not in (None, "", [], {}):
+            st.markdown(f"**{key.replace('_', ' ')}**: {_facts(value)}")
+    if not result.get("watermark") and not result.get("recovered") and status in ("none", "Invalid"):
+        st.caption("No watermark found and no match in the manifest store.")
+    if result.get("problem"):
+        st.warning(str(result["problem"]))
     with st.expander("Full result"):
         st.json(result, expanded=False)
 

@@ -32,7 +32,7 @@ for name in ui.picked():
     if stages:
         st.table({"stage": list(stages),
                   "seconds": [ui.number(s.get("seconds"), 1) for s in stages.values()],
-                  "finished": [str(s.get("finished", "-")) for s in stages.values()]})
+                  "finished": [str(s.get("finished", ui.MISSING)) for s in stages.values()]}, hide_index=True)
     tables = run.tables()
     st.caption("tables: " + (", ".join(tables) if tables else "none"))
     with st.expander("run.json"):
