@@ -10,6 +10,7 @@ CLIP model, other thresholds) are replaced. It then writes ``bias/summary.parque
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +93,7 @@ def _batches(items: list[tuple[str, str]], batch_size: int, workers: int) -> Ite
 
 
 def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 32, progress: bool = True,
-              flush_seconds: float = 30.0, decode_workers: int = 4) -> dict[str, int]:
+              flush_seconds: float = 30.0, decode_workers: int | None = None) -> dict[str, int]:
     """Score the run's not-yet-probed images with each probe; returns images newly probed per probe.
 
     Rows are appended to ``probes/<name>.parquet`` every ``flush_seconds`` and when the loop ends or is
@@ -100,6 +101,7 @@ def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 32, progre
     """
     from tqdm.auto import tqdm
 
+    workers = decode_workers or min(8, os.cpu_count() or 1)
     images = run.images()
     if images.empty:
         raise InputError(f"run {run.root} has no images; generate some first (`diffaudit generate`)")
@@ -120,7 +122,7 @@ def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 32, progre
     last = time.monotonic()
     with tqdm(total=len(todo), desc="probing", unit="img", disable=not progress) as bar:
         try:
-            for batch in _batches(todo, batch_size, decode_workers):
+            for batch in _batches(todo, batch_size, workers):
                 for probe in probes:
                     sub = batch.subset(i for i in batch.image_ids if i in pending[probe.name])
                     if len(sub):

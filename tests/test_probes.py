@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import skimage_photo
 
 from audit.probes.base import (
@@ -144,6 +145,14 @@ def test_astronaut_one_face_and_a_skin_tone():
     assert tone["score"] > 41 and tone["label"] in MONK_LABELS[:5]
 
 
+@pytest.mark.parametrize("size", [224, 384, 512])
+def test_astronaut_one_face_at_any_size(size):
+    faces = FaceProbe().score(ImageBatch([record("astronaut", size)]))
+    assert faces.loc[faces["attribute"] == "face_count", "label"].tolist() == ["one"]
+    x, y, w, h = faces.loc[faces["attribute"] == "face", "bbox"].iloc[0]
+    assert 0.27 <= (x + w / 2) / size <= 0.59 and 0.08 <= (y + h / 2) / size <= 0.35
+
+
 def test_blank_image_abstains_with_a_reason():
     batch = ImageBatch([blank()])
     faces, tones = FaceProbe().score(batch), SkinToneProbe().score(batch)
@@ -218,7 +227,7 @@ def test_clip_is_deterministic_and_batch_independent(tiny_clip):
 
 
 def test_preprocess_matches_open_clip_transform(tiny_clip):
-    """The batched torch preprocessing agrees with open_clip's PIL transform (up to resampling noise)."""
+    """The batched preprocessing equals open_clip's own eval transform."""
     import open_clip
 
     transform = open_clip.image_transform(tiny_clip.image_size, is_train=False, mean=tiny_clip.mean,
@@ -227,7 +236,17 @@ def test_preprocess_matches_open_clip_transform(tiny_clip):
     ours = preprocess(tiny_clip, [np.asarray(img)])[0]
     theirs = transform(img)
     assert ours.shape == theirs.shape
-    assert float((ours - theirs).abs().mean()) < 0.05
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_preprocess_matches_cpu(tiny_clip):
+    """On CUDA images are resized on the GPU with torch; it agrees with PIL up to resampling noise."""
+    from dataclasses import replace
+
+    imgs = [np.asarray(skimage_photo("astronaut", 96)), np.asarray(skimage_photo("coffee", 64))]
+    gpu = preprocess(replace(tiny_clip, device=torch.device("cuda")), imgs).cpu()
+    assert float((gpu - preprocess(tiny_clip, imgs)).abs().mean()) < 0.05
 
 
 def test_clip_model_specs(tmp_path):

@@ -13,8 +13,8 @@ top score and margin so thresholds can be revisited without re-running.
 Models (``--clip-model``): ``tiny`` (random weights, offline, for tests), ``NAME[:PRETRAINED]`` of
 open_clip (``ViT-L-14:openai`` by default, downloaded by open_clip when online, then cached),
 ``NAME:/path/to/weights.pt``, a folder with ``open_clip_config.json`` and weights, or ``hf-hub:ORG/REPO``.
-Images are preprocessed as a batch on the model's device (resize the shorter side, bicubic with
-antialiasing, centre crop, normalise), and encoded with fp16 autocast on CUDA.
+Images are preprocessed as open_clip's eval transform does (shorter side resized, bicubic, centre crop,
+normalise), as a batch on the GPU when there is one, and encoded in batches with fp16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from audit.probes.base import LOW_MARGIN, NO_PERSON, ImageBatch, frame, row
 from diffaudit.errors import ModelError
@@ -142,16 +143,30 @@ def load_clip(spec: str = DEFAULT_MODEL, *, device: str | torch.device | None = 
     return LoadedClip(spec, model, tokenizer, size, tuple(cfg["mean"]), tuple(cfg["std"]), dev)
 
 
+def _resize_crop(img: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """open_clip's eval transform on one image with PIL: shorter side to size (bicubic), centre crop."""
+    h, w = img.shape[:2]
+    scale = max(th / h, tw / w)
+    rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if (rh, rw) != (h, w):
+        img = np.asarray(Image.fromarray(img).resize((rw, rh), Image.Resampling.BICUBIC))
+    top, left = (rh - th) // 2, (rw - tw) // 2
+    return img[top:top + th, left:left + tw]
+
+
 def preprocess(clip: LoadedClip, images: list[np.ndarray]) -> torch.Tensor:
     """A normalised ``N x 3 x H x W`` batch on the model's device: shorter side resized, centre crop.
 
-    Images of the same size are resized together on the device (bicubic, antialiased), which is what
-    makes the probe stage faster than open_clip's per-image PIL transform.
+    On CUDA, images of the same size are resized together on the GPU (bicubic, antialiased), which
+    keeps the CPU free for decoding; on CPU, PIL's resampling is faster than torch's, so it is used.
     """
     th, tw = clip.image_size
-    out = torch.empty((len(images), 3, th, tw), device=clip.device)
     mean = torch.tensor(clip.mean, device=clip.device).view(1, 3, 1, 1)
     std = torch.tensor(clip.std, device=clip.device).view(1, 3, 1, 1)
+    if clip.device.type != "cuda":
+        x = torch.from_numpy(np.stack([_resize_crop(img, th, tw) for img in images]))
+        return (x.permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
+    out = torch.empty((len(images), 3, th, tw), device=clip.device)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
         by_shape.setdefault(img.shape, []).append(i)

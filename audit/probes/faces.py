@@ -1,6 +1,6 @@
 """Face detection: where the faces are, how many per image, and which images have none.
 
-The offline default is OpenCV 4.x's frontal-face Haar cascade, whose weights ship inside the
+The offline default is OpenCV 4.x's frontal-face Haar cascade (``alt2``), whose weights ship inside the
 ``opencv-python`` wheel (``cv2.data.haarcascades``; OpenCV 5 dropped them). A stronger detector
 plugs in by passing its weights: YuNet (``cv2.FaceDetectorYN``) with ``detector="path/to/yunet.onnx"``
 (get ``face_detection_yunet_2023mar.onnx`` from the OpenCV model zoo). Other detectors (MTCNN,
@@ -29,12 +29,17 @@ VERSION = "1"
 class HaarDetector:
     """OpenCV's frontal-face Haar cascade on the histogram-equalised grey image (offline, CPU, fast).
 
+    ``alt2`` is the default: on the scikit-image photos at 224-640 px it found the astronaut's face
+    exactly once in every crop and scale tried, where ``default`` also fired on her suit in a third.
+
     Faces smaller than ``min_face`` of the shorter image side are ignored: the audit looks at
-    portraits, and tiny detections are mostly texture false positives.
+    portraits, and tiny detections are mostly texture false positives. Images whose shorter side
+    exceeds ``detect_side`` are searched at that size (boxes are scaled back), which makes 512-1024 px
+    generations several times cheaper without losing faces of that minimum size.
     """
 
-    def __init__(self, cascade: str = "haarcascade_frontalface_default.xml", *, scale_factor: float = 1.1,
-                 min_neighbors: int = 5, min_face: float = 0.08):
+    def __init__(self, cascade: str = "haarcascade_frontalface_alt2.xml", *, scale_factor: float = 1.1,
+                 min_neighbors: int = 5, min_face: float = 0.08, detect_side: int = 320):
         import cv2
 
         path = Path(cv2.data.haarcascades) / cascade
@@ -42,19 +47,25 @@ class HaarDetector:
         if self._cascade.empty():
             raise ModelError(f"cannot load the Haar cascade {path}; install opencv-python 4.x (OpenCV 5 has none)")
         self.scale_factor, self.min_neighbors, self.min_face = scale_factor, min_neighbors, min_face
-        self.name = f"haar:{Path(cascade).stem}:{scale_factor}:{min_neighbors}:{min_face}"
+        self.detect_side = detect_side
+        self.name = f"haar:{Path(cascade).stem}:{scale_factor}:{min_neighbors}:{min_face}:{detect_side}"
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         import cv2
 
         out = []
         for pixels in images:
-            grey = cv2.equalizeHist(cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY))
+            grey = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)
+            factor = min(1.0, self.detect_side / min(grey.shape))
+            if factor < 1.0:
+                size = (round(grey.shape[1] * factor), round(grey.shape[0] * factor))
+                grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+            grey = cv2.equalizeHist(grey)
             side = max(8, int(self.min_face * min(grey.shape)))
             boxes, _, weights = self._cascade.detectMultiScale3(
                 grey, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(side, side),
                 outputRejectLevels=True)
-            faces = [Face(tuple(float(v) for v in b), float(w))
+            faces = [Face(tuple(float(v) / factor for v in b), float(w))
                      for b, w in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(weights).reshape(-1), strict=True)]
             out.append(sorted(faces, key=lambda f: (f.box[0], f.box[1])))
         return out
