@@ -159,6 +159,7 @@ PROVENANCE_ROBUSTNESS = pa.schema([
     _f("bit_accuracy", _f64),
     _f("detection_rate", _f64),
     _f("c2pa_survives", _f64, True),
+    _f("credentials_recovered", _f64, True),  # embedded and valid, or found in the manifest store
 ])
 
 TABLES: dict[str, pa.Schema] = {

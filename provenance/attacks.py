@@ -4,19 +4,21 @@ Each attack maps encoded image bytes to new bytes, as a platform or a screenshot
 resize, crop, rotate, blur, noise, brightness, flip, or a plain metadata strip (decode and re-save with
 identical pixels). ``robustness`` stamps images with each method (watermark + C2PA manifest), applies
 every attack and measures the watermark's bit accuracy and detection rate and whether the C2PA
-manifest still validates. ``clean_corpus`` makes varied unmarked images cheaply (for false positives).
+manifest still validates, and whether the image's credentials can still be had at all: embedded, or
+recovered from the manifest store by watermark or pHash (durable credentials). ``clean_corpus`` makes varied unmarked images cheaply (for false positives).
 """
 
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance, ImageFilter
 
-from provenance import c2pa as cc
 from provenance.keys import Identity
 
 
@@ -73,7 +75,8 @@ def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("dwtDctSvd"
                identity: Identity | None = None, attacks: Iterable[str] | None = None,
                progress: bool = True) -> pd.DataFrame:
     """One row per (method, attack): images, bit accuracy, detection rate and C2PA survival."""
-    from provenance.stamp import Stamper
+    from provenance.stamp import Stamper, verify_bytes
+    from provenance.store import ManifestStore
     from provenance.watermark import get
 
     images = list(images)
@@ -86,28 +89,35 @@ def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("dwtDctSvd"
     rows = []
     for method in methods:
         wm = get(method)
-        stamper = Stamper(identity, watermark=method)
-        reader = stamper.reader
-        stats = {a: {"bits": [], "det": [], "c2pa": []} for a in names}
-        for data in _bar(images, f"robustness {method}", progress):
-            stamp = stamper.stamp(data, {"model": "robustness"}, title="robustness.png")
-            if stamp.payload is None:
-                continue
-            truth = wm.payload_to_bits(stamp.payload)
-            for a in names:
-                attacked = ATTACKS[a](stamp.data)
-                det = wm.detect(np.asarray(_open(attacked)))
-                acc = float(np.mean(det.bits == truth)) if det.bits.size == truth.size else 0.0
-                stats[a]["bits"].append(acc)
-                stats[a]["det"].append(det.payload == stamp.payload)
-                stats[a]["c2pa"].append(cc.read_credentials(attacked, reader).status in ("Trusted", "Valid"))
+        with tempfile.TemporaryDirectory(prefix="diffaudit-robustness-") as tmp, \
+                ManifestStore(Path(tmp) / "store.sqlite") as store:
+            stamper = Stamper(identity, watermark=method, store=store)
+            stats = {a: {"bits": [], "det": [], "c2pa": [], "found": []} for a in names}
+            for data in _bar(images, f"robustness {method}", progress):
+                stamp = stamper.stamp(data, {"model": "robustness"}, title="robustness.png")
+                if stamp.payload is None:
+                    continue
+                truth = wm.payload_to_bits(stamp.payload)
+                for a in names:
+                    attacked = ATTACKS[a](stamp.data)
+                    det = wm.detect(np.asarray(_open(attacked)))
+                    s = stats[a]
+                    s["bits"].append(float(np.mean(det.bits == truth)) if det.bits.size == truth.size else 0.0)
+                    s["det"].append(det.payload == stamp.payload)
+                    check = verify_bytes(attacked, context=stamper.reader, store=store, methods=[method])
+                    s["c2pa"].append(check.status in ("Trusted", "Valid"))
+                    s["found"].append(s["c2pa"][-1] or (check.recovered or {}).get("manifest_label")
+                                      == stamp.manifest_label)
         for a in names:
             s = stats[a]
-            rows.append({"method": method, "attack": a, "images": len(s["bits"]),
-                         "bit_accuracy": float(np.mean(s["bits"])) if s["bits"] else float("nan"),
-                         "detection_rate": float(np.mean(s["det"])) if s["det"] else float("nan"),
-                         "c2pa_survives": float(np.mean(s["c2pa"])) if s["c2pa"] else None})
+            rows.append({"method": method, "attack": a, "images": len(s["bits"]), "bit_accuracy": _mean(s["bits"]),
+                         "detection_rate": _mean(s["det"]), "c2pa_survives": _mean(s["c2pa"]),
+                         "credentials_recovered": _mean(s["found"])})
     return pd.DataFrame(rows)
+
+
+def _mean(values: list) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _bar(items: list, desc: str, enabled: bool) -> Iterator:

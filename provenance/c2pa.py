@@ -132,11 +132,8 @@ class ManifestSigner:
 # --- reading -----------------------------------------------------------------------------------
 
 def load_trust(path: str | os.PathLike) -> dict[str, str]:
-    """Trust settings from a PEM bundle, a trust-list file or a folder of them.
-
-    CA certificates become trust anchors; end-entity certificates go to the allowed list (C2PA's
-    "allowed list": trust this exact signer). Raises ``InputError`` when nothing usable is found.
-    """
+    """Trust anchors from a PEM bundle, a trust-list file (the C2PA trust list is a PEM bundle) or a
+    folder of .pem/.crt files. Raises ``InputError`` when nothing usable is found."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -144,27 +141,16 @@ def load_trust(path: str | os.PathLike) -> dict[str, str]:
     files = sorted(f for f in p.iterdir() if f.suffix.lower() in {".pem", ".crt", ".cer"}) if p.is_dir() else [p]
     if not files or not all(f.is_file() for f in files):
         raise InputError(f"trust anchors {path}: no such PEM file or folder of .pem/.crt files")
-    anchors, allowed = [], []
+    pems = []
     for f in files:
         try:
             certs = x509.load_pem_x509_certificates(f.read_bytes())
         except ValueError as e:
             raise InputError(f"trust anchors {f}: not a PEM certificate bundle ({e})") from e
-        for cert in certs:
-            pem = cert.public_bytes(Encoding.PEM).decode()
-            try:
-                is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-            except x509.ExtensionNotFound:
-                is_ca = cert.issuer == cert.subject
-            (anchors if is_ca else allowed).append(pem)
-    if not anchors and not allowed:
+        pems += [cert.public_bytes(Encoding.PEM).decode() for cert in certs]
+    if not pems:
         raise InputError(f"trust anchors {path}: no certificates found")
-    trust = {}
-    if anchors:
-        trust["trust_anchors"] = "".join(anchors)
-    if allowed:
-        trust["allowed_list"] = "".join(allowed)
-    return trust
+    return {"trust_anchors": "".join(pems)}
 
 
 def reader_context(trust: dict[str, str] | None = None) -> _c2pa.Context:

@@ -370,9 +370,9 @@ def verify_paths(paths: Iterable[str | os.PathLike], *, trust_anchors: str | os.
     elif store is not None:
         if not Path(store).is_file():
             raise InputError(f"no manifest store at {store}")
-        st = ManifestStore(store)
+        st = ManifestStore(store, readonly=True)
     else:
-        st = ManifestStore() if default_store_path().is_file() else None
+        st = ManifestStore(readonly=True) if default_store_path().is_file() else None
     results = []
     try:
         methods = st.methods() if st is not None else ["dwtDctSvd"]

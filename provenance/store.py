@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffaudit.errors import InputError
+
 PHASH_RADIUS = 10  # bits out of 64; pHash of unrelated photos differ by ~32 on average
 
 _SCHEMA = """
@@ -80,12 +82,19 @@ class Match:
 class ManifestStore:
     """The SQLite store. One connection per instance; safe to open from several processes (WAL)."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False):
         self.path = Path(path) if path is not None else default_store_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            if readonly:  # verifiers (and the dashboard) only read: never create or change the file
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+                self.db.execute("SELECT COUNT(*) FROM stamps").fetchone()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, timeout=30)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise InputError(f"{self.path} is not a usable diffaudit manifest store ({e})") from e
 
     def close(self) -> None:
         self.db.close()

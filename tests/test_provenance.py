@@ -346,7 +346,9 @@ def test_robustness_table(identity):
     assert by.loc["none", "detection_rate"] == 1.0 and by.loc["none", "c2pa_survives"] == 1.0
     assert by.loc["metadata_strip", "detection_rate"] == 1.0 and by.loc["metadata_strip", "c2pa_survives"] == 0.0
     assert by.loc["jpeg_q90", "bit_accuracy"] > 0.95
+    assert by.loc["jpeg_q90", "credentials_recovered"] == 1.0    # through the watermark
     assert by.loc["flip", "detection_rate"] == 0.0
+    assert by.loc["flip", "credentials_recovered"] == 0.0        # a mirror image defeats both keys
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -375,3 +377,25 @@ def test_cli_keys_stamp_verify_json_without_torch(tmp_path):
     assert "TORCH False" in out.stderr
     bad = cli("verify", "in", "--trust-anchors", str(tmp_path / "in" / "a.png"))
     assert bad.returncode == 2 and "not a PEM" in bad.stderr
+
+
+def test_stamp_files_keeps_jpeg_and_webp(identity, anchors, tmp_path):
+    from provenance.stamp import stamp_files
+
+    photo = skimage_photo("coffee", 320)
+    for fmt, name in (("JPEG", "a.jpg"), ("WEBP", "b.webp")):
+        buf = io.BytesIO()
+        photo.save(buf, fmt, quality=95)
+        (tmp_path / name).write_bytes(buf.getvalue())
+    db = tmp_path / "store.sqlite"
+    rows = stamp_files([tmp_path / "a.jpg", tmp_path / "b.webp"], tmp_path / "out", identity=identity, store=db,
+                       model="my-model")
+    assert [r["status"] for r in rows] == ["Trusted", "Trusted"]
+    before = db.stat().st_mtime_ns
+    results = verify_paths([tmp_path / "out"], trust_anchors=anchors.parent, store=db)  # a folder of PEMs
+    assert [(Path(r.path).name, r.format, r.status) for r in results] == [("a.jpg", "jpeg", "Trusted"),
+                                                                          ("b.webp", "webp", "Trusted")]
+    assert results[0].credentials["actions"][0]["softwareAgent"]["name"] == "my-model"
+    assert db.stat().st_mtime_ns == before  # verifying never writes the store
+    with pytest.raises(InputError, match="output folder"):
+        stamp_files([tmp_path / "a.jpg"], tmp_path, identity=identity, store=db)

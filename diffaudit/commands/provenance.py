@@ -181,8 +181,8 @@ def robustness(
     if run is not None:
         path = run.write_table("provenance/robustness", table)
         typer.echo(f"wrote {path}")
-    t = Table("method", "attack", "images", "bit accuracy", "detected", "C2PA survives")
+    t = Table("method", "attack", "images", "bit accuracy", "detected", "C2PA survives", "credentials found")
     for r in table.itertuples():
         t.add_row(r.method, r.attack, str(r.images), f"{r.bit_accuracy:.3f}", f"{r.detection_rate:.0%}",
-                  "-" if r.c2pa_survives is None else f"{r.c2pa_survives:.0%}")
+                  f"{r.c2pa_survives:.0%}", f"{r.credentials_recovered:.0%}")
     _console().print(t)
