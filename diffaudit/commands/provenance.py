@@ -81,11 +81,14 @@ def stamp(
     """Stamp a run's images (or files): watermark + signed C2PA manifest, written as copies."""
     from diffaudit.errors import InputError
     from diffaudit.runs import Run
-    from provenance.keys import from_pem, load_identity
+    from provenance.keys import default_identity_dir, from_pem, load_identity
 
     if (cert is None) != (key is None):
         raise InputError("--cert and --key go together")
     ident = from_pem(cert, key) if cert else (load_identity(identity) if identity else None)
+    if ident is None and not (default_identity_dir() / "signer.pem").is_file():
+        typer.echo(f"no signing identity yet: creating a development one in {default_identity_dir()} "
+                   "(see `diffaudit keys show`)")
     if len(targets) == 1 and Run.is_run(targets[0]):
         from provenance.stamp import stamp_run
 
