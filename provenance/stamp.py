@@ -325,27 +325,23 @@ def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: Man
     except InputError as e:
         result.problem = result.problem or str(e)
         return result
+    if methods is None:
+        methods = store.methods() if store is not None else ["dwtDctSvd"]
+    rgb = np.asarray(img)
+    for method in methods:
+        det = get(method).detect(rgb)
+        if det.detected:
+            result.watermark = {"method": method, "payload": det.payload,
+                                "confidence": round(det.confidence, 3), "corrected_bits": det.corrected}
+            break
     if store is not None:
+        h = phash(img)
         match = store.by_sha256(sha256_bytes(data))
-        rgb = np.asarray(img)
-        for method in (methods if methods is not None else store.methods()):
-            det = get(method).detect(rgb)
-            if det.detected:
-                result.watermark = {"method": method, "payload": det.payload,
-                                    "confidence": round(det.confidence, 3), "corrected_bits": det.corrected}
-                match = match or store.by_payload(method, det.payload)
-                break
-        match = match or store.by_phash(phash(img))
+        if match is None and result.watermark:
+            match = store.by_payload(result.watermark["method"], result.watermark["payload"], h)
+        match = match or store.by_phash(h)
         if match is not None:
             result.recovered = _recovered(match)
-    elif methods:
-        rgb = np.asarray(img)
-        for method in methods:
-            det = get(method).detect(rgb)
-            if det.detected:
-                result.watermark = {"method": method, "payload": det.payload,
-                                    "confidence": round(det.confidence, 3), "corrected_bits": det.corrected}
-                break
     return result
 
 

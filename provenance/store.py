@@ -57,6 +57,10 @@ def phash(img: Image.Image) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
+def _hamming(a: int, b: int) -> int:
+    return ((a & (1 << 64) - 1) ^ (b & (1 << 64) - 1)).bit_count()
+
+
 def _signed(h: int) -> int:
     return h - (1 << 64) if h >= 1 << 63 else h
 
@@ -134,10 +138,15 @@ class ManifestStore:
         row = self.db.execute(f"SELECT {self._COLS} FROM stamps WHERE sha256 = ?", (sha256,)).fetchone()
         return self._match(row, "sha256", 0) if row else None
 
-    def by_payload(self, method: str, payload: str) -> Match | None:
-        row = self.db.execute(f"SELECT {self._COLS} FROM stamps WHERE method = ? AND payload = ?",
-                              (method, payload)).fetchone()
-        return self._match(row, "watermark", 0) if row else None
+    def by_payload(self, method: str, payload: str, phash: int | None = None) -> Match | None:
+        """The stamp carrying this payload; if random ids collided, the one whose pHash is nearest."""
+        rows = self.db.execute(f"SELECT {self._COLS}, phash FROM stamps WHERE method = ? AND payload = ?",
+                               (method, payload)).fetchall()
+        if not rows:
+            return None
+        if phash is not None and len(rows) > 1:
+            rows.sort(key=lambda r: _hamming(r[-1], phash))
+        return self._match(rows[0][:-1], "watermark", 0)
 
     def by_phash(self, h: int, radius: int = PHASH_RADIUS) -> Match | None:
         """The stored image with the nearest pHash, if within ``radius`` bits."""

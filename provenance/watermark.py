@@ -122,7 +122,8 @@ class Watermark:
                         dtype=np.uint8)
 
     def new_payload(self) -> str:
-        """A fresh random id as hex (random, so ids never collide across runs or machines by design)."""
+        """A fresh random id as hex: no coordination across runs or machines. Ids can collide (40 bits: about
+        a 40% chance of one pair among a million stamps), so the store breaks payload ties by pHash."""
         return os.urandom(self.id_bits // 8).hex()
 
     # -- image level -----------------------------------------------------------------------------
@@ -138,7 +139,8 @@ class Watermark:
     def detect(self, rgb: np.ndarray) -> Detection:
         """Decode, check and threshold. Never raises on a small or odd image: says why instead."""
         if self.too_small(rgb):
-            return Detection(self.name, False, None, 0.0, False, np.zeros(0, np.uint8), reason="image smaller than 256x256 or not RGB")
+            return Detection(self.name, False, None, 0.0, False, np.zeros(0, np.uint8),
+                             reason="image smaller than 256x256 or not RGB")
         p = self._scores(np.ascontiguousarray(rgb, dtype=np.uint8))
         confidence = float(np.mean(np.abs(2 * p - 1)))
         hard = (p * 255 > 127).astype(np.uint8)  # imwatermark's rule: an exact tie reads as 1

@@ -399,3 +399,17 @@ def test_stamp_files_keeps_jpeg_and_webp(identity, anchors, tmp_path):
     assert db.stat().st_mtime_ns == before  # verifying never writes the store
     with pytest.raises(InputError, match="output folder"):
         stamp_files([tmp_path / "a.jpg"], tmp_path, identity=identity, store=db)
+
+
+def test_store_breaks_payload_collisions_by_phash(tmp_path):
+    from provenance.store import phash
+
+    a, b = skimage_photo("astronaut", 256), skimage_photo("rocket", 256)
+    with ManifestStore(tmp_path / "s.sqlite") as store:
+        for label, img in (("urn:a", a), ("urn:b", b)):
+            store.add(manifest_label=label, method="dwtDctSvd", payload="00000000ff", phash=phash(img),
+                      sha256=label, credentials={"status": "Trusted"})
+        assert store.by_payload("dwtDctSvd", "00000000ff", phash(b)).manifest_label == "urn:b"
+        assert store.by_payload("dwtDctSvd", "00000000ff", phash(a)).manifest_label == "urn:a"
+        assert store.by_phash(phash(b.resize((128, 128)).resize((256, 256)))).manifest_label == "urn:b"
+        assert store.by_payload("dwtDctSvd", "0000000000") is None
