@@ -200,6 +200,17 @@ def load_pipelines(spec: str, *, scheduler: str | None = None, device: str = "au
         pipe = _load_pretrained(spec, spec, torch_dtype)
         revision = _hub_revision(spec) if kind == "hub" else f"sha256:{_hash_weights(Path(spec))}"
         steps, guidance = _defaults(spec)
+    return wrap_pipeline(pipe, spec=spec, kind=kind, revision=revision, steps=steps, guidance=guidance,
+                         device=device, dtype=torch_dtype, scheduler=scheduler, safety_checker=safety_checker,
+                         compile_=compile_, inpaint_folder=inpaint_folder)
+
+
+def wrap_pipeline(pipe, *, spec: str, kind: str, revision: str | None, steps: int, guidance: float, device: str,
+                  dtype, scheduler: str | None = None, safety_checker: str = "flag", compile_: bool = False,
+                  inpaint_folder: Path | None = None) -> Pipelines:
+    """Make a built text-to-image pipeline ready to run (device, dtype, scheduler, safety policy, CUDA
+    switches). ``load_pipelines`` ends here; benchmarks call it on pipelines they build themselves."""
+    check_scheduler(scheduler)
     if getattr(pipe, "unet", None) is None:
         raise ModelError(f"model {spec} loads as {type(pipe).__name__}; diffaudit supports the UNet-based "
                          "Stable Diffusion families (SD 1.x/2.x, SDXL, SD-Turbo)")
@@ -210,14 +221,14 @@ def load_pipelines(spec: str, *, scheduler: str | None = None, device: str = "au
         import diffusers
 
         pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
-    pipe.to(device)
+    pipe.to(device, dtype)
     if safety is not None and policy == "flag":
-        safety[0].to(device, torch_dtype)
+        safety[0].to(device, dtype)
     _speed_up(pipe, device, compile_=compile_)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return Pipelines(
-        spec=spec, kind=kind, txt2img=pipe, device=device, dtype=torch_dtype, revision=revision,
+        spec=spec, kind=kind, txt2img=pipe, device=device, dtype=dtype, revision=revision,
         scheduler=scheduler or _scheduler_name(pipe.scheduler), default_steps=steps, default_guidance=guidance,
         default_size=(size, size), safety_policy=policy, inpaint_folder=inpaint_folder, compiled=compile_,
         _safety=safety if policy == "flag" else None)
@@ -289,26 +300,24 @@ def _detach_safety_checker(pipe) -> tuple[Any, Any] | None:
 
 
 def _speed_up(pipe, device: str, *, compile_: bool) -> None:
-    """CUDA switches: cuDNN autotuning, channels-last UNet/VAE, optionally compiled UNet and VAE decode."""
+    """With ``--compile`` on CUDA: cuDNN autotuning, channels-last, compiled UNet and VAE decode. Measured on
+    an H100 (DESIGN.md), channels-last and cuDNN autotuning alone made eager SD 1.5 slower, so eager stays plain."""
     import torch
 
-    if not device.startswith("cuda"):
+    if not (compile_ and device.startswith("cuda")):
         return
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
     pipe.unet = _speed_up_unet(pipe.unet, device, compile_=compile_)
     pipe.vae.to(memory_format=torch.channels_last)
-    if compile_:
-        pipe.vae.decode = torch.compile(pipe.vae.decode)
+    pipe.vae.decode = torch.compile(pipe.vae.decode)
 
 
 def _speed_up_unet(unet, device: str, *, compile_: bool):
     import torch
 
-    if not device.startswith("cuda"):
+    if not (compile_ and device.startswith("cuda")):
         return unet
-    unet.to(memory_format=torch.channels_last)
-    return torch.compile(unet) if compile_ else unet
+    return torch.compile(unet.to(memory_format=torch.channels_last))
 
 
 def _hub_revision(repo_id: str) -> str | None:

@@ -251,9 +251,10 @@ def _build(folder: Path, progress: bool) -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        torch.manual_seed(SEED)
-        text_encoder, unet, inpaint_unet, vae = _text_encoder(), _unet(4), _unet(9), _vae()
-        fit = fit_vae(vae, progress=progress)
+        with torch.random.fork_rng():  # seed our build without touching the caller's random state
+            torch.manual_seed(SEED)
+            text_encoder, unet, inpaint_unet, vae = _text_encoder(), _unet(4), _unet(9), _vae()
+            fit = fit_vae(vae, progress=progress)
     finally:
         torch.set_num_threads(threads)
     common = dict(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=_scheduler(),
