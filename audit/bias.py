@@ -4,7 +4,7 @@
 shared by all probes, the next batch decoded while the current one is scored), writes
 ``probes/<name>.parquet`` as it goes (every ``flush_seconds`` and on interrupt), and resumes: an image
 already probed with the same probe version is never probed again; rows of another version (another
-CLIP model, other thresholds) are replaced. It then writes ``bias/summary.parquet`` and
+CLIP model, other thresholds) are replaced, and rows of images no longer in ``generations`` dropped. It then writes ``bias/summary.parquet`` and
 ``bias/metrics.parquet`` with ``audit.stats``. The run's lock is held throughout.
 """
 
@@ -42,7 +42,9 @@ def default_clip_model(run: Run) -> str:
     """``tiny`` for runs made with the tiny generator (so the audit runs offline), else ViT-L-14/OpenAI."""
     from audit.probes.clip import DEFAULT_MODEL, TINY
 
-    return TINY if run.info.get("generation", {}).get("model") == "tiny" else DEFAULT_MODEL
+    generation = run.info.get("generation", {})
+    tiny = generation.get("model") == "tiny" or generation.get("model_kind") == "tiny"
+    return TINY if tiny else DEFAULT_MODEL
 
 
 def build_probes(names: Sequence[str], *, clip_model: str | None = None, face_detector: str | None = None,
@@ -67,15 +69,16 @@ def build_probes(names: Sequence[str], *, clip_model: str | None = None, face_de
     return [load_probe(name, **options.get(name, {})) for name in names]
 
 
-def _pending(run: Run, probe: Probe, image_ids: list[str]) -> tuple[set[str], int]:
-    """Images ``probe`` still has to score, after dropping its rows of other versions (returns how many)."""
+def _pending(run: Run, probe: Probe, image_ids: list[str]) -> set[str]:
+    """Images ``probe`` still has to score, after dropping its stale rows (another probe version, or an
+    image no longer in the run's generations)."""
     table = f"probes/{probe.name}"
     old = run.read_table(table)
-    stale = old["probe_version"] != probe.version
+    stale = (old["probe_version"] != probe.version) | ~old["image_id"].isin(image_ids)
     if stale.any():
         run.write_table(table, old[~stale])
     done = set(old.loc[~stale, "image_id"])
-    return {i for i in image_ids if i not in done}, int(stale.sum())
+    return {i for i in image_ids if i not in done}
 
 
 def _batches(items: list[tuple[str, str]], batch_size: int, workers: int) -> Iterator[ImageBatch]:
@@ -106,7 +109,7 @@ def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 32, progre
     if images.empty:
         raise InputError(f"run {run.root} has no images; generate some first (`diffaudit generate`)")
     ids = list(images["image_id"])
-    pending = {p.name: _pending(run, p, ids)[0] for p in probes}
+    pending = {p.name: _pending(run, p, ids) for p in probes}
     todo = [(i, f) for i, f in zip(images["image_id"], images["file"], strict=True)
             if any(i in pending[p.name] for p in probes)]
     buffers: dict[str, list[pd.DataFrame]] = {p.name: [] for p in probes}

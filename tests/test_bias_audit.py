@@ -77,6 +77,15 @@ def test_changed_probe_settings_replace_old_rows(photo_run):
     assert len(photo_run.read_table("probes/clip")) == 5 * 3
 
 
+def test_rows_of_images_no_longer_in_the_run_are_dropped(photo_run):
+    audit_bias(photo_run, probes=["faces"], progress=False)
+    gens = photo_run.read_table("generations")
+    photo_run.write_table("generations", gens[gens["image_id"] != "photo-astronaut-1000"])
+    assert audit_bias(photo_run, probes=["faces"], progress=False).probed == {"faces": 0}
+    assert "photo-astronaut-1000" not in set(photo_run.read_table("probes/faces")["image_id"])
+    assert "astronaut" not in set(photo_run.read_table("bias/summary")["subject"])
+
+
 def test_interrupt_keeps_finished_batches(photo_run):
     class Interrupting:
         name, attributes, needs_faces, version = "faces", ("face_count",), False, "test"
