@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from functools import cached_property
+from functools import cached_property, lru_cache
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ ITEMS = pa.schema([
     pa.field("size", pa.int64()),
 ])
 MAX_WIDTH = 24                                # widest substring table: 2**24 buckets
+CHUNK_CANDIDATES = 1 << 18                    # candidates verified per step (keeps temporaries in cache)
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
@@ -70,6 +71,7 @@ def _n_masks(width: int, radius: int) -> int:
     return sum(math.comb(width, j) for j in range(radius + 1))
 
 
+@lru_cache(maxsize=64)
 def _masks(width: int, radius: int) -> np.ndarray:
     out = [0]
     for j in range(1, radius + 1):
@@ -146,7 +148,7 @@ class MultiIndexHash:
         queries = np.asarray(queries, dtype=np.uint64)
         per_query = sum(_n_masks(w, rad) * (1 + self.n / 2.0 ** w)
                         for w, rad in zip(_widths(self.m), _radii(r, self.m), strict=True) if rad >= 0)
-        step = max(1, int(4_000_000 // max(per_query, 1)))
+        step = max(1, int(CHUNK_CANDIDATES // max(per_query, 1)))
         found = [self._search(queries[i:i + step], r, i) for i in range(0, len(queries), step)]
         qi, ids, d = (np.concatenate(x) for x in zip(*found, strict=True)) if found else (np.empty(0),) * 3
         return _dedupe(qi, ids, d, self.n)
@@ -154,26 +156,27 @@ class MultiIndexHash:
     def _search(self, queries: np.ndarray, r: int, base: int):
         shift = 64
         qs, ids, ds = [], [], []
+        idx = np.int32 if self.n < 2**31 else np.int64
         for w, rad, t in zip(_widths(self.m), _radii(r, self.m), self.tables, strict=True):
             shift -= w
             if rad < 0:
                 continue
             qsub = (queries >> np.uint64(shift)) & np.uint64((1 << w) - 1)
-            buckets = (qsub[:, None] ^ _masks(w, rad)[None, :]).astype(np.int64)
+            buckets = (qsub[:, None] ^ _masks(w, rad)[None, :]).astype(np.int64).ravel()
             starts = t["starts"]
-            lo, hi = starts[buckets].ravel(), starts[buckets + 1].ravel()
-            ln = hi - lo
-            keep = ln > 0
-            qidx = np.repeat(np.arange(len(queries)), buckets.shape[1])[keep]
-            lo, ln = lo[keep], ln[keep]
+            lo = starts[buckets]
+            ln = (starts[buckets + 1] - lo).astype(idx)
+            keep = np.flatnonzero(ln)
+            lo, ln = lo[keep].astype(idx), ln[keep]
             total = int(ln.sum())
             if not total:
                 continue
-            pos = np.arange(total) + np.repeat(lo - (np.cumsum(ln) - ln), ln)
-            qrep = np.repeat(qidx, ln)
-            dist = popcount(np.asarray(t["codes"])[pos] ^ queries[qrep])
-            hit = dist <= r
-            qs.append(qrep[hit] + base)
+            qidx = (keep // (len(buckets) // len(queries))).astype(idx)
+            pos = np.repeat(lo - (np.cumsum(ln) - ln), ln)
+            pos += np.arange(total, dtype=idx)
+            dist = popcount(np.asarray(t["codes"])[pos] ^ np.repeat(queries[qidx], ln))
+            hit = np.flatnonzero(dist <= r)
+            qs.append(np.repeat(qidx, ln)[hit].astype(np.int64) + base)
             ids.append(np.asarray(t["perm"])[pos[hit]].astype(np.int64))
             ds.append(dist[hit])
         if not qs:
