@@ -95,7 +95,7 @@ def _batches(items: list[tuple[str, str]], batch_size: int, workers: int) -> Ite
         yield future.result()
 
 
-def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 32, progress: bool = True,
+def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 64, progress: bool = True,
               flush_seconds: float = 30.0, decode_workers: int | None = None) -> dict[str, int]:
     """Score the run's not-yet-probed images with each probe; returns images newly probed per probe.
 
@@ -161,7 +161,7 @@ def summarize_run(run: Run, *, reference: str | None = "bls-2022") -> tuple[pd.D
 
 
 def audit_bias(run_dir: str | Run, *, probes: Sequence[str] = DEFAULT_PROBES, clip_model: str | None = None,
-               reference: str | None = "bls-2022", batch_size: int = 32, progress: bool = True,
+               reference: str | None = "bls-2022", batch_size: int = 64, progress: bool = True,
                face_detector: str | None = None, device: str | None = None,
                clip_options: dict[str, Any] | None = None) -> BiasResult:
     """Probe a run's images (resumably) and write ``probes/<name>``, ``bias/summary`` and ``bias/metrics``.

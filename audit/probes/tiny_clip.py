@@ -8,6 +8,7 @@ fixed seed, so the same tiny model comes back every time, in milliseconds, witho
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -30,7 +31,19 @@ def create_tiny_clip(device: str | torch.device = "cpu") -> torch.nn.Module:
     """The tiny CLIP with seeded random weights, in eval mode on ``device`` (global RNG untouched)."""
     import open_clip
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = open_clip.create_model(register(), pretrained=None, device="cpu")
+    quiet = _RandomInitIsTheIntent()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            model = open_clip.create_model(register(), pretrained=None, device="cpu")
+    finally:
+        logging.getLogger().removeFilter(quiet)
     return model.to(device).eval()
+
+
+class _RandomInitIsTheIntent(logging.Filter):
+    """Hides open_clip's "initialized randomly" warning, which for this model is the point."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()

@@ -24,7 +24,7 @@ def bias(
                                      help="CLIP abstains when the top-two probability margin is below this."),
     person_threshold: float = typer.Option(0.5, "--person-threshold", min=0.0, max=1.0,
                                            help="CLIP's 'shows a person' gate: minimum P(person)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images decoded and probed together."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
