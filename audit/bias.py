@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from audit.probes.base import ImageBatch, Probe, decode_batch, load_probe
+from audit.probes.base import ImageBatch, Probe, decode_batch
 from diffaudit.errors import ConfigError, InputError, SuiteError
 from diffaudit.registry import PROBES as REGISTRY
 from diffaudit.runs import Run
@@ -49,24 +49,26 @@ def default_clip_model(run: Run) -> str:
 
 def build_probes(names: Sequence[str], *, clip_model: str | None = None, face_detector: str | None = None,
                  device: str | None = None, clip_options: dict[str, Any] | None = None) -> list[Probe]:
-    """Probes by registered name; face-reading probes share one detector (so faces are found once)."""
+    """Probes by registered name; the probes that read faces share one detector (faces found once)."""
     names = list(dict.fromkeys(names))
     if not names:
         raise ConfigError("no probes selected; choose from: " + ", ".join(REGISTRY))
     for name in names:
         if name not in REGISTRY:
             raise ConfigError(f"unknown probe {name!r}; choose from: {', '.join(REGISTRY)}")
+    classes = {name: REGISTRY.load(name) for name in names}
     detector = None
-    if {"faces", "skin_tone"} & set(names):
+    if any(cls.needs_faces for cls in classes.values()):
         from audit.probes.faces import make_detector
 
         detector = make_detector(face_detector)
-    options: dict[str, dict[str, Any]] = {
-        "clip": {"model": clip_model, "device": device, **(clip_options or {})},
-        "faces": {"detector": detector},
-        "skin_tone": {"detector": detector},
-    }
-    return [load_probe(name, **options.get(name, {})) for name in names]
+    probes = []
+    for name, cls in classes.items():
+        if name == "clip":
+            probes.append(cls(clip_model, device=device, **(clip_options or {})))
+        else:
+            probes.append(cls(detector) if cls.needs_faces else cls())
+    return probes
 
 
 def _pending(run: Run, probe: Probe, image_ids: list[str]) -> set[str]:

@@ -18,7 +18,6 @@ from audit.probes.base import (
     ImageBatch,
     ImageRecord,
     decode_batch,
-    load_probe,
 )
 from audit.probes.clip import PROMPTS, ClipProbe, load_clip, preprocess, resolve_spec
 from audit.probes.faces import FaceProbe, HaarDetector, make_detector
@@ -62,7 +61,8 @@ class FullFrame:
 
 @pytest.fixture(scope="module", params=sorted(PROBES))
 def any_probe(request, tiny_clip):
-    return load_probe(request.param, **({"model": tiny_clip} if request.param == "clip" else {}))
+    cls = PROBES.load(request.param)
+    return cls(tiny_clip) if request.param == "clip" else cls()
 
 
 def test_probe_contract(any_probe):

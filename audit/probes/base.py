@@ -10,7 +10,7 @@ a row with ``abstained=True`` and a reason, so abstentions are counted, never dr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -94,7 +94,8 @@ class Probe(Protocol):
 
     Every image gets at least one row (an abstention if nothing else), which is how resuming knows
     an image was probed. ``version`` changes whenever the probe's rows would change (model, thresholds).
-    ``needs_faces`` tells the runner that the probe reads ``batch.faces``.
+    A probe with ``needs_faces`` reads ``batch.faces`` and takes the shared detector as its first
+    argument; other probes are built without arguments (``clip`` takes its model).
     """
 
     name: ClassVar[str]
@@ -147,11 +148,3 @@ def decode_batch(items: Sequence[tuple[str, str]], pool: ThreadPoolExecutor | No
     if pool is None:
         return ImageBatch([decode(i, p) for i, p in items])
     return ImageBatch(list(pool.map(lambda item: decode(*item), items)))
-
-
-def load_probe(name: str, **options: Any) -> Probe:
-    """Build a registered probe by name (``diffaudit.registry.PROBES``)."""
-    from diffaudit.registry import PROBES as REGISTRY
-
-    factory: Callable[..., Probe] = REGISTRY.load(name)
-    return factory(**options)
