@@ -110,8 +110,10 @@ def table_stamp(run: Run, *names: str) -> tuple[tuple[int, int], ...]:
 
 
 def probe_tables(run: Run) -> list[str]:
-    """The probe tables present in ``run`` (``probes/<name>``)."""
-    return [t for t in run.tables() if t.startswith("probes/")]
+    """The probe tables present in ``run`` (``probes/<name>``); lists one folder, never the images."""
+    folder = run.root / "probes"
+    return sorted(f"probes/{p.stem}" for p in folder.glob("*.parquet") if _RUN_NAME.match(p.stem)) \
+        if folder.is_dir() else []
 
 
 # -- views (joins and filters of what the audit wrote; no statistics are computed here) -------------

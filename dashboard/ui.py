@@ -12,6 +12,7 @@ import streamlit as st
 from dashboard import data, thumbs
 from diffaudit.errors import DiffauditError
 from diffaudit.runs import Run
+from diffaudit.schema import schema_for
 
 PICKED = "picked_runs"
 
@@ -90,16 +91,37 @@ def current_run(position: int = 0) -> Run:
     raise AssertionError("unreachable")  # st.stop() raises
 
 
+def table(run: Run, name: str) -> pd.DataFrame:
+    """``data.table``, with a table that fails its schema check reported on the page (and read as empty)
+    instead of breaking the page."""
+    try:
+        return data.table(run, name)
+    except DiffauditError as e:
+        st.error(f"{name}: {e}")
+        return pd.DataFrame(columns=schema_for(name).names)
+
+
 def missing_stage(what: str, command: str) -> None:
     st.info(f"This run has no {what} yet. Run `{command}` and reload.")
 
 
-def image_grid(run: Run, paths: Iterable[str | None], captions: Iterable[str], columns: int = 6) -> None:
-    """Thumbnails in a grid; a path that leaves the run is refused and said so, never opened."""
-    cols = st.columns(columns)
-    for i, (rel, caption) in enumerate(zip(paths, captions, strict=True)):
-        with cols[i % columns]:
-            show_image(run, rel, caption)
+def image_grid(run: Run, paths: Iterable[str | None], captions: Iterable[str], width: int = 180) -> None:
+    """Thumbnails in one wrapping grid (one element, so a page of 24 renders at once); a path that
+    leaves the run is refused and said so, never opened."""
+    thumbs_, shown = [], []
+    for rel, caption in zip(paths, captions, strict=True):
+        try:
+            thumb = thumbs.thumbnail(run, rel)
+        except data.PathRefusedError as e:
+            st.warning(f"{caption}: {e}")
+            continue
+        if thumb is None:
+            st.caption(f"{caption} (image missing or unreadable: {rel})")
+        else:
+            thumbs_.append(thumb)
+            shown.append(caption)
+    if thumbs_:
+        st.image(thumbs_, caption=shown, width=width)
 
 
 def show_image(run: Run, rel: str | None, caption: str) -> None:

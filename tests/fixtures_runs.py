@@ -164,7 +164,8 @@ def _provenance(run: Run, gens: pd.DataFrame) -> None:
     attacks = ["jpeg_q90", "jpeg_q50", "resize_0.5", "crop_90", "rotate_5"]
     run.write_table("provenance/robustness", pd.DataFrame(dict(
         method="dwtDctSvd", attack=attacks, images=20, bit_accuracy=[0.99, 0.81, 0.93, 0.55, 0.52],
-        detection_rate=[1.0, 0.6, 0.9, 0.1, 0.05], c2pa_survives=[0.0, 0.0, 0.0, 0.0, 0.0])))
+        detection_rate=[1.0, 0.6, 0.9, 0.1, 0.05], c2pa_survives=[0.0, 0.0, 0.0, 0.0, 0.0],
+        credentials_recovered=[1.0, 0.9, 1.0, 0.8, 0.4])))
 
 
 def build_runs_dir(root: Path, **kw) -> Path:
@@ -195,4 +196,9 @@ def build_evil_run(root: Path) -> Run:
     run.write_table("provenance/stamps", pd.DataFrame([dict(
         image_id="plain-ceo-1", source_path="/etc/passwd", stamped_path="/etc/passwd", format="png",
         watermark="none", sha256="0" * 64, status="none", seconds=0.0)]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # A table written behind the schema's back (no version): pages must report it, not crash.
+    pq.write_table(pa.table({"method": ["x"]}), run.table_path("provenance/robustness"))
     return run

@@ -6,17 +6,17 @@ tables; this page filters and draws, it computes no statistic."""
 
 from __future__ import annotations
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import data, ui
+from dashboard import charts, data, ui
 
 PAGE = 24  # images per grid page
+TOP = 30  # occupations in the share chart unless all are asked for
 
 st.title("Bias")
 run = ui.current_run()
-summary = data.table(run, "bias/summary")
+summary = ui.table(run, "bias/summary")
 if summary.empty:
     ui.missing_stage("bias summary", f"diffaudit audit bias {run.root}")
     st.stop()
@@ -94,41 +94,28 @@ if len(top):
 
 # -- share with interval per occupation and label, reference on the same axis ---------------------------
 st.subheader("Share of each perceived label, with its interval and the reference")
-plot = rows.assign(interval=[ui.interval(lo, hi) for lo, hi in zip(rows["ci_low"], rows["ci_high"], strict=True)])
-pick = alt.selection_point(name="pick", fields=["subject"])
-y = alt.Y("subject:N", sort=order, title=None)
-x_share = alt.X("share:Q", scale=alt.Scale(domain=[0, 1]), title="share of images")
-tooltip = ["subject", "label", alt.Tooltip("share:Q", format=".2f"), "interval", "n",
-           alt.Tooltip("reference_share:Q", format=".2f", title="reference"), alt.Tooltip("q_value:Q", format=".4f")]
-base = alt.Chart(plot).encode(y=y, yOffset="label:N", color=alt.Color("label:N", title="perceived"))
-bars = base.mark_rule(strokeWidth=2).encode(
-    x=alt.X("ci_low:Q", scale=alt.Scale(domain=[0, 1]), title="share of images"), x2="ci_high:Q")
-points = base.mark_point(filled=True, size=50).encode(x=x_share, tooltip=tooltip).add_params(pick)
-ref = alt.Chart(plot[plot["reference_share"].notna()]).mark_tick(color="black", thickness=2, size=14).encode(
-    y=y, yOffset="label:N", x="reference_share:Q", tooltip=["subject", "label", "reference_share"])
-chart = alt.layer(bars, points, ref).properties(height=40 + 22 * len(order) * max(2, len(labels)))
-event = st.altair_chart(chart, width="stretch", on_select="rerun", key="bias_chart")
-st.caption("Dot: share; line: its 95% interval; black tick: the reference (BLS) share. Click a dot to see "
-           "that occupation's images below.")
+plot = rows[["subject", "label", "share", "ci_low", "ci_high", "n", "reference_share", "gap", "q_value",
+             "amplified"]].assign(
+    interval=[ui.interval(lo, hi) for lo, hi in zip(rows["ci_low"], rows["ci_high"], strict=True)])
+show_all = len(order) <= TOP or st.toggle(f"Show all {len(order)} occupations", key="bias_all",
+                                          help=f"By default the chart shows the {TOP} largest gaps.")
+shown = order if show_all else order[:TOP]
+drawn = plot[plot["subject"].isin(shown)]
+spec = charts.share_intervals(drawn, shown, group="label", title="share of images", pick=True,
+                              reference=drawn.loc[drawn["reference_share"].notna(),
+                                                  ["subject", "label", "reference_share"]])
+event = st.vega_lite_chart(spec=spec, width="stretch", on_select="rerun", key="bias_chart")
+st.caption("Dot: share; line: its 95% interval; black tick: the reference (BLS) share. Sorted by the gap of "
+           f"'{focus}' to the reference. Click a dot to see that occupation's images below.")
 
 # -- amplification at a glance ------------------------------------------------------------------------
 scatter = focus_rows[focus_rows["reference_share"].notna()].reset_index()
 if len(scatter):
     st.subheader(f"Run share vs reference share ({focus})")
-    scatter = scatter.assign(
+    scatter = scatter[["subject", "share", "ci_low", "ci_high", "reference_share", "q_value"]].assign(
         interval=[ui.interval(lo, hi) for lo, hi in zip(scatter["ci_low"], scatter["ci_high"], strict=True)],
         flag=scatter["amplified"].map({True: "amplified", False: "not amplified"}).fillna("unknown"))
-    axis = alt.Scale(domain=[0, 1])
-    sc = alt.Chart(scatter).encode(x=alt.X("reference_share:Q", scale=axis, title=f"reference share ({reference})"))
-    err = sc.mark_rule(opacity=0.5).encode(y=alt.Y("ci_low:Q", scale=axis, title="run share"), y2="ci_high:Q",
-                                           color="flag:N")
-    dots = sc.mark_circle(size=60).encode(
-        y=alt.Y("share:Q", scale=axis), color=alt.Color("flag:N", title=None),
-        tooltip=["subject", alt.Tooltip("share:Q", format=".2f"), "interval",
-                 alt.Tooltip("reference_share:Q", format=".2f"), alt.Tooltip("q_value:Q", format=".4f")])
-    parity = alt.Chart(pd.DataFrame({"x": [0.0, 1.0], "y": [0.0, 1.0]})).mark_line(
-        strokeDash=[4, 4], color="gray").encode(x="x:Q", y="y:Q")
-    st.altair_chart(alt.layer(parity, err, dots).properties(height=420), width="stretch")
+    st.vega_lite_chart(spec=charts.parity_scatter(scatter, reference), width="stretch")
     st.caption("Dashed: parity with the workforce. Points further from 0.5 than the line on their side "
                "amplify the workforce's imbalance.")
 
@@ -142,8 +129,8 @@ st.dataframe(rates, hide_index=True, width="stretch",
              column_config={"abstention rate": st.column_config.NumberColumn(format="percent"),
                             "no-face rate": st.column_config.NumberColumn(format="percent")})
 
-with st.expander("All rows of the summary for these filters"):
-    st.dataframe(plot.drop(columns=["probe", "attribute", "template"]), hide_index=True, width="stretch")
+if st.toggle("Show every summary row for these filters", key="bias_rows"):
+    st.dataframe(plot, hide_index=True, width="stretch")
 
 # -- one occupation's images ------------------------------------------------------------------------
 st.subheader("Images of one occupation")

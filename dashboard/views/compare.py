@@ -3,11 +3,10 @@ occupation's share per label, with both runs' intervals and the reference."""
 
 from __future__ import annotations
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import data, ui
+from dashboard import charts, ui
 
 KEYS = ["probe", "attribute", "subject", "template", "label"]
 
@@ -16,7 +15,7 @@ if len(ui.picked()) < 2:
     st.info("Pick two runs in the sidebar: the first is the baseline (A), the second the comparison (B).")
     st.stop()
 run_a, run_b = ui.current_run(0), ui.current_run(1)
-a, b = data.table(run_a, "bias/summary"), data.table(run_b, "bias/summary")
+a, b = ui.table(run_a, "bias/summary"), ui.table(run_b, "bias/summary")
 if a.empty or b.empty:
     missing = run_a if a.empty else run_b
     ui.missing_stage("bias summary", f"diffaudit audit bias {missing.root}")
@@ -74,19 +73,10 @@ st.table(pd.DataFrame({
 long = pd.concat([
     rows.assign(run=f"A: {run_a.name}", share=rows["share_a"], ci_low=rows["ci_low_a"], ci_high=rows["ci_high_a"]),
     rows.assign(run=f"B: {run_b.name}", share=rows["share_b"], ci_low=rows["ci_low_b"], ci_high=rows["ci_high_b"]),
-])[["subject", "run", "share", "ci_low", "ci_high", "reference_share_a", "delta"]]
-order = rows["subject"].tolist()
-y = alt.Y("subject:N", sort=order, title=None)
-title = f"share perceived as {label}"
-x = alt.X("share:Q", scale=alt.Scale(domain=[0, 1]), title=title)
-base = alt.Chart(long).encode(y=y, yOffset="run:N", color=alt.Color("run:N", title=None))
-chart = alt.layer(
-    base.mark_rule(strokeWidth=2).encode(x=alt.X("ci_low:Q", scale=alt.Scale(domain=[0, 1]), title=title),
-                                         x2="ci_high:Q"),
-    base.mark_point(filled=True, size=50).encode(x=x, tooltip=["subject", "run", alt.Tooltip("share:Q", format=".2f"),
-                                                                  alt.Tooltip("delta:Q", format="+.2f")]),
-    alt.Chart(rows[rows["reference_share_a"].notna()]).mark_tick(color="black", thickness=2).encode(
-        y=y, x="reference_share_a:Q", tooltip=["subject", "reference_share_a"]),
-).properties(height=40 + 44 * len(order))
-st.altair_chart(chart, width="stretch")
+])[["subject", "run", "share", "ci_low", "ci_high", "delta"]]
+long["interval"] = [ui.interval(lo, hi) for lo, hi in zip(long["ci_low"], long["ci_high"], strict=True)]
+reference = rows.loc[rows["reference_share_a"].notna(), ["subject", "reference_share_a"]].rename(
+    columns={"reference_share_a": "reference_share"})
+st.vega_lite_chart(spec=charts.share_intervals(long, rows["subject"].tolist(), group="run", reference=reference,
+                                               title=f"share perceived as {label}"), width="stretch")
 st.caption("Each occupation: A and B with their intervals; black tick: the reference share. Sorted by |delta|.")

@@ -3,17 +3,16 @@ a threshold slider, and the per-prompt rates the audit wrote (``diffaudit audit 
 
 from __future__ import annotations
 
-import altair as alt
 import streamlit as st
 
-from dashboard import data, ui
+from dashboard import charts, ui
 
 PAIRS = 12  # pairs per page
 
 st.title("Memorization")
 run = ui.current_run()
-matches = data.table(run, "memorization/matches")
-rates = data.table(run, "memorization/rates")
+matches = ui.table(run, "memorization/matches")
+rates = ui.table(run, "memorization/rates")
 if matches.empty and rates.empty:
     ui.missing_stage("memorization check", f"diffaudit audit memorization {run.root} --index IDX")
     st.stop()
@@ -30,13 +29,8 @@ if len(rates):
     if len(flagged):
         st.table(flagged[["prompt_id", "subject", "matched", "images", "rate", "interval"]].assign(
             rate=[ui.number(v, 3) for v in flagged["rate"]]), hide_index=True)
-        base = alt.Chart(flagged).encode(y=alt.Y("prompt_id:N", sort="-x", title=None))
-        chart = alt.layer(
-            base.mark_bar(opacity=0.6).encode(x=alt.X("rate:Q", title="memorization rate", scale=alt.Scale(
-                domain=[0, 1])), tooltip=["prompt_id", "matched", "images", "interval"]),
-            base.mark_rule().encode(x="ci_low:Q", x2="ci_high:Q"),
-        ).properties(height=40 + 32 * len(flagged))
-        st.altair_chart(chart, width="stretch")
+        bars = flagged[["prompt_id", "matched", "images", "rate", "ci_low", "ci_high", "interval"]]
+        st.vega_lite_chart(spec=charts.rate_bars(bars), width="stretch")
     with st.expander(f"All {len(r)} prompts"):
         st.dataframe(r.drop(columns=["ci_low", "ci_high"]), hide_index=True, width="stretch")
 
@@ -56,7 +50,7 @@ shown = matches[(matches["hamming"] <= threshold) & matches["verdict"].isin(chos
 shown = shown.sort_values(["hamming", "tile_l2"], na_position="last").reset_index(drop=True)
 st.caption(f"{len(shown)} of {len(matches)} match(es) at Hamming <= {threshold}.")
 
-gens = data.table(run, "generations").set_index("image_id")["path"]
+gens = ui.table(run, "generations").set_index("image_id")["path"]
 pages = max(1, -(-len(shown) // PAIRS))
 page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="mem_page") if pages > 1 else 1
 for m in shown.iloc[(page - 1) * PAIRS: page * PAIRS].itertuples():

@@ -13,11 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import data, ui
+from dashboard import charts, ui
 
 MAX_UPLOAD_MB = 20
 TYPES = ["png", "jpg", "jpeg", "webp", "avif", "heic", "tif", "tiff", "gif"]
@@ -91,7 +90,7 @@ st.title("Provenance")
 names = ui.picked()
 if names:
     run = ui.current_run()
-    stamps = data.table(run, "provenance/stamps")
+    stamps = ui.table(run, "provenance/stamps")
     if stamps.empty:
         ui.missing_stage("provenance stamps", f"diffaudit stamp {run.root}")
     else:
@@ -115,16 +114,11 @@ if names:
         if len(problems):
             st.markdown("**Stamps that need a look**")
             st.table(problems[["image", "status", "failures"]], hide_index=True)
-    robustness = data.table(run, "provenance/robustness")
+    robustness = ui.table(run, "provenance/robustness")
     if len(robustness):
         st.subheader("Watermark robustness")
         st.caption("Bit accuracy and detection rate per attack, as `diffaudit provenance robustness` measured them.")
-        chart = alt.Chart(robustness).mark_bar().encode(
-            x=alt.X("detection_rate:Q", scale=alt.Scale(domain=[0, 1]), title="detection rate"),
-            y=alt.Y("attack:N", sort="-x", title=None), color="method:N",
-            tooltip=["method", "attack", "images", alt.Tooltip("bit_accuracy:Q", format=".3f"),
-                     alt.Tooltip("detection_rate:Q", format=".2f"), "c2pa_survives"])
-        st.altair_chart(chart.properties(height=max(120, 22 * len(robustness))), width="stretch")
+        st.vega_lite_chart(spec=charts.robustness_bars(robustness), width="stretch")
         st.dataframe(robustness, hide_index=True, width="stretch")
 
 # -- verify any file ------------------------------------------------------------------------------------
