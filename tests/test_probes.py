@@ -19,7 +19,7 @@ from audit.probes.base import (
     ImageRecord,
     decode_batch,
 )
-from audit.probes.clip import PROMPTS, ClipProbe, load_clip, preprocess, resolve_spec
+from audit.probes.clip import PROMPTS, ClipProbe, load_clip, preprocess, quick_gelu, resolve_spec
 from audit.probes.faces import FaceProbe, HaarDetector, make_detector
 from audit.probes.skin_tone import (
     MONK_HEX,
@@ -262,6 +262,11 @@ def test_clip_model_specs(tmp_path):
         resolve_spec("ViT-Q-99")
     with pytest.raises(ModelError, match="neither a pretrained tag"):
         resolve_spec("ViT-B-32:no-such-tag")
+
+
+def test_openai_weights_get_quick_gelu():
+    assert quick_gelu("ViT-L-14", "openai") and quick_gelu("ViT-B-32", "openai")
+    assert not quick_gelu("ViT-B-32", "laion2b_s34b_b79k") and not quick_gelu("ViT-B-32", "/some/weights.pt")
 
 
 def test_missing_weights_offline_say_what_to_do(tmp_path):

@@ -99,6 +99,16 @@ def resolve_spec(spec: str) -> tuple[str, str | None]:
     return name, pretrained
 
 
+def quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether a pretrained tag was trained with QuickGELU (OpenAI's weights were). open_clip's plain
+    configs use GELU and only warn on a mismatch, which would quietly shift every embedding."""
+    import open_clip
+
+    if not pretrained or name.startswith(("hf-hub:", "local-dir:")):
+        return False
+    return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
 @dataclass
 class LoadedClip:
     """An open_clip model ready for zero-shot use, with its tokenizer and image preprocessing settings."""
@@ -126,6 +136,7 @@ def load_clip(spec: str = DEFAULT_MODEL, *, device: str | torch.device | None = 
             model = tiny_clip.create_tiny_clip(dev)
         else:
             model = open_clip.create_model(name, pretrained=pretrained, device=dev, cache_dir=cache_dir,
+                                           force_quick_gelu=quick_gelu(name, pretrained),
                                            require_pretrained=True).eval()
         tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except (RuntimeError, OSError, ValueError) as e:
