@@ -20,11 +20,13 @@ NOTICE = (
 )
 
 
-def demo_config(runs_dir: str | Path = "runs", images_per_prompt: int = 4) -> AuditConfig:
+def demo_config(runs_dir: str | Path = "runs", images_per_prompt: int = 4,
+                subjects: tuple[str, ...] | None = None) -> AuditConfig:
     runs_dir = Path(runs_dir)
     return AuditConfig(
         out=str(runs_dir / "demo"),
-        generation=GenerationConfig(suite="demo", model="tiny", images_per_prompt=images_per_prompt, seed=0),
+        generation=GenerationConfig(suite="demo", model="tiny", images_per_prompt=images_per_prompt, seed=0,
+                                    subjects=subjects),
         memorization=MemorizationConfig(index=str(runs_dir / "demo-index"),
                                         sources=(str(runs_dir / "demo-training"),)),
         provenance=ProvenanceConfig(identity=str(runs_dir / "demo-identity"), watermark="dwtDctSvd",
@@ -48,12 +50,12 @@ def write_training_photos(folder: Path) -> list[Path]:
     return paths
 
 
-def run_demo(runs_dir: str | Path = "runs", *, images_per_prompt: int = 4,
+def run_demo(runs_dir: str | Path = "runs", *, images_per_prompt: int = 4, subjects: tuple[str, ...] | None = None,
              log: Callable[[str], None] = print) -> AuditConfig:
     """Prepare the identity and training photos, then run the demo audit; return its config."""
     from diffaudit.pipeline import run_audit
 
-    config = demo_config(runs_dir, images_per_prompt)
+    config = demo_config(runs_dir, images_per_prompt, subjects)
     log(NOTICE)
     start = time.perf_counter()
     identity = Path(config.provenance.identity)
