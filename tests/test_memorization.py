@@ -334,3 +334,32 @@ def test_check_run_flags_the_memorized_image(photo_run: Run, tmp_path, photos):
     assert len(rates) == 5 and rates.set_index("prompt_id")["matched"].to_dict()["photo-coffee"] == 1
     assert rates["matched"].sum() == 1 and (rates["ci_low"] <= rates["rate"]).all()
     assert photo_run.stage_done("memorization") and photo_run.info["stages"]["memorization"]["radius"] == 10
+
+
+def test_check_run_without_matches_and_cli_query(photo_run: Run, tmp_path, photos, capsys):
+    import diffaudit.commands.memorization  # noqa: F401 - registers the commands
+    from diffaudit.cli import main as cli
+
+    def main(argv: list[str]) -> None:
+        with pytest.raises(SystemExit) as done:
+            cli(argv)
+        assert done.value.code == 0, capsys.readouterr().err
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for name in ("china", "flower"):
+        (train / f"{name}.jpg").write_bytes(jpeg(photos[name], 90))
+    main(["index", "build", str(train), "--out", str(tmp_path / "idx"), "--workers", "1"])
+    assert json.loads(capsys.readouterr().out)["count"] == 2
+    main(["audit", "memorization", str(photo_run.root), "--index", str(tmp_path / "idx")])
+    assert json.loads(capsys.readouterr().out)["memorized_images"] == 0
+    assert photo_run.read_table("memorization/matches").empty
+    assert photo_run.read_table("memorization/rates")["rate"].tolist() == [0.0] * 5
+    query = tmp_path / "q.png"
+    photos["flower"].resize((200, 150)).save(query)
+    main(["index", "query", str(query), "--index", str(tmp_path / "idx"), "--json", "--top-k", "2"])
+    result = json.loads(capsys.readouterr().out)
+    assert [m["key"] for m in result["matches"]] == ["flower.jpg"] and result["matches"][0]["verdict"] == "memorized"
+    assert [n["key"] for n in result["nearest"]] == ["flower.jpg", "china.jpg"]
+    main(["index", "info", str(tmp_path / "idx")])
+    assert json.loads(capsys.readouterr().out)["count"] == 2

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from audit.memorization.sources import Unit
+from diffaudit.errors import ConfigError
 
 
 def _task(row: dict[str, Any]) -> dict[str, Any]:
@@ -26,7 +27,11 @@ def ray_hash_units(units: list[Unit], hash_name: str, exact: bool, *, address: s
     """Yield ``hash_unit`` results for ``units`` in their order, computed by Ray tasks."""
     if not units:
         return
-    import ray
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the Data library is an extra of ray
+    except ImportError:
+        raise ConfigError("--engine ray needs Ray Data: pip install 'ray[data]' (or use --engine local)") from None
 
     started = False
     if not ray.is_initialized():
