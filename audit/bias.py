@@ -156,7 +156,9 @@ def summarize_run(run: Run, *, reference: str | None = "bls-2022") -> tuple[pd.D
             notes.append(f"suite {suite!r} is not a known prompt suite: no reference comparison")
             suite = None
     tables = {t.split("/", 1)[1]: run.read_table(t) for t in run.tables() if t.startswith("probes/")}
-    summary = stats.summarize(run.read_table("generations"), tables, suite=suite, reference=reference)
+    labels = {name: REGISTRY.load(name).labels for name in tables if name in REGISTRY}
+    summary = stats.summarize(run.read_table("generations"), tables, suite=suite, reference=reference,
+                              labels=labels)
     run.write_table("bias/summary", summary)
     run.write_table("bias/metrics", stats.metrics(summary))
     return summary, notes

@@ -22,6 +22,7 @@ never covers less than nominal, at about 8% more width.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,13 +82,17 @@ def pick(probe_table: pd.DataFrame) -> pd.DataFrame:
     return picked[["probe", "image_id", "attribute", "label", "abstained", "abstain_reason"]]
 
 
-def _counts(v: pd.DataFrame) -> pd.DataFrame:
+def _counts(v: pd.DataFrame, declared: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> pd.DataFrame:
     """Counts per (probe, attribute, subject, template, label) with n and abstained per group; every label
-    seen for a (probe, attribute) anywhere gets a row in every group (zero counts included)."""
+    declared by the probe or seen for a (probe, attribute) anywhere gets a row in every group (zero counts
+    included: a subject whose images all read "man" has a "woman" row with count 0)."""
     groups = v.groupby(_GROUP, sort=True, observed=True).agg(
         abstained=("abstained", "sum"), total=("abstained", "size")).reset_index()
     groups["n"] = groups["total"] - groups["abstained"]
-    labels = v.loc[~v["abstained"], ["probe", "attribute", "label"]].drop_duplicates()
+    labels = v.loc[~v["abstained"], ["probe", "attribute", "label"]]
+    known = pd.DataFrame([(p, a, lab) for p, attrs in (declared or {}).items() for a, labs in attrs.items()
+                          for lab in labs], columns=["probe", "attribute", "label"])
+    labels = pd.concat([labels, known], ignore_index=True).drop_duplicates()
     grid = groups.merge(labels, on=["probe", "attribute"], how="inner")
     counts = (v[~v["abstained"]].groupby(_GROUP + ["label"], observed=True).size()
               .rename("count").reset_index())
@@ -186,7 +191,8 @@ def _compare(t: pd.DataFrame, suite: str, reference: str, alpha: float) -> pd.Da
 
 
 def summarize(generations: pd.DataFrame, probe_tables: dict[str, pd.DataFrame], *, suite: str | None,
-              reference: str | None = "bls-2022", alpha: float = 0.05, interval: str = "wilson") -> pd.DataFrame:
+              reference: str | None = "bls-2022", alpha: float = 0.05, interval: str = "wilson",
+              labels: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> pd.DataFrame:
     """The BIAS_SUMMARY table: one row per (probe, attribute, subject, template, label), with per-template
     rows and rows pooled over templates (``template == "all"``).
 
@@ -195,7 +201,8 @@ def summarize(generations: pd.DataFrame, probe_tables: dict[str, pd.DataFrame], 
     binomial test against the reference share, Benjamini-Hochberg q-values across subjects (one family per
     probe, attribute, template and label) and the ``amplified`` flag; other rows leave those null.
     ``interval`` is the statsmodels ``proportion_confint`` method of ``ci_*``: wilson (default), beta
-    (Clopper-Pearson, conservative), jeffreys or agresti_coull.
+    (Clopper-Pearson, conservative), jeffreys or agresti_coull. ``labels`` maps probe -> attribute -> the
+    labels the probe can give (its ``labels`` class attribute), so unseen labels get zero-count rows.
     """
     if interval not in INTERVALS:
         raise ConfigError(f"unknown interval method {interval!r}; choose one of {', '.join(INTERVALS)}")
@@ -205,7 +212,7 @@ def summarize(generations: pd.DataFrame, probe_tables: dict[str, pd.DataFrame], 
     v = pd.concat(frames, ignore_index=True)
     pooled = v.assign(template=POOLED)
     per_template = v[v["template"] != POOLED]
-    table = pd.concat([_counts(pooled), _counts(per_template)], ignore_index=True)
+    table = pd.concat([_counts(pooled, labels), _counts(per_template, labels)], ignore_index=True)
     table = _intervals(table, alpha, interval)
     ref_cols = ["reference", "reference_share", "gap", "gap_ci_low", "gap_ci_high", "p_value", "q_value"]
     if suite is not None and reference is not None:

@@ -290,3 +290,20 @@ def test_plan_cli_prints_the_result_and_its_assumptions(capsys):
     assert code == 0 and "194 (normal approximation)" in out and "assuming:" in out
     code, _, err = cli(capsys, "plan", "--effect", "0.1", "--occupations", "9", "--correction", "bh")
     assert code == 2 and err.count("\n") == 1 and "--differing" in err
+
+
+def test_declared_labels_get_zero_count_rows_and_metrics():
+    """A probe's declared label set counts even when a label never occurs (all images read one way)."""
+    from audit.stats import metrics, summarize
+
+    gens = pd.DataFrame({"image_id": [f"i{k}" for k in range(4)], "subject": ["ceo"] * 4, "template": ["t"] * 4})
+    probe = pd.DataFrame({"image_id": gens.image_id, "face_index": -1, "bbox": None,
+                          "attribute": "perceived_gender", "label": "man", "score": 0.9, "margin": 0.5,
+                          "abstained": False, "abstain_reason": None, "probe": "clip", "probe_version": "1"})
+    summary = summarize(gens, {"clip": probe}, suite=None, reference=None,
+                        labels={"clip": {"perceived_gender": ("man", "woman")}})
+    woman = summary[(summary.label == "woman") & (summary.template == "all")].iloc[0]
+    assert woman["count"] == 0 and woman["n"] == 4 and woman["share"] == 0.0 and woman["ci_high"] > 0.4
+    m = metrics(summary)
+    gi = m[(m.metric == "gender_imbalance") & (m.subject == "ceo") & (m.template == "all")]
+    assert gi["value"].iloc[0] == pytest.approx(0.5)

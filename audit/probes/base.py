@@ -100,6 +100,7 @@ class Probe(Protocol):
 
     name: ClassVar[str]
     attributes: ClassVar[tuple[str, ...]]
+    labels: ClassVar[dict[str, tuple[str, ...]]]  # attribute -> every label it can give (zero counts count)
     needs_faces: ClassVar[bool]
 
     @property

@@ -199,6 +199,7 @@ class ClipProbe:
 
     name: ClassVar[str] = "clip"
     attributes: ClassVar[tuple[str, ...]] = tuple(PROMPTS)
+    labels: ClassVar[dict[str, tuple[str, ...]]] = {a: tuple(classes) for a, classes in PROMPTS.items()}
     needs_faces: ClassVar[bool] = False
 
     def __init__(self, model: str | LoadedClip | None = None, *, device: str | None = None,

@@ -117,6 +117,7 @@ class FaceProbe:
 
     name: ClassVar[str] = "faces"
     attributes: ClassVar[tuple[str, ...]] = ("face", "face_count")
+    labels: ClassVar[dict[str, tuple[str, ...]]] = {"face": ("face",), "face_count": ("one", "multiple")}
     needs_faces: ClassVar[bool] = True
 
     def __init__(self, detector: str | FaceDetector | None = None):

@@ -89,6 +89,7 @@ class SkinToneProbe:
 
     name: ClassVar[str] = "skin_tone"
     attributes: ClassVar[tuple[str, ...]] = ("skin_tone",)
+    labels: ClassVar[dict[str, tuple[str, ...]]] = {"skin_tone": MONK_LABELS}
     needs_faces: ClassVar[bool] = True
 
     def __init__(self, detector: str | FaceDetector | None = None, *, min_skin_pixels: int = 50,
