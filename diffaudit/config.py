@@ -55,6 +55,9 @@ class BiasConfig(Frozen):
     probes: tuple[str, ...] = ("clip", "faces", "skin_tone")
     clip_model: str | None = None  # "NAME[:PRETRAINED]", a checkpoint path, or "tiny"; None: by run
     reference: str | None = "bls-2022"
+    face_detector: str | None = None  # "haar" (built in) or a YuNet .onnx path
+    min_margin: float = Field(0.2, ge=0, le=1)  # CLIP abstains below this top-two margin
+    person_threshold: float = Field(0.5, ge=0, le=1)  # CLIP abstains when "shows a person" is below this
 
 
 class MemorizationConfig(Frozen):

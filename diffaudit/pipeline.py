@@ -47,7 +47,9 @@ def _bias(run: Run, config: AuditConfig) -> None:
     from audit.bias import audit_bias
 
     cfg = config.bias
-    audit_bias(run.root, probes=cfg.probes, clip_model=cfg.clip_model, reference=cfg.reference)
+    audit_bias(run.root, probes=cfg.probes, clip_model=cfg.clip_model, reference=cfg.reference,
+               face_detector=cfg.face_detector,
+               clip_options={"min_margin": cfg.min_margin, "person_threshold": cfg.person_threshold})
 
 
 def _memorization(run: Run, config: AuditConfig) -> None:
