@@ -137,7 +137,7 @@ def show_image(run: Run, rel: str | None, caption: str) -> None:
         st.image(thumb, caption=caption, width="stretch")
 
 
-def attributes_first_with_reference(rows: pd.DataFrame, column: str = "reference_share") -> list[str]:
-    """The attributes of a summary, those with a reference share (e.g. perceived gender vs BLS) first."""
-    has = set(rows.loc[rows[column].notna(), "attribute"])
-    return sorted(rows["attribute"].unique(), key=lambda a: (a not in has, a))
+def first_with_reference(rows: pd.DataFrame, column: str, reference: str = "reference_share") -> list[str]:
+    """The values of ``column`` (a probe, an attribute), those with a reference share first."""
+    has = set(rows.loc[rows[reference].notna(), column])
+    return sorted(rows[column].dropna().unique(), key=lambda a: (a not in has, a))

@@ -121,6 +121,13 @@ def loaded_images(driver) -> int:
         ".filter(i => i.complete && i.naturalWidth > 0).length")
 
 
+def wait_for_images(driver, count: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while loaded_images(driver) < count and time.time() < deadline:
+        time.sleep(0.2)
+    assert loaded_images(driver) >= count
+
+
 def test_every_page_in_a_real_browser(tmp_path):
     browser_binaries()
     runs_dir = build_runs_dir(tmp_path / "runs", images_per_prompt=10, size=128)
@@ -144,14 +151,16 @@ def test_every_page_in_a_real_browser(tmp_path):
         assert f"{top['reference_share']:.2f}" in text
         assert len(driver.find_elements("css selector", '[data-testid="stVegaLiteChart"]')) >= 2
         driver.save_screenshot(str(shots / "bias.png"))
+        wait_for_images(driver, 20)  # the first occupation's 20 thumbnails
+        grid = driver.find_element("xpath", "//*[normalize-space(text())='Images of one occupation']")
+        driver.execute_script("arguments[0].scrollIntoView()", grid)
+        time.sleep(0.5)
+        driver.save_screenshot(str(shots / "bias-images.png"))
 
         open_page(driver, "Memorization")
         wait_for_text(driver, "Matches: generated | training", f"generated · {match['image_id']}",
                       f"training · {match['train_key']}", "Hamming 2")
-        deadline = time.time() + 30
-        while loaded_images(driver) < 5 and time.time() < deadline:  # 3 generated + 2 evidence images
-            time.sleep(0.2)
-        assert loaded_images(driver) >= 5
+        wait_for_images(driver, 5)  # 3 generated + 2 training evidence images
         driver.save_screenshot(str(shots / "memorization.png"))
 
         open_page(driver, "Provenance")
@@ -162,5 +171,5 @@ def test_every_page_in_a_real_browser(tmp_path):
         wait_for_text(driver, "A = tiny-base", "B = tiny-mitigated", "delta", str(top["subject"]))
         driver.save_screenshot(str(shots / "compare.png"))
 
-    for name in ("runs", "bias", "memorization", "provenance", "compare"):
+    for name in ("runs", "bias", "bias-images", "memorization", "provenance", "compare"):
         assert (shots / f"{name}.png").stat().st_size > 10_000

@@ -23,10 +23,10 @@ if summary.empty:
 
 # -- filters -----------------------------------------------------------------------------------------
 f1, f2, f3, f4 = st.columns(4)
-probes = sorted(summary["probe"].unique())
+probes = ui.first_with_reference(summary, "probe")
 probe = f1.selectbox("Probe", probes, key="bias_probe") if len(probes) > 1 else probes[0]
 rows = summary[summary["probe"] == probe]
-attribute = f1.selectbox("Attribute", ui.attributes_first_with_reference(rows), key="bias_attribute")
+attribute = f1.selectbox("Attribute", ui.first_with_reference(rows, "attribute"), key="bias_attribute")
 rows = rows[rows["attribute"] == attribute]
 templates = sorted(rows["template"].unique(), key=lambda t: (t != "all", t))
 template = f2.selectbox("Template", templates, key="bias_template",
@@ -36,6 +36,10 @@ with_ref = rows[rows["reference_share"].notna()]
 # Labels with a reference first; the female share first of all, as HEIM and the BLS table report it.
 labels = sorted(rows["label"].dropna().unique(),
                 key=lambda lab: (lab not in set(with_ref["label"]), lab != "woman", lab))
+if not labels:
+    st.info(f"Every image abstained on `{attribute}` under probe `{probe}`: there is no label to show. "
+            "The abstention reasons are in the image grid of the other attributes.")
+    st.stop()
 focus = f3.selectbox("Label compared with the reference", labels, key="bias_label")
 alpha = f4.number_input("Significance level (q-value)", 0.001, 0.5, 0.05, 0.01, format="%.3f", key="bias_alpha")
 significant_only = f4.toggle("Only significant gaps", key="bias_significant",

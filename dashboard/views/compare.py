@@ -28,14 +28,14 @@ if both.empty:
                "compare runs of the same suite and probes.")
     st.stop()
 
-probes = sorted(both["probe"].unique())
+probes = ui.first_with_reference(both, "probe", "reference_share_a")
 if len(probes) > 1:
     f1, f2, f3, f4 = st.columns(4)
     probe = f1.selectbox("Probe", probes, key="cmp_probe")
 else:
     (f2, f3, f4), probe = st.columns(3), probes[0]
 both = both[both["probe"] == probe]
-attribute = f2.selectbox("Attribute", ui.attributes_first_with_reference(both, "reference_share_a"),
+attribute = f2.selectbox("Attribute", ui.first_with_reference(both, "attribute", "reference_share_a"),
                          key="cmp_attribute")
 both = both[both["attribute"] == attribute]
 templates = sorted(both["template"].unique(), key=lambda t: (t != "all", t))
@@ -43,6 +43,9 @@ template = f3.selectbox("Template", templates, key="cmp_template")
 both = both[both["template"] == template]
 labels = sorted(both["label"].dropna().unique(),
                 key=lambda lab: (both.loc[both["label"] == lab, "reference_share_a"].isna().all(), lab != "woman", lab))
+if not labels:
+    st.info(f"Every image abstained on `{attribute}` under probe `{probe}` in both runs: nothing to compare.")
+    st.stop()
 label = f4.selectbox("Label", labels, key="cmp_label")
 rows = both[both["label"] == label].copy()
 rows["delta"] = rows["share_b"] - rows["share_a"]

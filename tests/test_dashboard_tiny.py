@@ -1,0 +1,82 @@
+"""The dashboard on a real run made by the tiny model: the offline demo audit (generation in every mode,
+CLIP/faces/skin-tone probes, memorization against the photos the edits start from, C2PA stamps), two
+occupations x 2 images. Every page must show what those stages wrote."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard import RUNS_DIR_ENV
+from diffaudit.runs import Run
+
+pytestmark = pytest.mark.slow  # ~20 s on two CPU cores: the tiny pipeline and the demo audit
+
+APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> Path:
+    from diffaudit.demo import run_demo
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    run_demo(root, images_per_prompt=2, subjects=("ceo", "nurse"), log=lambda message: None)
+    shutil.copytree(root / "demo", root / "demo-copy")  # a second run to compare with
+    return root.resolve()
+
+
+@pytest.fixture
+def app(tiny_runs, monkeypatch):
+    monkeypatch.setenv(RUNS_DIR_ENV, str(tiny_runs))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = ["demo", "demo-copy"]
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def visit(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_every_page_on_a_tiny_model_run(app, tiny_runs):
+    run = Run.open(tiny_runs / "demo")
+    gens = run.read_table("generations")
+    runs = app.dataframe[0].value.set_index("run")
+    assert runs.loc["demo", "images"] == len(gens) == 10
+    assert runs.loc["demo", "model"] == str(run.info["generation"]["model"])
+
+    visit(app, "bias")
+    s = run.read_table("bias/summary")
+    woman = s[(s["probe"] == "clip") & (s["template"] == "all") & (s["label"] == "woman")
+              & s["reference_share"].notna()].set_index("subject")
+    gaps = app.table[0].value.set_index("occupation")
+    assert set(gaps.index) == {"ceo", "nurse"}
+    for subject, row in woman.iterrows():
+        assert gaps.loc[subject, "95% interval"] == f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+        assert gaps.loc[subject, "reference"] == f"{row['reference_share']:.2f}"
+    app.selectbox(key="bias_probe").set_value("faces").run()
+    assert "Every image abstained on `face_count`" in app.info[0].value
+
+    visit(app, "memorization")
+    matches = run.read_table("memorization/matches").sort_values("hamming")
+    first = matches.iloc[0]
+    facts = [m.value for m in app.markdown if "Hamming" in m.value]
+    assert f"Hamming **{first['hamming']}** · tile-L2 {first['tile_l2']:.3f}" in facts[0]
+    captions = [img.captions[0] for img in app.image]
+    assert captions[:2] == [f"generated · {first['image_id']}", f"training · {first['train_key']}"]
+
+    visit(app, "provenance")
+    stamps = run.read_table("provenance/stamps")
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Trusted"] == str(int((stamps["status"] == "Trusted").sum())) and len(stamps) == 10
+
+    visit(app, "compare")
+    table = app.table[0].value
+    assert {"ceo", "nurse"} <= set(table["occupation"])
+    assert set(table["delta"]) == {"+0.00"}  # the same run twice
