@@ -78,7 +78,7 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
     _check_out(Path(run_dir))
     check_scheduler(config.scheduler)
     requests = expand(config.suite, images_per_prompt=config.images_per_prompt, seed=config.seed,
-                      templates=config.templates, subjects=config.subjects)
+                      templates=config.templates, subjects=config.subjects, edits=config.edits)
     jobs = [Job(r, i, s) for r in requests for i, s in enumerate(r.seeds)]
     pipes = pipelines or load_pipelines(config.model, scheduler=config.scheduler, device=config.device,
                                         dtype=config.dtype, safety_checker=config.safety_checker,
@@ -103,7 +103,7 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
             plan.sources[key] = prepare(r.source_image, r.mask, (width, height))
     plan.settings = {
         "suite": config.suite, "images_per_prompt": config.images_per_prompt, "seed": config.seed,
-        "templates": config.templates, "subjects": config.subjects, "steps": steps, "guidance": guidance,
+        "templates": config.templates, "subjects": config.subjects, "edits": config.edits, "steps": steps, "guidance": guidance,
         "width": width, "height": height, "batch_size": config.batch_size, **pipes.info(),
         "noise": "per image: torch.Generator('cpu').manual_seed(seed); independent of batch size and order",
         "requests": len(requests), "images": len(jobs),

@@ -25,7 +25,7 @@ from diffaudit.config import GenerationConfig
 from diffaudit.errors import ConfigError, InputError, ModelError, NotARunError, RunLockedError, SuiteError
 from diffaudit.runs import Run, sha256_file
 from generate import runner, tiny
-from generate.models import Pipelines, load_pipelines
+from generate.models import Pipelines, load_pipelines, wrap_pipeline
 from generate.runner import generate_run, plan_run
 from generate.sources import load_source
 
@@ -329,3 +329,57 @@ def test_cli_generates_and_resumes(tmp_path, capsys):
     assert "0 images generated, 4 already done" in capsys.readouterr().out
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert (info["generation"]["width"], info["generation"]["height"]) == (32, 32)
+
+
+def test_local_diffusers_folder_runs_all_modes_through_from_pipe(tmp_path):
+    """A local folder loads through the AutoPipeline families; img2img/inpaint share its weights."""
+    folder = tiny.ensure_tiny() / "base"
+    pipes = load_pipelines(str(folder))
+    assert pipes.kind == "folder" and pipes.revision.startswith("sha256:") and pipes.default_size == (64, 64)
+    cfg = config(write_suite(tmp_path / "s"), model=str(folder), images_per_prompt=1, width=32, height=32)
+    generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    assert pipes.for_mode("inpaint").unet is pipes.txt2img.unet  # 4-channel UNet, shared, not reloaded
+    assert pipes.for_mode("img2img").vae is pipes.txt2img.vae
+    assert_valid_run(Run.open(tmp_path / "run"), cfg)
+
+
+def test_unreadable_checkpoint_is_a_model_error(tmp_path):
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a readable safetensors"):
+        load_pipelines(str(junk))
+    with pytest.raises(ModelError, match="model_index.json"):
+        load_pipelines(str(tmp_path))
+
+
+@pytest.mark.parametrize("policy", ["flag", "off"])
+def test_safety_checker_flags_instead_of_blacking_out(tmp_path, policy):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    clip = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                       num_attention_heads=4),
+                      vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                         num_attention_heads=4, image_size=32, patch_size=8),
+                      projection_dim=32)
+    checker = StableDiffusionSafetyChecker(clip).eval()
+    checker.concept_embeds_weights.data.fill_(-2.0)  # every image crosses the threshold
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny.ensure_tiny() / "base", safety_checker=checker, requires_safety_checker=True,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    pipes = wrap_pipeline(pipe, spec="tiny+checker", kind="folder", revision=None, steps=2, guidance=5.0,
+                          device="cpu", dtype=pipe.unet.dtype, safety_checker=policy)
+    assert pipe.safety_checker is None  # detached: the pipeline itself never blacks an image out
+    suite = write_suite(tmp_path / "s")
+    cfg = config(suite, model="tiny+checker", images_per_prompt=1, safety_checker=policy, subjects=("nurse",),
+                 edits=())
+    generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    run = Run.open(tmp_path / "run")
+    gens = run.images()
+    assert run.info["generation"]["safety_checker"] == policy
+    if policy == "flag":
+        assert gens["nsfw"].tolist() == [True]
+    else:
+        assert gens["nsfw"].isna().all()
+    assert np.asarray(Image.open(gens["file"][0])).max() > 0  # not blacked out

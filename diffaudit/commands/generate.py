@@ -30,6 +30,7 @@ def generate(
     safety_checker: str = typer.Option("flag", "--safety-checker", help="flag (nsfw column) or off."),
     subjects: str | None = typer.Option(None, "--subjects", help="Comma-separated subject ids (subset)."),
     templates: str | None = typer.Option(None, "--templates", help="Comma-separated template ids (subset)."),
+    edits: str | None = typer.Option(None, "--edits", help="Comma-separated edit ids (subset); '' for none."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Generate a prompt suite into a run folder; rerun the same command to resume."""
@@ -48,8 +49,8 @@ def generate(
         width=width, height=height, seed=seed, scheduler=scheduler,
         batch_size=batch_size if batch_size == "auto" else int(batch_size), dtype=dtype, device=device,
         compile=compile_, safety_checker=safety_checker,
-        subjects=tuple(s.strip() for s in subjects.split(",")) if subjects else None,
-        templates=tuple(t.strip() for t in templates.split(",")) if templates else None)
+        subjects=_ids(subjects),
+        templates=_ids(templates), edits=_ids(edits))
     config = _config(fields)
 
     from generate.runner import generate_run
@@ -58,6 +59,13 @@ def generate(
     rate = summary["images_per_second"]
     typer.echo(f"{summary['generated']} images generated, {summary['skipped']} already done, into {out} "
                f"in {summary['seconds']:.1f} s" + (f" ({rate:.2f} img/s)" if rate else ""))
+
+
+def _ids(value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated id list; None (option not given) selects all, '' selects none."""
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _config(fields: dict):
