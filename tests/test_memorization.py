@@ -19,7 +19,7 @@ from PIL import Image, ImageEnhance
 from audit.memorization import confirm as cf
 from audit.memorization.build import build_index
 from audit.memorization.check import check_run, search_images
-from audit.memorization.hashing import get_hasher, to_hex
+from audit.memorization.hashing import get_hasher, square_crop, to_hex
 from audit.memorization.index import Index, MultiIndexHash, flat_search
 from audit.memorization.sources import load_train_image, plan
 from diffaudit.errors import InputError
@@ -120,7 +120,9 @@ def test_parallel_hashing_equals_serial(tmp_path, photos):
 # -- the index finds copies and nothing else ------------------------------------------------------
 def test_index_finds_every_copy_and_confirms_it(photo_index, photos):
     index, summary = photo_index
-    assert summary["count"] == len(photos) * 5 and summary["counts"]["indexed"] == len(photos) * 5
+    c = summary["counts"]
+    assert c["indexed"] == len(photos) * 5 and summary["count"] == c["indexed"] + c["square_crops"]
+    assert c["square_crops"] > 10  # the wide and tall photos and their copies
     keys = index.items(np.arange(index.count))["key"].tolist()
     found = search_images(index, list(photos.values()), 10)
     for (name, img), cands in zip(photos.items(), found, strict=True):
@@ -136,10 +138,9 @@ def test_index_finds_every_copy_and_confirms_it(photo_index, photos):
 def test_distinct_photos_never_match_or_confirm(photo_index, photos):
     index, _ = photo_index
     codes = np.asarray(index.codes)
-    originals = [i for i, k in enumerate(index.items(np.arange(index.count))["key"]) if "__" not in k]
-    d = np.bitwise_count(codes[originals][:, None] ^ codes[originals][None, :])
-    np.fill_diagonal(d, 64)
-    assert d.min() > 10
+    photo = index.items(np.arange(index.count))["key"].str.split("__").str[0].str.removesuffix(".jpg").to_numpy()
+    d = np.bitwise_count(codes[:, None] ^ codes[None, :])
+    assert d[photo[:, None] != photo[None, :]].min() > 10  # any code of one photo vs any code of another
     names = list(photos)
     for a in range(len(names)):
         for b in range(a + 1, len(names)):
@@ -245,11 +246,12 @@ def test_tar_shards_are_read_safely_with_counts(tmp_path, photos, monkeypatch):
     monkeypatch.chdir(work)
     summary = build_index([str(shard.parent)], str(tmp_path / "idx"), progress=False)
     c = summary["counts"]
-    assert summary["count"] == 5 and c["indexed"] == 5
+    assert summary["count"] == 5 + c.get("square_crops", 0) and c["indexed"] == 5
     assert c["skipped_corrupt"] == 1 and c["skipped_not_image"] == 2 and c["skipped_too_large"] == 1
     assert c["skipped_not_file"] == 1 and c["unsafe_names"] == 1
     assert not list(work.rglob("*")) and not (tmp_path / "escape").exists()
-    items = Index.open(tmp_path / "idx").items(np.arange(5))
+    items = Index.open(tmp_path / "idx").items(np.arange(summary["count"]))
+    items = items[items["variant"] == "full"].reset_index(drop=True)
     assert items["key"].tolist() == ["000000", "000001", "000002", "000003", "escape/100004"]
     assert items["uri"].iloc[1] == "https://img2dataset.example/1" and items["caption"].iloc[1] == "from parquet"
     assert items["uri"].iloc[0] == f"https://example.org/{list(subset)[0]}"
@@ -274,10 +276,10 @@ def test_ray_engine_builds_the_same_index_as_local(tmp_path, photos):
     finally:
         ray.shutdown()
     local = build_index([str(tmp_path / "shards")], str(tmp_path / "local"), progress=False)
-    assert remote["counts"] == local["counts"] and remote["count"] == local["count"] == 7
+    assert remote["counts"] == local["counts"] and remote["counts"]["indexed"] == 7
     a, b = Index.open(tmp_path / "ray"), Index.open(tmp_path / "local")
-    assert np.array_equal(np.asarray(a.codes), np.asarray(b.codes))
-    pd.testing.assert_frame_equal(a.items(np.arange(7)), b.items(np.arange(7)))
+    assert a.count == b.count and np.array_equal(np.asarray(a.codes), np.asarray(b.codes))
+    pd.testing.assert_frame_equal(a.items(np.arange(a.count)), b.items(np.arange(b.count)))
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -349,7 +351,7 @@ def test_check_run_without_matches_and_cli_query(photo_run: Run, tmp_path, photo
     train.mkdir()
     for name in ("china", "flower"):
         (train / f"{name}.jpg").write_bytes(jpeg(photos[name], 90))
-    main(["index", "build", str(train), "--out", str(tmp_path / "idx"), "--workers", "1"])
+    main(["index", "build", str(train), "--out", str(tmp_path / "idx"), "--workers", "1", "--no-square"])
     assert json.loads(capsys.readouterr().out)["count"] == 2
     main(["audit", "memorization", str(photo_run.root), "--index", str(tmp_path / "idx")])
     assert json.loads(capsys.readouterr().out)["memorized_images"] == 0
@@ -363,3 +365,20 @@ def test_check_run_without_matches_and_cli_query(photo_run: Run, tmp_path, photo
     assert [n["key"] for n in result["nearest"]] == ["flower.jpg", "china.jpg"]
     main(["index", "info", str(tmp_path / "idx")])
     assert json.loads(capsys.readouterr().out)["count"] == 2
+
+
+def test_square_crop_of_a_wide_training_photo_is_found(tmp_path, photos):
+    """Text-to-image training feeds centred square crops: a generation reproducing one must be caught."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "china.jpg").write_bytes(jpeg(photos["china"], 90))   # 512 x 341
+    (tmp_path / "train" / "rocket.jpg").write_bytes(jpeg(photos["rocket"], 90))
+    build_index([str(tmp_path / "train")], str(tmp_path / "idx"), progress=False)
+    no_square = build_index([str(tmp_path / "train")], str(tmp_path / "flat"), square=False, progress=False)
+    generated = Image.open(io.BytesIO(jpeg(square_crop(photos["china"]).resize((256, 256)), 90)))
+    index = Index.open(tmp_path / "idx")
+    cands = search_images(index, [generated], 10)[0]
+    rows = index.items(cands["id"])
+    assert rows["key"].tolist() == ["china.jpg"] and rows["variant"].tolist() == ["square"]
+    assert search_images(Index.open(tmp_path / "flat"), [generated], 10)[0].empty and no_square["count"] == 2
+    train = square_crop(load_train_image(rows["source"].iloc[0], None, None, None))
+    assert cf.confirm(generated, train).verdict == "memorized"

@@ -47,12 +47,15 @@ def _hashes_unit(unit: Unit, hash_name: str, counts: Counts) -> tuple[np.ndarray
             continue
         codes.append(code)
         rows.append({"key": str(key), "uri": uri, "caption": cap, "source": uri if uri and os.path.isfile(uri)
-                     else None, "member": None, "offset": None, "size": None})
+                     else None, "member": None, "offset": None, "size": None, "variant": "full"})
     return np.asarray(codes, dtype=np.uint64), rows
 
 
-def hash_unit(unit: Unit, hash_name: str, exact: bool = False) -> tuple[np.ndarray, list[dict[str, Any]], dict]:
-    """Read and hash one unit: (codes, item rows, counts). Runs in a worker process or a Ray task."""
+def hash_unit(unit: Unit, hash_name: str, exact: bool = False,
+              square: bool = True) -> tuple[np.ndarray, list[dict[str, Any]], dict]:
+    """Read and hash one unit: (codes, item rows, counts). Runs in a worker process or a Ray task.
+
+    With ``square``, wide and tall images get a second code for their centred square crop."""
     counts = Counts()
     if unit.kind == "hashes":
         codes, rows = _hashes_unit(unit, hash_name, counts)
@@ -63,15 +66,18 @@ def hash_unit(unit: Unit, hash_name: str, exact: bool = False) -> tuple[np.ndarr
     codes, rows = [], []
 
     def flush(batch: list[Record]) -> None:
-        c, good, reasons = hasher.hash_data([r.data for r in batch], exact=exact)
+        reduced, owners, variants, reasons = hasher.reduce_many([r.data for r in batch], exact=exact,
+                                                                square=square)
         for reason in reasons:
             if reason:
                 counts.add(f"skipped_{reason}")
-        codes.append(c)
-        for i in good:
+        codes.append(hasher.pack(reduced))
+        for i, variant in zip(owners, variants, strict=True):
             r = batch[i]
             rows.append({"key": r.key, "uri": r.uri, "caption": r.caption, "source": r.source,
-                         "member": r.member, "offset": r.offset, "size": r.size})
+                         "member": r.member, "offset": r.offset, "size": r.size, "variant": variant})
+        counts.add("indexed", len(reasons) - sum(map(bool, reasons)))
+        counts.add("square_crops", variants.count("square"))
 
     batch: list[Record] = []
     for rec in records:
@@ -81,27 +87,29 @@ def hash_unit(unit: Unit, hash_name: str, exact: bool = False) -> tuple[np.ndarr
             batch = []
     if batch:
         flush(batch)
-    counts.add("indexed", len(rows))
     out = np.concatenate(codes) if codes else np.empty(0, np.uint64)
     return out, rows, dict(counts.c)
 
 
-def _local(units: list[Unit], hash_name: str, exact: bool, workers: int) -> Iterator[tuple]:
+def _local(units: list[Unit], hash_name: str, exact: bool, square: bool, workers: int) -> Iterator[tuple]:
     if workers <= 1 or len(units) == 1:
         for u in units:
-            yield hash_unit(u, hash_name, exact)
+            yield hash_unit(u, hash_name, exact, square)
         return
     from concurrent.futures import ProcessPoolExecutor
 
+    n = len(units)
     with ProcessPoolExecutor(workers) as pool:
-        yield from pool.map(hash_unit, units, [hash_name] * len(units), [exact] * len(units))
+        yield from pool.map(hash_unit, units, [hash_name] * n, [exact] * n, [square] * n)
 
 
 def build_index(sources: list[str], out: str, *, hash_name: str = "phash", engine: str = "local",
-                workers: int | None = None, exact: bool = False, ray_address: str | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                workers: int | None = None, exact: bool = False, square: bool = True,
+                ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Index the training images of ``sources`` into the folder ``out`` (created or extended).
 
+    ``exact`` decodes JPEGs in full (codes bit-identical to imagehash); ``square`` adds the centred square
+    crop of wide/tall images as a second code (a memorized generation reproduces the training crop).
     Returns a summary: path, hash, count, units done/skipped, per-reason counts of this build, seconds.
     """
     if engine not in ENGINES:
@@ -116,9 +124,9 @@ def build_index(sources: list[str], out: str, *, hash_name: str = "phash", engin
     if engine == "ray":
         from audit.memorization.ray_engine import ray_hash_units
 
-        results: Iterable[tuple] = ray_hash_units(todo, hash_name, exact, address=ray_address)
+        results: Iterable[tuple] = ray_hash_units(todo, hash_name, exact, square, address=ray_address)
     else:
-        results = _local(todo, hash_name, exact, workers)
+        results = _local(todo, hash_name, exact, square, workers)
     if progress:
         from tqdm import tqdm
 

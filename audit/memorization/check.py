@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from audit.memorization.confirm import CROPS, center_crop, confirm
-from audit.memorization.hashing import get_hasher
+from audit.memorization.hashing import get_hasher, square_crop
 from audit.memorization.index import DEFAULT_RADIUS, Index
 from audit.memorization.sources import SkipImage, decode_image, file_key, load_train_image
 from diffaudit.errors import InputError
@@ -109,10 +109,7 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
             row = {"image_id": gen["image_id"], "prompt_id": gen["prompt_id"], "train_key": item["key"],
                    "train_uri": item["uri"], "hamming": int(cand.hamming), "tile_l2": None, "ssim": None,
                    "embedding_sim": None, "verdict": "unconfirmed", "evidence_path": None}
-            try:
-                train = load_train_image(item["source"], item["member"], _int(item["offset"]), _int(item["size"]))
-            except (SkipImage, OSError):
-                train = None
+            train = _train_image(item)
             if train is not None:
                 c = confirm(images[i], train)
                 row.update(tile_l2=c.tile_l2, ssim=c.ssim, embedding_sim=c.embedding_sim, verdict=c.verdict,
@@ -130,6 +127,15 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
     run.record_stage("memorization", seconds=summary["seconds"], index=summary["index"], hash=index.hash_name,
                      radius=radius, images=len(gens), candidates=len(matches), memorized_images=memorized)
     return summary
+
+
+def _train_image(item: Any) -> Image.Image | None:
+    """The indexed training image of an item row (its square crop for ``square`` codes), None if unreadable."""
+    try:
+        img = load_train_image(item["source"], item["member"], _int(item["offset"]), _int(item["size"]))
+    except (SkipImage, OSError):
+        return None
+    return square_crop(img) if item["variant"] == "square" else img
 
 
 def _int(value: Any) -> int | None:
@@ -163,15 +169,13 @@ def query_files(files: list[str], index_dir: str | Path, *, radius: int = DEFAUL
         if len(cands):
             items = index.items(cands["id"].to_numpy())
             for item, ham in zip(items.to_dict("records"), cands["hamming"], strict=True):
-                m = {"key": item["key"], "uri": item["uri"], "hamming": int(ham)}
-                if confirm_matches:
-                    try:
-                        train = load_train_image(item["source"], item["member"], _int(item["offset"]),
-                                                 _int(item["size"]))
-                        c = confirm(img, train)
-                        m.update(tile_l2=round(c.tile_l2, 4), ssim=round(c.ssim, 4), verdict=c.verdict)
-                    except (SkipImage, OSError):
-                        m.update(verdict="unconfirmed")
+                m = {"key": item["key"], "variant": item["variant"], "uri": item["uri"], "hamming": int(ham)}
+                train = _train_image(item) if confirm_matches else None
+                if train is not None:
+                    c = confirm(img, train)
+                    m.update(tile_l2=round(c.tile_l2, 4), ssim=round(c.ssim, 4), verdict=c.verdict)
+                elif confirm_matches:
+                    m.update(verdict="unconfirmed")
                 matches.append(m)
         nearest = [{"key": k, "hamming": int(d)} for k, d in zip(index.items(nid)["key"], nd, strict=True)]
         results.append({"file": f, "hash": format(hasher.hash_image(img), "016x"), "matches": matches,

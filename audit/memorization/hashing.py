@@ -20,6 +20,15 @@ from audit.memorization.sources import SkipImage, decode_image
 
 LANCZOS = Image.Resampling.LANCZOS
 BATCH = 256
+SQUARE_MIN_ASPECT = 1.15
+
+
+def square_crop(img: Image.Image) -> Image.Image:
+    """The centred square crop (what text-to-image training pipelines feed the model)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s))
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -72,23 +81,43 @@ class Hasher:
     def hash_image(self, img: Image.Image) -> int:
         return int(self.codes([img])[0])
 
+    def reduce_many(self, items: list[bytes | str], *, exact: bool = False, square: bool = False
+                    ) -> tuple[list[np.ndarray], list[int], list[str], list[str | None]]:
+        """Decode bytes or paths and reduce them: (arrays, owning item index, variant, skip reason per item).
+
+        With ``square``, an image whose sides differ by more than ``SQUARE_MIN_ASPECT`` also yields its
+        centred square crop (variant ``square``): text-to-image models train on such crops, so a memorized
+        generation matches the crop rather than the whole wide or tall photo."""
+        reduced, owners, variants, reasons = [], [], [], []
+        for i, item in enumerate(items):
+            try:
+                img = decode_image(item, draft=None if exact else self.draft)
+            except SkipImage as e:
+                reasons.append(e.reason)
+                continue
+            reasons.append(None)
+            reduced.append(self.reduce(img))
+            owners.append(i)
+            variants.append("full")
+            w, h = img.size
+            if square and max(w, h) > SQUARE_MIN_ASPECT * min(w, h):
+                reduced.append(self.reduce(square_crop(img)))
+                owners.append(i)
+                variants.append("square")
+        return reduced, owners, variants, reasons
+
+    def pack(self, reduced: list[np.ndarray]) -> np.ndarray:
+        """Codes of ``reduce`` outputs, transformed in batches."""
+        codes = [pack_bits(self.bits(np.stack(reduced[i:i + BATCH]))) for i in range(0, len(reduced), BATCH)]
+        return np.concatenate(codes) if codes else np.empty(0, np.uint64)
+
     def hash_data(self, items: list[bytes | str], *, exact: bool = False) -> tuple[np.ndarray, np.ndarray,
                                                                                      list[str | None]]:
         """Decode and hash bytes or paths. Returns (codes of good ones, their indices, skip reason per item).
 
         ``exact=True`` disables JPEG draft decoding (bit-identical to imagehash on the full image)."""
-        reduced, good, reasons = [], [], []
-        for i, item in enumerate(items):
-            try:
-                img = decode_image(item, draft=None if exact else self.draft)
-                reduced.append(self.reduce(img))
-                good.append(i)
-                reasons.append(None)
-            except SkipImage as e:
-                reasons.append(e.reason)
-        codes = [pack_bits(self.bits(np.stack(reduced[i:i + BATCH]))) for i in range(0, len(reduced), BATCH)]
-        out = np.concatenate(codes) if codes else np.empty(0, np.uint64)
-        return out, np.asarray(good, dtype=np.int64), reasons
+        reduced, owners, _, reasons = self.reduce_many(items, exact=exact)
+        return self.pack(reduced), np.asarray(owners, dtype=np.int64), reasons
 
     def hash_files(self, paths: list[str], *, workers: int | None = None, exact: bool = False,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[str | None]]:

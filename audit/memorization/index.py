@@ -5,7 +5,7 @@ names it, so a crash never leaves a half-indexed shard, and a rerun skips the un
 
     meta.json                 format, version, hash name, count, shards (name, count, unit id), counts
     codes/<shard>.npy         uint64 codes, loaded memory-mapped
-    items/<shard>.parquet     key, uri, caption, source, member, offset, size (row i <-> code i)
+    items/<shard>.parquet     key, uri, caption, source, member, offset, size, variant (row i <-> code i)
     mih/                      search tables (a cache rebuilt when the count changes)
 
 Search is exact: multi-index hashing (Norouzi et al., "Fast Search in Hamming Space with Multi-Index
@@ -47,6 +47,7 @@ ITEMS = pa.schema([
     pa.field("member", pa.string()),          # tar member name (metadata only, never used as a path)
     pa.field("offset", pa.int64()),           # data offset inside an uncompressed tar
     pa.field("size", pa.int64()),
+    pa.field("variant", pa.string()),         # full | square (the centred square crop of a wide/tall image)
 ])
 MAX_WIDTH = 24                                # widest substring table: 2**24 buckets
 CHUNK_CANDIDATES = 1 << 18                    # candidates verified per step (keeps temporaries in cache)
@@ -311,7 +312,7 @@ class Index:
 
     # -- reading ------------------------------------------------------------------------------
     def items(self, ids: np.ndarray) -> pd.DataFrame:
-        """The item rows (key, uri, caption, source, member, offset, size) of global ids, in order."""
+        """The item rows (``ITEMS`` columns plus ``id``) of global ids, in order."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
             raise IndexError("id out of range")

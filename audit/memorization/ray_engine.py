@@ -19,10 +19,10 @@ def _task(row: dict[str, Any]) -> dict[str, Any]:
     from audit.memorization.build import hash_unit
 
     unit = pickle.loads(row["unit"])
-    return {"i": row["i"], "result": pickle.dumps(hash_unit(unit, row["hash_name"], row["exact"]))}
+    return {"i": row["i"], "result": pickle.dumps(hash_unit(unit, row["hash_name"], row["exact"], row["square"]))}
 
 
-def ray_hash_units(units: list[Unit], hash_name: str, exact: bool, *, address: str | None = None,
+def ray_hash_units(units: list[Unit], hash_name: str, exact: bool, square: bool, *, address: str | None = None,
                    num_cpus: int | None = None) -> Iterator[tuple]:
     """Yield ``hash_unit`` results for ``units`` in their order, computed by Ray tasks."""
     if not units:
@@ -39,7 +39,8 @@ def ray_hash_units(units: list[Unit], hash_name: str, exact: bool, *, address: s
                  log_to_driver=False, configure_logging=False)
         started = True
     try:
-        rows = [{"i": i, "unit": pickle.dumps(u), "hash_name": hash_name, "exact": exact}
+        rows = [{"i": i, "unit": pickle.dumps(u), "hash_name": hash_name, "exact": exact,
+             "square": square}
                 for i, u in enumerate(units)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(_task)
         pending: dict[int, tuple] = {}

@@ -29,12 +29,14 @@ def index_build(
     workers: int = typer.Option(0, "--workers", min=0, help="Local processes (0: all cores)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
     exact: bool = typer.Option(False, "--exact", help="Decode JPEGs in full: bit-identical to imagehash, slower."),
+    square: bool = typer.Option(True, "--square/--no-square",
+                                help="Also index the centred square crop of wide/tall images."),
 ) -> None:
     """Hash training images into an index. Rerunning resumes; new sources are appended."""
     from audit.memorization.build import build_index
 
     summary = build_index(sources, str(out), hash_name=hash_name, engine=engine.value, workers=workers or None,
-                          exact=exact, ray_address=ray_address)
+                          exact=exact, square=square, ray_address=ray_address)
     typer.echo(json.dumps(summary, indent=2))
 
 
