@@ -107,7 +107,7 @@ def bench_search_and_build(n_codes: int, n_queries: int, n_faiss: int, radius: i
         for i in range(0, n_codes, step):
             chunk = codes[i:i + step]
             items = pd.DataFrame({"key": [f"{j:09d}" for j in range(i, i + len(chunk))]})
-            for col in ("uri", "caption", "source", "member", "offset", "size"):
+            for col in ("uri", "caption", "source", "member", "offset", "size", "variant"):
                 items[col] = None
             index.append(chunk, items, unit=f"bench:{i}", counts={"indexed": len(chunk)})
         append_s = time.perf_counter() - t
@@ -148,6 +148,28 @@ def bench_search_and_build(n_codes: int, n_queries: int, n_faiss: int, radius: i
          recall_vs_faiss=recall, extra_vs_faiss=len(ours - theirs), faiss_threads=faiss.omp_get_max_threads())
 
 
+def bench_search_variants(n_codes: int, n_queries: int, radius: int) -> None:
+    """Why m is chosen by cost: m = r + 1 substrings (exact-match pigeonhole) vs the chosen m vs a numpy scan."""
+    from audit.memorization.index import flat_search
+
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 2**64 - 1, n_codes, dtype=np.uint64)
+    queries = planted_queries(codes, n_queries, rng)
+    t = time.perf_counter()
+    ref = flat_search(codes, queries, radius)
+    flat_qps = n_queries / (time.perf_counter() - t)
+    out = {}
+    for m in sorted({choose_m(n_codes, radius), radius + 1}):
+        mih = MultiIndexHash.build(codes, m)
+        mih.search(queries[:8], radius)
+        t = time.perf_counter()
+        got = mih.search(queries, radius)
+        out[f"m{m}_qps"] = round(n_queries / (time.perf_counter() - t), 1)
+        out[f"m{m}_exact"] = all(np.array_equal(a, b) for a, b in zip(ref, got, strict=True))
+    emit(bench="radius_search_variants", codes=n_codes, radius=radius, chosen_m=choose_m(n_codes, radius),
+         numpy_scan_qps=round(flat_qps, 1), **out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1M codes, 200 files: a CI-scale sanity run")
@@ -164,6 +186,7 @@ def main() -> None:
          note="CPU figures on a shared machine; other jobs may have run at the same time")
     bench_hashing(n_files, args.workers)
     bench_search_and_build(n_codes, n_queries, min(n_queries, 300 if args.quick else 500), args.radius)
+    bench_search_variants(min(n_codes, 1_000_000), 200, args.radius)
 
 
 if __name__ == "__main__":
