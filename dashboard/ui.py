@@ -4,6 +4,7 @@ image grids. Rendering only; data comes from ``dashboard.data``."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 import pandas as pd
@@ -45,6 +46,21 @@ C2PA_CODES: dict[str, str] = {
     "timeStamp.outsideValidity": "the time stamp is outside the certificate's validity",
     "general.error": "the validator failed on this file",
 }
+
+
+_MARKDOWN = re.compile(r"([\\`*\[\]!<>$~|#])")
+
+
+def md(value: object) -> str:
+    """Text from a table or an uploaded file, escaped so that Streamlit's markdown (st.markdown,
+    captions, st.table cells) shows it literally: no links, remote images, HTML or math from data."""
+    return _MARKDOWN.sub(r"\\\1", str(value))
+
+
+def md_table(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """``df`` with the text ``columns`` that come from data escaped with :func:`md`, for ``st.table``
+    (which renders markdown in cells); the figures the page formats itself stay as they are."""
+    return df.assign(**{c: df[c].map(md) for c in columns})
 
 
 def plain(code: str) -> str:
@@ -113,13 +129,13 @@ def image_grid(run: Run, paths: Iterable[str | None], captions: Iterable[str], w
         try:
             thumb = thumbs.thumbnail(run, rel)
         except data.PathRefusedError as e:
-            st.warning(f"{caption}: {e}")
+            st.warning(f"{md(caption)}: {md(e)}")
             continue
         if thumb is None:
-            st.caption(f"{caption} (image missing or unreadable: {rel})")
+            st.caption(f"{md(caption)} (image missing or unreadable: {md(rel)})")
         else:
             thumbs_.append(thumb)
-            shown.append(caption)
+            shown.append(md(caption))
     if thumbs_:
         st.image(thumbs_, caption=shown, width=width)
 
@@ -129,12 +145,12 @@ def show_image(run: Run, rel: str | None, caption: str) -> None:
     try:
         thumb = thumbs.thumbnail(run, rel)
     except data.PathRefusedError as e:
-        st.warning(f"{caption}: {e}")
+        st.warning(f"{md(caption)}: {md(e)}")
         return
     if thumb is None:
-        st.caption(f"{caption} (image missing or unreadable: {rel})")
+        st.caption(f"{md(caption)} (image missing or unreadable: {md(rel)})")
     else:
-        st.image(thumb, caption=caption, width="stretch")
+        st.image(thumb, caption=md(caption), width="stretch")
 
 
 def first_with_reference(rows: pd.DataFrame, column: str, reference: str = "reference_share") -> list[str]:

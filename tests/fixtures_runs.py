@@ -192,7 +192,7 @@ def build_evil_run(root: Path) -> Run:
                                               {"clip": run.read_table("probes/clip")}, suite="occupations"))
     run.write_table("memorization/matches", pd.DataFrame([dict(
         image_id="plain-ceo-1", prompt_id="plain-ceo", train_key="k", hamming=1, verdict="memorized",
-        evidence_path="../../../../../../etc/passwd")]))
+        train_uri="![x](http://example.org/x.png)", evidence_path="../../../../../../etc/passwd")]))
     run.write_table("provenance/stamps", pd.DataFrame([dict(
         image_id="plain-ceo-1", source_path="/etc/passwd", stamped_path="/etc/passwd", format="png",
         watermark="none", sha256="0" * 64, status="none", seconds=0.0)]))

@@ -305,6 +305,8 @@ def test_crafted_rows_are_refused_on_every_page(runs_dir, monkeypatch):
     visit(at, "memorization")
     refusals = [w.value for w in at.warning]
     assert len(refusals) == 2 and all("refused to open '../../../../../../etc/passwd'" in w for w in refusals)
+    # Text from a table is shown literally: a markdown image in a row never makes the browser fetch it.
+    assert any(r"source \!\[x\](http://example.org/x.png)" in c.value for c in at.caption)
     visit(at, "provenance")
     assert any("provenance/robustness" in e.value and "schema version" in e.value for e in at.error)
     visit(at, "bias")

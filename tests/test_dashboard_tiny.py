@@ -61,7 +61,12 @@ def test_every_page_on_a_tiny_model_run(app, tiny_runs):
         assert gaps.loc[subject, "95% interval"] == f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
         assert gaps.loc[subject, "reference"] == f"{row['reference_share']:.2f}"
     app.selectbox(key="bias_probe").set_value("faces").run()
-    assert "Every image abstained on `face_count`" in app.info[0].value
+    assert not app.exception
+    faces = s[(s["probe"] == "faces") & (s["attribute"] == "face_count")]
+    if faces["label"].isna().all():  # the tiny model's noise rarely shows a face the detector accepts
+        assert "Every image abstained on `face_count`" in app.info[0].value
+    else:
+        assert set(app.selectbox(key="bias_subject").options) == set(faces["subject"])
 
     visit(app, "memorization")
     matches = run.read_table("memorization/matches").sort_values("hamming")

@@ -86,7 +86,7 @@ top = focus_rows.reindex([s for s in order if s in focus_rows.index]).reset_inde
 top = top[top["reference_share"].notna()].head(10)
 if len(top):
     st.subheader(f"Largest gaps: {focus} share vs {reference}")
-    st.table(pd.DataFrame({
+    st.table(ui.md_table(pd.DataFrame({
         "occupation": top["subject"],
         "share": [ui.number(v) for v in top["share"]],
         "95% interval": [ui.interval(lo, hi) for lo, hi in zip(top["ci_low"], top["ci_high"], strict=True)],
@@ -94,7 +94,7 @@ if len(top):
         "gap": [ui.number(v, 3) for v in top["gap"]],
         "gap interval": [ui.interval(lo, hi) for lo, hi in zip(top["gap_ci_low"], top["gap_ci_high"], strict=True)],
         "q-value": [ui.number(v, 4) for v in top["q_value"]],
-    }), hide_index=True)
+    }), "occupation"), hide_index=True)
 
 # -- share with interval per occupation and label, reference on the same axis ---------------------------
 st.subheader("Share of each perceived label, with its interval and the reference")
@@ -155,7 +155,7 @@ shown = g2.multiselect("Predicted label", statuses, default=statuses, key=f"bias
 images = images[images["status"].isin(shown)].reset_index(drop=True)
 pages = max(1, -(-len(images) // PAGE))
 page = g3.number_input(f"Page (of {pages})", 1, pages, 1, key=f"bias_page_{subject}") if pages > 1 else 1
-st.caption(f"{len(images)} image(s) of {subject}: " + ", ".join(
+st.caption(f"{len(images)} image(s) of {ui.md(subject)}: " + ", ".join(
     f"{s} {int(c)}" for s, c in images["status"].value_counts().sort_index().items()))
 window = images.iloc[(page - 1) * PAGE: page * PAGE]
 captions = [

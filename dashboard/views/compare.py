@@ -63,7 +63,7 @@ m2.metric("Closer to the reference in B", f"{int(closer)} of {with_ref}")
 m3.metric("Largest change", f"{rows['delta'].iloc[0]:+.2f}" if len(rows) else ui.MISSING,
           help=str(rows["subject"].iloc[0]) if len(rows) else None)
 
-st.table(pd.DataFrame({
+st.table(ui.md_table(pd.DataFrame({
     "occupation": rows["subject"],
     f"A: {run_a.name}": [f"{ui.number(s)} {ui.interval(lo, hi)}" for s, lo, hi in
                          zip(rows["share_a"], rows["ci_low_a"], rows["ci_high_a"], strict=True)],
@@ -71,7 +71,7 @@ st.table(pd.DataFrame({
                          zip(rows["share_b"], rows["ci_low_b"], rows["ci_high_b"], strict=True)],
     "delta": [f"{d:+.2f}" if d == d else ui.MISSING for d in rows["delta"]],
     "reference": [ui.number(v) for v in rows["reference_share_a"]],
-}), hide_index=True)
+}), "occupation"), hide_index=True)
 
 long = pd.concat([
     rows.assign(run=f"A: {run_a.name}", share=rows["share_a"], ci_low=rows["ci_low_a"], ci_high=rows["ci_high_a"]),

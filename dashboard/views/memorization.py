@@ -27,8 +27,8 @@ if len(rates):
     c2.metric("Prompts with a match", f"{int((r['matched'] > 0).sum())} of {len(r)}")
     flagged = r[r["matched"] > 0]
     if len(flagged):
-        st.table(flagged[["prompt_id", "subject", "matched", "images", "rate", "interval"]].assign(
-            rate=[ui.number(v, 3) for v in flagged["rate"]]), hide_index=True)
+        st.table(ui.md_table(flagged[["prompt_id", "subject", "matched", "images", "rate", "interval"]].assign(
+            rate=[ui.number(v, 3) for v in flagged["rate"]]), "prompt_id", "subject"), hide_index=True)
         bars = flagged[["prompt_id", "matched", "images", "rate", "ci_low", "ci_high", "interval"]]
         st.vega_lite_chart(spec=charts.rate_bars(bars), width="stretch")
     with st.expander(f"All {len(r)} prompts"):
@@ -61,10 +61,11 @@ for m in shown.iloc[(page - 1) * PAIRS: page * PAIRS].itertuples():
         if isinstance(m.evidence_path, str):
             ui.show_image(run, m.evidence_path, f"training · {m.train_key}")
         else:
-            st.caption(f"training · {m.train_key}: no evidence image stored in the run")
+            st.caption(f"training · {ui.md(m.train_key)}: no evidence image stored in the run")
     with facts:
-        st.markdown(f"**{m.verdict}**  \nHamming **{m.hamming}** · tile-L2 {ui.number(m.tile_l2, 3)} · "
+        st.markdown(f"**{ui.md(m.verdict)}**  \nHamming **{m.hamming}** · tile-L2 {ui.number(m.tile_l2, 3)} · "
                     f"SSIM {ui.number(m.ssim, 3)}"
                     + (f" · embedding {ui.number(m.embedding_sim, 3)}" if ui.number(m.embedding_sim) != ui.MISSING else ""))
-        st.caption(f"prompt `{m.prompt_id}`" + (f" · source {m.train_uri}" if isinstance(m.train_uri, str) else ""))
+        st.caption(f"prompt {ui.md(m.prompt_id)}"
+                   + (f" · source {ui.md(m.train_uri)}" if isinstance(m.train_uri, str) else ""))
     st.divider()

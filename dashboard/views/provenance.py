@@ -48,8 +48,9 @@ def as_dict(result: Any) -> dict[str, Any]:
 def _facts(value: Any) -> str:
     """A small dict as ``key value · key value`` (nested values shown as they are)."""
     if isinstance(value, dict):
-        return " · ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items() if v not in (None, "", [], {}))
-    return str(value)
+        return " · ".join(f"{k.replace('_', ' ')} {ui.md(v)}" for k, v in value.items()
+                          if v not in (None, "", [], {}))
+    return ui.md(value)
 
 
 def show_result(result: dict[str, Any]) -> None:
@@ -65,13 +66,13 @@ def show_result(result: dict[str, Any]) -> None:
              "Valid": "signed and intact, but the signer is not in your trust anchors",
              "Invalid": "credentials present but they do not validate",
              "none": "no content credentials embedded"}.get(status)
-    box(f"C2PA: **{status}**" + (f": {words}" if words else ""))
+    box(f"C2PA: **{ui.md(status)}**" + (f": {words}" if words else ""))
     if signer:
         st.markdown(f"**signer**: {_facts(signer)}")
     explanations = {f.get("code"): f.get("explanation") for f in creds.get("failures") or [] if isinstance(f, dict)}
     for code in creds.get("failure_codes") or result.get("failure_codes") or []:
         extra = explanations.get(code)
-        st.markdown(f"- {ui.plain(str(code))}" + (f" ({extra})" if extra else ""))
+        st.markdown(f"- {ui.md(ui.plain(str(code)))}" + (f" ({ui.md(extra)})" if extra else ""))
     if creds.get("generation"):
         st.markdown(f"**generation**: {_facts(creds['generation'])}")
     for key, value in result.items():
@@ -80,7 +81,7 @@ def show_result(result: dict[str, Any]) -> None:
     if not result.get("watermark") and not result.get("recovered") and status in ("none", "Invalid"):
         st.caption("No watermark found and no match in the manifest store.")
     if result.get("problem"):
-        st.warning(str(result["problem"]))
+        st.warning(ui.md(result["problem"]))
     with st.expander("Full result"):
         st.json(result, expanded=False)
 
@@ -113,7 +114,8 @@ if names:
         problems = view[view["status"].isin(["Invalid", "none"]) | (view["failures"] != "")]
         if len(problems):
             st.markdown("**Stamps that need a look**")
-            st.table(problems[["image", "status", "failures"]], hide_index=True)
+            st.table(ui.md_table(problems[["image", "status", "failures"]], "image", "status", "failures"),
+                     hide_index=True)
     robustness = ui.table(run, "provenance/robustness")
     if len(robustness):
         st.subheader("Watermark robustness")
@@ -130,7 +132,7 @@ anchors = st.file_uploader("Trust anchors (PEM bundle, optional)", type=["pem", 
                            max_upload_size=1, key="verify_anchors")
 if upload is not None:
     if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
-        st.error(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
+        st.error(f"{ui.md(upload.name)} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
         st.stop()
     verify = verifier()
     if verify is None:
@@ -148,9 +150,9 @@ if upload is not None:
         try:
             results = verify([target], trust_anchors=trust)
         except Exception as e:  # a bad file must give a message, never a crash of the page
-            st.error(f"Could not verify {upload.name}: {e}")
+            st.error(f"Could not verify {ui.md(upload.name)}: {ui.md(e)}")
             st.stop()
     results = list(results.values()) if isinstance(results, dict) else list(results)
-    st.markdown(f"**{upload.name}**")
+    st.markdown(f"**{ui.md(upload.name)}**")
     for result in results:
         show_result(as_dict(result))

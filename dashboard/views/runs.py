@@ -26,11 +26,11 @@ for name in ui.picked():
     info = run.info
     row = runs[runs["run"] == name].iloc[0]
     st.subheader(name)
-    st.markdown(f"**model** {row['model']} · **suite** {row['suite']} · **images** {row['images']} · "
-                f"**created** {row['created']}")
+    st.markdown(f"**model** {ui.md(row['model'])} · **suite** {ui.md(row['suite'])} · **images** {row['images']} · "
+                f"**created** {ui.md(row['created'])}")
     stages = info.get("stages", {}) or {}
     if stages:
-        st.table({"stage": list(stages),
+        st.table({"stage": [ui.md(s) for s in stages],
                   "seconds": [ui.number(s.get("seconds"), 1) for s in stages.values()],
                   "finished": [str(s.get("finished", ui.MISSING)) for s in stages.values()]}, hide_index=True)
     tables = run.tables()
