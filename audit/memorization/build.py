@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 
 from audit.memorization.hashing import BATCH, from_hex, get_hasher
 from audit.memorization.index import ITEMS, Index
-from audit.memorization.sources import Counts, Record, Unit, iter_files, iter_tar, plan
+from audit.memorization.sources import Record, Unit, iter_files, iter_tar, plan
 from diffaudit.errors import ConfigError, InputError
 
 ENGINES = ("local", "ray")
 
 
-def _hashes_unit(unit: Unit, hash_name: str, counts: Counts) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def _hashes_unit(unit: Unit, hash_name: str, counts: Counter) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Read a parquet of precomputed hashes: ``key`` plus a ``<hash_name>``, ``hash`` or ``code`` column."""
     table = pq.read_table(unit.path)
     cols = table.column_names
@@ -39,11 +39,11 @@ def _hashes_unit(unit: Unit, hash_name: str, counts: Counts) -> tuple[np.ndarray
     uris = table.column("uri").to_pylist() if "uri" in cols else [None] * len(values)
     caps = table.column("caption").to_pylist() if "caption" in cols else [None] * len(values)
     for key, value, uri, cap in zip(table.column("key").to_pylist(), values, uris, caps, strict=True):
-        counts.add("seen")
+        counts["seen"] += 1
         try:
             code = from_hex(value) if isinstance(value, str) else int(value) & ((1 << 64) - 1)
         except (TypeError, ValueError):
-            counts.add("skipped_bad_hash")
+            counts["skipped_bad_hash"] += 1
             continue
         codes.append(code)
         rows.append({"key": str(key), "uri": uri, "caption": cap, "source": uri if uri and os.path.isfile(uri)
@@ -56,11 +56,11 @@ def hash_unit(unit: Unit, hash_name: str, exact: bool = False,
     """Read and hash one unit: (codes, item rows, counts). Runs in a worker process or a Ray task.
 
     With ``square``, wide and tall images get a second code for their centred square crop."""
-    counts = Counts()
+    counts: Counter = Counter()
     if unit.kind == "hashes":
         codes, rows = _hashes_unit(unit, hash_name, counts)
-        counts.add("indexed", len(rows))
-        return codes, rows, dict(counts.c)
+        counts["indexed"] += len(rows)
+        return codes, rows, dict(counts)
     hasher = get_hasher(hash_name)
     records = iter_files(unit, counts) if unit.kind == "files" else iter_tar(unit.path, unit.meta, counts)
     codes, rows = [], []
@@ -70,14 +70,14 @@ def hash_unit(unit: Unit, hash_name: str, exact: bool = False,
                                                                 square=square)
         for reason in reasons:
             if reason:
-                counts.add(f"skipped_{reason}")
+                counts[f"skipped_{reason}"] += 1
         codes.append(hasher.pack(reduced))
         for i, variant in zip(owners, variants, strict=True):
             r = batch[i]
             rows.append({"key": r.key, "uri": r.uri, "caption": r.caption, "source": r.source,
                          "member": r.member, "offset": r.offset, "size": r.size, "variant": variant})
-        counts.add("indexed", len(reasons) - sum(map(bool, reasons)))
-        counts.add("square_crops", variants.count("square"))
+        counts["indexed"] += len(reasons) - sum(map(bool, reasons))
+        counts["square_crops"] += variants.count("square")
 
     batch: list[Record] = []
     for rec in records:
@@ -88,7 +88,7 @@ def hash_unit(unit: Unit, hash_name: str, exact: bool = False,
     if batch:
         flush(batch)
     out = np.concatenate(codes) if codes else np.empty(0, np.uint64)
-    return out, rows, dict(counts.c)
+    return out, rows, dict(counts)
 
 
 def _local(units: list[Unit], hash_name: str, exact: bool, square: bool, workers: int) -> Iterator[tuple]:

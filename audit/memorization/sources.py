@@ -17,7 +17,7 @@ import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -125,16 +125,6 @@ class Record:
     size: int | None = None
 
 
-@dataclass
-class Counts:
-    """What reading sources saw: indexed and skipped counts by reason."""
-
-    c: Counter = field(default_factory=Counter)
-
-    def add(self, name: str, n: int = 1) -> None:
-        self.c[name] += n
-
-
 def _is_glob(spec: str) -> bool:
     return any(ch in spec for ch in "*?[")
 
@@ -208,7 +198,7 @@ def _tar_metadata(meta: str | None) -> dict[str, tuple[str | None, str | None]]:
     return {k: (u, c) for k, u, c in zip(keys, urls, caps, strict=True)}
 
 
-def iter_tar(path: str, meta: str | None, counts: Counts) -> Iterator[Record]:
+def iter_tar(path: str, meta: str | None, counts: Counter) -> Iterator[Record]:
     """Stream a webdataset/img2dataset shard: one record per image member, grouped with its .txt/.json."""
     import json
 
@@ -235,7 +225,7 @@ def iter_tar(path: str, meta: str | None, counts: Counts) -> Iterator[Record]:
         with tarfile.open(path, mode="r|" if plain else "r|*") as tar:
             for m in tar:
                 if not m.isfile():
-                    counts.add("skipped_not_file")
+                    counts["skipped_not_file"] += 1
                     continue
                 key, changed = safe_key(m.name)
                 ext = os.path.splitext(m.name)[1].lower()
@@ -248,13 +238,13 @@ def iter_tar(path: str, meta: str | None, counts: Counts) -> Iterator[Record]:
                         texts.setdefault(key, {})[ext[1:]] = f.read().decode("utf-8", errors="replace")
                     continue
                 if ext not in IMAGE_EXTS:
-                    counts.add("skipped_not_image")
+                    counts["skipped_not_image"] += 1
                     continue
-                counts.add("seen")
+                counts["seen"] += 1
                 if changed:
-                    counts.add("unsafe_names")
+                    counts["unsafe_names"] += 1
                 if m.size > MAX_MEMBER_BYTES:
-                    counts.add("skipped_too_large")
+                    counts["skipped_too_large"] += 1
                     continue
                 f = tar.extractfile(m)
                 data = f.read() if f is not None else b""
@@ -263,14 +253,14 @@ def iter_tar(path: str, meta: str | None, counts: Counts) -> Iterator[Record]:
                 pending = Record(key=key, data=data, uri=f"{path}#{m.name}", source=path, member=m.name,
                                  offset=m.offset_data if plain else None, size=m.size)
     except (tarfile.TarError, OSError, EOFError):
-        counts.add("corrupt_shards")
+        counts["corrupt_shards"] += 1
     if pending is not None:
         yield finish(pending)
 
 
-def iter_files(unit: Unit, counts: Counts) -> Iterator[Record]:
+def iter_files(unit: Unit, counts: Counter) -> Iterator[Record]:
     for f in unit.files:
-        counts.add("seen")
+        counts["seen"] += 1
         rel = os.path.relpath(f, unit.root) if unit.root else os.path.basename(f)
         yield Record(key=Path(rel).as_posix(), data=f, uri=f, source=f)
 
