@@ -177,7 +177,9 @@ def query_files(files: list[str], index_dir: str | Path, *, radius: int = DEFAUL
                 elif confirm_matches:
                     m.update(verdict="unconfirmed")
                 matches.append(m)
-        nearest = [{"key": k, "hamming": int(d)} for k, d in zip(index.items(nid)["key"], nd, strict=True)]
+        near = index.items(nid)
+        nearest = [{"key": k, "variant": v, "hamming": int(d)}
+                   for k, v, d in zip(near["key"], near["variant"], nd, strict=True)]
         results.append({"file": f, "hash": format(hasher.hash_image(img), "016x"), "matches": matches,
                         "nearest": nearest})
     return results

@@ -33,6 +33,9 @@ def ray_hash_units(units: list[Unit], hash_name: str, exact: bool, square: bool,
     except ImportError:
         raise ConfigError("--engine ray needs Ray Data: pip install 'ray[data]' (or use --engine local)") from None
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the build shows its own progress bar
+    ctx.print_on_execution_start = False
     started = False
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,

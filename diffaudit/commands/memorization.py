@@ -66,8 +66,10 @@ def index_query(
         typer.echo(f"{result['file']}  {result['hash']}  {len(result['matches'])} match(es) within {radius}")
         for m in result["matches"]:
             extra = f"  tile_l2={m['tile_l2']} ssim={m['ssim']}" if "tile_l2" in m else ""
-            typer.echo(f"  {m['verdict']:<15} d={m['hamming']:<3} {m['key']}  {m['uri'] or ''}{extra}")
-        typer.echo("  nearest: " + ", ".join(f"{n['key']} ({n['hamming']})" for n in result["nearest"]))
+            crop = "[square]" if m["variant"] == "square" else ""
+            typer.echo(f"  {m.get('verdict', '-'):<15} d={m['hamming']:<3} {m['key']}{crop}  {m['uri'] or ''}{extra}")
+        typer.echo("  nearest: " + ", ".join(f"{n['key']}{'[square]' if n['variant'] == 'square' else ''} "
+                                         f"({n['hamming']})" for n in result["nearest"]))
 
 
 @audit_app.command("memorization")
