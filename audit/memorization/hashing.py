@@ -5,8 +5,15 @@ The base class owns decoding, batching and parallelism (imagededup's layout); a 
 Codes are uint64 with the first bit of imagehash's flattened array as the most significant bit, so
 ``format(code, "016x") == str(imagehash.phash(img))``.
 
-Speed: JPEGs are decoded in draft mode (the decoder scales by 1/2..1/8 in the DCT domain), the pHash
-DCT is one batched matrix product, and units of files run on all cores (``ProcessPoolExecutor``).
+Speed: JPEGs are decoded in draft mode (the decoder scales by 1/2..1/8 in the DCT domain, to no less
+than 128x128), the pHash DCT is one batched matrix product, and chunks run on all cores.
+
+Agreement with imagehash 4.3.2 (measured; see tests and ``bench/memorization.py``): with ``exact=True``
+(full decode) every code is identical (420/420 JPEG/PNG photos and copies, 1000/1000 bench JPEGs, all
+three hashes). The default draft decoding changes pHash slightly: 87% identical codes, mean 0.26 and at
+most 4 differing bits on 1000 512x512 JPEG crops; 75% identical, mean 0.55, max 4 bits on the 18 package
+photos and their copies at q95/75/50 (a draft target of 64 instead of 128 reached 10 bits). wHash decodes
+in full (its scale depends on the image size), so it is always identical.
 """
 
 from __future__ import annotations
