@@ -121,7 +121,7 @@ class MultiIndexHash:
         return cls(tables, m, len(codes))
 
     def save(self, folder: Path) -> None:
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")  # concurrent readers may build at once
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for i, t in enumerate(self.tables):
