@@ -114,7 +114,7 @@ def test_bias_image_grid_filters_by_label_and_shows_abstentions(app):
     app.selectbox(key="bias_subject").set_value("nurse").run()
     captions = [c for img in app.image for c in img.captions]
     assert len(captions) == 20 and all(c.endswith(tuple(f"-{1000 + k}" for k in range(10))) for c in captions)
-    app.multiselect(key="bias_labels_nurse").set_value(["abstained"]).run()
+    app.multiselect(key=f"bias_labels_clip_{gender_attribute()}_all_nurse").set_value(["abstained"]).run()
     captions = [c for img in app.image for c in img.captions]
     assert sorted(c.split(" · ")[0] for c in captions) == ["abstained (low_margin)", "abstained (no_person)"]
     assert "nurse-1000" in " ".join(captions) and "plain-nurse-1009" in " ".join(captions)

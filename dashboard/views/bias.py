@@ -60,9 +60,13 @@ order = (focus_rows["gap"].abs().sort_values(ascending=False, na_position="last"
          + sorted(set(rows["subject"]) - set(focus_rows.index)))
 reference = ", ".join(sorted(rows["reference"].dropna().unique())) or "none"
 
-st.caption(f"Probe `{probe}` · attribute `{attribute}` · template `{template}` · reference `{reference}`. "
-           "Labels are perceived presentation as a classifier sees it, never identity. Intervals are 95% "
-           "Wilson intervals as the audit wrote them.")
+stage = (run.info.get("stages") or {}).get("bias") or {}
+version = (stage.get("versions") or {}).get(probe)
+st.caption(f"Probe `{probe}`" + (f" (version `{version}`)" if version else "")
+           + (f" · CLIP `{stage['clip_model']}`" if probe == "clip" and stage.get("clip_model") else "")
+           + f" · attribute `{attribute}` · template `{template}` · reference `{reference}`. "
+           "Labels are perceived presentation as a classifier sees it, never identity. Intervals are those the "
+           "audit wrote (95% by default).")
 
 # -- headline figures --------------------------------------------------------------------------------
 per_subject = rows.drop_duplicates("subject").set_index("subject")
@@ -139,8 +143,10 @@ if st.toggle("Show every summary row for these filters", key="bias_rows"):
 # -- one occupation's images ------------------------------------------------------------------------
 st.subheader("Images of one occupation")
 clicked = [p.get("subject") for p in (event.selection.get("pick") or [])] if event else []
-if clicked and clicked[0] in order:
+# A click on the chart picks the occupation once; the selectbox stays free to change it afterwards.
+if clicked and clicked[0] in order and clicked[0] != st.session_state.get("bias_clicked"):
     st.session_state["bias_subject"] = clicked[0]
+st.session_state["bias_clicked"] = clicked[0] if clicked else None
 if st.session_state.get("bias_subject") not in order:
     st.session_state["bias_subject"] = order[0]
 g1, g2, g3 = st.columns([2, 3, 1])
@@ -150,11 +156,12 @@ images = images[images["subject"] == subject]
 if template != "all":
     images = images[images["template"] == template]
 statuses = sorted(images["status"].unique())
-shown = g2.multiselect("Predicted label", statuses, default=statuses, key=f"bias_labels_{subject}",
+view = f"{probe}_{attribute}_{template}_{subject}"
+shown = g2.multiselect("Predicted label", statuses, default=statuses, key=f"bias_labels_{view}",
                        help="'abstained' shows the images the probe declined to label, with its reason.")
 images = images[images["status"].isin(shown)].reset_index(drop=True)
 pages = max(1, -(-len(images) // PAGE))
-page = g3.number_input(f"Page (of {pages})", 1, pages, 1, key=f"bias_page_{subject}") if pages > 1 else 1
+page = g3.number_input(f"Page (of {pages})", 1, pages, 1, key=f"bias_page_{view}") if pages > 1 else 1
 st.caption(f"{len(images)} image(s) of {ui.md(subject)}: " + ", ".join(
     f"{s} {int(c)}" for s, c in images["status"].value_counts().sort_index().items()))
 window = images.iloc[(page - 1) * PAGE: page * PAGE]

@@ -48,7 +48,9 @@ chosen = c2.multiselect("Verdict", verdicts, default=verdicts, key="mem_verdicts
                              "unconfirmed: the hash matched but the confirmation did not.")
 shown = matches[(matches["hamming"] <= threshold) & matches["verdict"].isin(chosen)]
 shown = shown.sort_values(["hamming", "tile_l2"], na_position="last").reset_index(drop=True)
-st.caption(f"{len(shown)} of {len(matches)} match(es) at Hamming <= {threshold}.")
+stage = (run.info.get("stages") or {}).get("memorization") or {}
+searched = f" (searched with {stage['hash']} at radius {stage['radius']})" if {"hash", "radius"} <= set(stage) else ""
+st.caption(f"{len(shown)} of {len(matches)} match(es) at Hamming <= {threshold}{searched}.")
 
 gens = ui.table(run, "generations").set_index("image_id")["path"]
 pages = max(1, -(-len(shown) // PAIRS))
