@@ -45,16 +45,28 @@ def query_codes(hasher, img: Image.Image) -> np.ndarray:
     return hasher.codes([center_crop(img, s) for s in CROPS])
 
 
-def search_images(index: Index, images: list[Image.Image], radius: int) -> list[pd.DataFrame]:
-    """Per image: candidate ids with their best Hamming distance over the crops, nearest first."""
-    hasher = get_hasher(index.hash_name)
-    k = len(CROPS)
-    codes = np.concatenate([query_codes(hasher, im) for im in images]) if images else np.empty(0, np.uint64)
-    qi, ids, dist = index.search(codes, radius)
-    found = pd.DataFrame({"image": qi // k, "id": ids, "hamming": dist})
+def search_codes(index: Index, codes: np.ndarray, radius: int) -> list[pd.DataFrame]:
+    """Per image (a row of crop codes): candidate ids with their best Hamming distance, nearest first."""
+    codes = np.asarray(codes, dtype=np.uint64).reshape(len(codes), -1)
+    qi, ids, dist = index.search(codes.ravel(), radius)
+    found = pd.DataFrame({"image": qi // codes.shape[1], "id": ids, "hamming": dist})
     found = found.sort_values(["image", "hamming", "id"]).drop_duplicates(["image", "id"])
     groups = dict(tuple(found.groupby("image")))
-    return [groups.get(i, found.iloc[:0]).reset_index(drop=True) for i in range(len(images))]
+    return [groups.get(i, found.iloc[:0]).reset_index(drop=True) for i in range(len(codes))]
+
+
+def search_images(index: Index, images: list[Image.Image], radius: int) -> list[pd.DataFrame]:
+    """``search_codes`` for decoded images."""
+    hasher = get_hasher(index.hash_name)
+    codes = np.stack([query_codes(hasher, im) for im in images]) if images else np.empty((0, len(CROPS)), np.uint64)
+    return search_codes(index, codes, radius)
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        return decode_image(path)
+    except SkipImage as e:
+        raise InputError(f"{path} is not a readable image ({e.reason}); replace or regenerate it") from None
 
 
 def _evidence(run: Run, img: Image.Image, key: str, item_id: int) -> str:
@@ -87,13 +99,15 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
     gens = run.images()
     if gens.empty:
         raise InputError(f"run {run.root} has no images; generate into it first")
-    images = []
-    for f in gens["file"]:
-        try:
-            images.append(decode_image(f))
-        except SkipImage as e:
-            raise InputError(f"image {f} of run {run.root} is unreadable ({e.reason}); regenerate it") from None
-    candidates = search_images(index, images, radius)
+    hasher = get_hasher(index.hash_name)
+    files = gens["file"].tolist()
+    if progress:
+        from tqdm import tqdm
+
+        files = tqdm(files, unit="img", desc="hash")
+    # stream: keep only codes; images are decoded again only for the few with candidates
+    codes = np.stack([query_codes(hasher, _open(f)) for f in files])
+    candidates = search_codes(index, codes, radius)
     wanted = np.unique(np.concatenate([c["id"].to_numpy()[:max_candidates] for c in candidates] + [[]]))
     items = index.items(wanted.astype(np.int64)).set_index("id") if len(wanted) else None
     rows = []
@@ -111,7 +125,7 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
                    "embedding_sim": None, "verdict": "unconfirmed", "evidence_path": None}
             train = _train_image(item)
             if train is not None:
-                c = confirm(images[i], train)
+                c = confirm(_open(gens["file"].iloc[i]), train)
                 row.update(tile_l2=c.tile_l2, ssim=c.ssim, embedding_sim=c.embedding_sim, verdict=c.verdict,
                            evidence_path=_evidence(run, train, item["key"], int(cand.id)))
             rows.append(row)
@@ -154,12 +168,7 @@ def query_files(files: list[str], index_dir: str | Path, *, radius: int = DEFAUL
                 confirm_matches: bool = True) -> list[dict[str, Any]]:
     """Look up images a user brings: matches within ``radius`` (confirmed) and the ``top_k`` nearest codes."""
     index = Index.open(index_dir)
-    images = []
-    for f in files:
-        try:
-            images.append(decode_image(f))
-        except SkipImage as e:
-            raise InputError(f"{f} is not a readable image ({e.reason})") from None
+    images = [_open(f) for f in files]
     hasher = get_hasher(index.hash_name)
     results = []
     near_ids, near_d = index.topk(np.asarray([hasher.hash_image(im) for im in images], np.uint64), top_k)
