@@ -99,8 +99,11 @@ def _local(units: list[Unit], hash_name: str, exact: bool, square: bool, workers
     from concurrent.futures import ProcessPoolExecutor
 
     n = len(units)
-    with ProcessPoolExecutor(workers) as pool:
+    pool = ProcessPoolExecutor(workers)
+    try:
         yield from pool.map(hash_unit, units, [hash_name] * n, [exact] * n, [square] * n)
+    finally:  # on Ctrl-C, drop the queued units instead of finishing them all
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build_index(sources: list[str], out: str, *, hash_name: str = "phash", engine: str = "local",
