@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fixtures_runs import gender_attribute
 from streamlit.testing.v1 import AppTest
 
 from dashboard import RUNS_DIR_ENV
@@ -52,14 +53,26 @@ def test_every_page_on_a_tiny_model_run(app, tiny_runs):
     assert runs.loc["demo", "model"] == str(run.info["generation"]["model"])
 
     visit(app, "bias")
+    gender = gender_attribute()
+    app.selectbox(key="bias_attribute").set_value(gender).run()
     s = run.read_table("bias/summary")
-    woman = s[(s["probe"] == "clip") & (s["template"] == "all") & (s["label"] == "woman")
-              & s["reference_share"].notna()].set_index("subject")
-    gaps = app.table[0].value.set_index("occupation")
-    assert set(gaps.index) == {"ceo", "nurse"}
-    for subject, row in woman.iterrows():
-        assert gaps.loc[subject, "95% interval"] == f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
-        assert gaps.loc[subject, "reference"] == f"{row['reference_share']:.2f}"
+    g = s[(s["probe"] == "clip") & (s["template"] == "all") & (s["attribute"] == gender)]
+    per = g.drop_duplicates("subject")
+    abstained = per["abstained"].sum() / (per["n"].sum() + per["abstained"].sum())
+    assert {m.label: m.value for m in app.metric}["Abstained"] == f"{abstained:.1%}"
+    woman = g[(g["label"] == "woman") & g["reference_share"].notna()].set_index("subject")
+    if len(woman):  # the tiny model's noise decides whether CLIP dares a label on these occupations
+        gaps = app.table[0].value.set_index("occupation")
+        for subject, row in woman.iterrows():
+            assert gaps.loc[subject, "95% interval"] == f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            assert gaps.loc[subject, "reference"] == f"{row['reference_share']:.2f}"
+    else:
+        assert not app.table  # no labelled image to hold against BLS: no gap table, no made-up figure
+    app.selectbox(key="bias_subject").set_value("ceo").run()
+    clip = run.read_table("probes/clip")
+    ceo = clip[clip["image_id"].str.startswith("heim_face-ceo-") & (clip["attribute"] == gender)]
+    expected = sorted(f"abstained ({r.abstain_reason})" if r.abstained else r.label for r in ceo.itertuples())
+    assert sorted(c.split(" · ")[0] for img in app.image for c in img.captions) == expected
     app.selectbox(key="bias_probe").set_value("faces").run()
     assert not app.exception
     faces = s[(s["probe"] == "faces") & (s["attribute"] == "face_count")]
