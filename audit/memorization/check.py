@@ -30,14 +30,11 @@ EVIDENCE_SIDE = 384
 EVIDENCE_DIR = "memorization/evidence"
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (0, 1 when n == 0)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval for k successes in n trials (statsmodels; 0, 1 when n == 0)."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    return (0.0, 1.0) if n == 0 else tuple(float(v) for v in proportion_confint(k, n, method="wilson"))
 
 
 def query_codes(hasher, img: Image.Image) -> np.ndarray:
