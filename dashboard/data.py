@@ -110,10 +110,13 @@ def table_stamp(run: Run, *names: str) -> tuple[tuple[int, int], ...]:
 
 
 def probe_tables(run: Run) -> list[str]:
-    """The probe tables present in ``run`` (``probes/<name>``); lists one folder, never the images."""
+    """The probe tables present in ``run`` (``probes/<name>``); lists one folder, never the images, and
+    skips a file that resolves outside the run (a symlink out)."""
     folder = run.root / "probes"
-    return sorted(f"probes/{p.stem}" for p in folder.glob("*.parquet") if _RUN_NAME.match(p.stem)) \
-        if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(f"probes/{p.stem}" for p in folder.glob("*.parquet")
+                  if _RUN_NAME.match(p.stem) and p.resolve().is_relative_to(run.root))
 
 
 # -- views (joins and filters of what the audit wrote; no statistics are computed here) -------------

@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data, ui
+from diffaudit.errors import DiffauditError
 
 PAGE = 24  # images per grid page
 TOP = 30  # occupations in the share chart unless all are asked for
@@ -151,7 +152,11 @@ if st.session_state.get("bias_subject") not in order:
     st.session_state["bias_subject"] = order[0]
 g1, g2, g3 = st.columns([2, 3, 1])
 subject = g1.selectbox("Occupation", order, key="bias_subject")
-images = data.image_labels(run, probe, attribute)
+try:
+    images = data.image_labels(run, probe, attribute)
+except DiffauditError as e:
+    st.error(f"probes/{probe}: {ui.md(e)}")
+    st.stop()
 images = images[images["subject"] == subject]
 if template != "all":
     images = images[images["template"] == template]
