@@ -78,7 +78,8 @@ def config(suite: Path, **kw) -> GenerationConfig:
 def expected_ids(cfg: GenerationConfig) -> set[str]:
     from prompts.suites import expand
 
-    reqs = expand(cfg.suite, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed)
+    reqs = expand(cfg.suite, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed, templates=cfg.templates,
+                  subjects=cfg.subjects, edits=cfg.edits)
     return {r.image_id(s) for r in reqs for s in r.seeds}
 
 
@@ -383,3 +384,24 @@ def test_safety_checker_flags_instead_of_blacking_out(tmp_path, policy):
     else:
         assert gens["nsfw"].isna().all()
     assert np.asarray(Image.open(gens["file"][0])).max() > 0  # not blacked out
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, pipes, monkeypatch):
+    """CUDA OOM is simulated on the CPU: batches above 2 images raise it; the run finishes at batch 2."""
+    import torch
+
+    call = runner._Generator._call
+    sizes = []
+
+    def oom_above_two(self, batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return call(self, batch)
+
+    monkeypatch.setattr(runner._Generator, "_call", oom_above_two)
+    cfg = config(write_suite(tmp_path / "s"), images_per_prompt=3, batch_size=4, edits=())
+    summary = generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    assert sizes[0] == 4 and max(sizes[1:]) == 2 and summary["batch_size"] == 2
+    assert summary["generated"] == 6
+    assert_valid_run(Run.open(tmp_path / "run"), cfg)
