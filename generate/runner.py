@@ -103,8 +103,8 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
             plan.sources[key] = prepare(r.source_image, r.mask, (width, height))
     plan.settings = {
         "suite": config.suite, "images_per_prompt": config.images_per_prompt, "seed": config.seed,
-        "templates": config.templates, "subjects": config.subjects, "edits": config.edits, "steps": steps, "guidance": guidance,
-        "width": width, "height": height, "batch_size": config.batch_size, **pipes.info(),
+        "templates": config.templates, "subjects": config.subjects, "edits": config.edits, "steps": steps,
+        "guidance": guidance, "width": width, "height": height, "batch_size": config.batch_size, **pipes.info(),
         "noise": "per image: torch.Generator('cpu').manual_seed(seed); independent of batch size and order",
         "requests": len(requests), "images": len(jobs),
     }
