@@ -382,3 +382,14 @@ def test_square_crop_of_a_wide_training_photo_is_found(tmp_path, photos):
     assert search_images(Index.open(tmp_path / "flat"), [generated], 10)[0].empty and no_square["count"] == 2
     train = square_crop(load_train_image(rows["source"].iloc[0], None, None, None))
     assert cf.confirm(generated, train).verdict == "memorized"
+
+
+def test_low_resolution_generations_are_compared_at_their_own_resolution():
+    """A 64 px copy is judged at 64 px (not as blur at 256); distinct photos stay unconfirmed there too."""
+    from audit.memorization.confirm import confirm
+
+    astronaut, clock, moon = (sample_photo(n) for n in ("astronaut", "clock", "moon"))
+    small = astronaut.resize((64, 64), Image.Resampling.BICUBIC)
+    assert confirm(small, astronaut).verdict == "memorized"
+    assert confirm(clock.resize((64, 64)), moon).verdict == "unconfirmed"
+    assert confirm(moon.resize((64, 64)), clock).verdict == "unconfirmed"
