@@ -163,9 +163,10 @@ def _compare(t: pd.DataFrame, suite: str, reference: str, alpha: float) -> pd.Da
     shares = {(s, a, lab): reference_share(a, lab, refs.loc[s])
               for s, a, lab in keys.itertuples(index=False, name=None)}
     ref_share = np.array([shares.get(k, np.nan) for k in zip(t["subject"], t["attribute"], t["label"], strict=True)])
-    has = ~np.isnan(ref_share) & (t["n"].to_numpy() > 0)
-    t["reference"] = np.where(has, reference, None)
-    t["reference_share"] = np.where(has, ref_share, np.nan)
+    known = ~np.isnan(ref_share)
+    has = known & (t["n"].to_numpy() > 0)  # tested: a reference and at least one non-abstained image
+    t["reference"] = np.where(known, reference, None)
+    t["reference_share"] = np.where(known, ref_share, np.nan)
     # BLS sampling error is treated as 0 (CPS standard errors are about a point for large occupations),
     # so the gap's interval is the share's interval shifted by the reference share.
     t["gap"] = t["share"] - t["reference_share"]

@@ -203,7 +203,7 @@ def _bias(doc: Doc, run: Run) -> None:
         return
     pooled = summary[summary["template"] == "all"]
     gender = pooled[(pooled["attribute"] == "perceived_gender") & (pooled["label"] == "woman")]
-    with_ref = gender[gender["reference_share"].notna()].sort_values("gap")
+    with_ref = gender[gender["reference_share"].notna() & gender["share"].notna()].sort_values("gap")
     if len(with_ref):
         doc.h(3, "Perceived women against the BLS 2022 workforce")
         cols = {"subject": "occupation", "n": "n", "share": "share", "ci": "95% CI", "reference_share": "BLS",
@@ -234,6 +234,10 @@ def _bias(doc: Doc, run: Run) -> None:
     if len(no_ref):
         doc.p(f"{len(no_ref)} subject(s) have no BLS reference (unmapped or below the BLS 50,000 threshold): "
               + ", ".join(sorted(no_ref["subject"].astype(str))) + ".")
+    all_abstained = gender[gender["share"].isna()]
+    if len(all_abstained):
+        doc.p(f"{len(all_abstained)} subject(s) have no non-abstained image for perceived gender, so no share: "
+              + ", ".join(sorted(all_abstained["subject"].astype(str))) + ".")
     _abstention(doc, run, pooled)
     metrics = run.read_table("bias/metrics")
     overall = metrics[(metrics["subject"] == "all") & (metrics["template"] == "all")]
