@@ -203,9 +203,14 @@ def _bias(doc: Doc, run: Run) -> None:
         return
     pooled = summary[summary["template"] == "all"]
     gender = pooled[(pooled["attribute"] == "perceived_gender") & (pooled["label"] == "woman")]
-    with_ref = gender[gender["reference_share"].notna() & gender["share"].notna()].sort_values("gap")
-    if len(with_ref):
+    referenced = gender[gender["reference_share"].notna()]
+    with_ref = referenced[referenced["share"].notna()].sort_values("gap")
+    if len(referenced):
         doc.h(3, "Perceived women against the BLS 2022 workforce")
+    if len(referenced) and not len(with_ref):
+        doc.p(f"None of the {len(referenced)} occupations with a BLS reference has a non-abstained image for "
+              "perceived gender, so there is nothing to compare: the probe abstained on every image.")
+    if len(with_ref):
         cols = {"subject": "occupation", "n": "n", "share": "share", "ci": "95% CI", "reference_share": "BLS",
                 "gap": "gap", "gap_ci": "gap CI", "q_value": "q (BH)", "amplified": "amplified"}
 
@@ -321,9 +326,13 @@ def _provenance(doc: Doc, run: Run) -> None:
         doc.p("No stamped outputs in this run (`diffaudit stamp RUN`).")
     else:
         counts = stamps["status"].value_counts()
-        doc.p(f"{len(stamps)} image(s) stamped with C2PA content credentials; watermark: "
-              f"{', '.join(sorted(stamps['watermark'].unique()))}. Verification: "
+        marked = int(stamps["payload"].notna().sum())
+        doc.p(f"{len(stamps)} image(s) stamped with C2PA content credentials. Verification: "
               + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".")
+        doc.p(f"Invisible watermark ({', '.join(sorted(stamps['watermark'].unique()))}): embedded in {marked} of "
+              f"{len(stamps)} image(s)" + ("; the others are below the 256x256 pixels the watermark needs, and "
+                                          "rely on their manifest and the store's perceptual hash."
+                                          if marked < len(stamps) else "."))
     robust = run.read_table("provenance/robustness")
     if len(robust):
         doc.p("Watermark robustness (bit accuracy and detection rate per attack):")

@@ -241,7 +241,7 @@ def _stamp_row(run: Run, stamper: Stamper, row: dict[str, Any]) -> dict[str, Any
                           stamped_path=str(run.root / rel))
     atomic_write_bytes(run.root / rel, stamp.data)
     return {"image_id": row["image_id"], "source_path": row["path"], "stamped_path": rel,
-            "format": stamp.format, "watermark": stamper.method if stamp.payload else "none",
+            "format": stamp.format, "watermark": stamper.method,  # payload is null where it did not fit
             "payload": stamp.payload, "manifest_label": stamp.manifest_label,
             "sha256": sha256_bytes(stamp.data), "phash": f"{stamp.phash:016x}", "status": stamp.status,
             "failure_codes": stamp.failure_codes, "seconds": stamp.seconds}

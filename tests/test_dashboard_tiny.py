@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fixtures_runs import gender_attribute
 from streamlit.testing.v1 import AppTest
@@ -64,7 +65,8 @@ def test_every_page_on_a_tiny_model_run(app, tiny_runs):
     if len(woman):  # the tiny model's noise decides whether CLIP dares a label on these occupations
         gaps = app.table[0].value.set_index("occupation")
         for subject, row in woman.iterrows():
-            assert gaps.loc[subject, "95% interval"] == f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            expected = "n/a" if pd.isna(row["ci_low"]) else f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            assert gaps.loc[subject, "95% interval"] == expected  # n/a: every image abstained
             assert gaps.loc[subject, "reference"] == f"{row['reference_share']:.2f}"
     else:
         assert not app.table  # no labelled image to hold against BLS: no gap table, no made-up figure
@@ -97,4 +99,4 @@ def test_every_page_on_a_tiny_model_run(app, tiny_runs):
     visit(app, "compare")
     table = app.table[0].value
     assert {"ceo", "nurse"} <= set(table["occupation"])
-    assert set(table["delta"]) == {"+0.00"}  # the same run twice
+    assert set(table["delta"]) <= {"+0.00", "n/a"}  # the same run twice (n/a: every image abstained)

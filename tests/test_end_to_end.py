@@ -1,0 +1,104 @@
+"""The demo audit end to end on the tiny model: every table, the report, verified stamps, and resume
+after an interruption in the middle of a stage without redoing finished stages."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffaudit.demo import run_demo
+from diffaudit.runs import Run
+
+SUBJECTS = ("ceo", "nurse", "electrician")
+TABLES = ("generations", "probes/clip", "probes/faces", "probes/skin_tone", "bias/summary", "bias/metrics",
+          "memorization/matches", "memorization/rates", "provenance/stamps")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    logs: list[str] = []
+    config = run_demo(runs, images_per_prompt=1, subjects=SUBJECTS, log=logs.append)
+    return config, Run.open(config.out), logs
+
+
+def test_every_table_is_written(demo):
+    config, run, _ = demo
+    gens = run.read_table("generations")
+    assert len(gens) == len(SUBJECTS) + 3  # three occupations, then the demo's three edits
+    assert set(gens["mode"]) == {"txt2img", "img2img", "inpaint"}
+    for table in TABLES:
+        assert run.has_table(table), table
+        assert len(run.read_table(table)) > 0, table
+    summary = run.read_table("bias/summary")
+    woman = summary[(summary.attribute == "perceived_gender") & (summary.label == "woman") & (summary.template == "all")]
+    assert set(SUBJECTS) <= set(woman["subject"])
+    ceo = woman[woman.subject == "ceo"].iloc[0]
+    assert ceo.reference_share == pytest.approx(0.292)  # BLS 2022: chief executives, 29.2% women
+    assert set(run.info["pipeline"]) == {"generate", "bias", "memorization", "stamp", "report"}
+
+
+def test_img2img_outputs_are_found_and_confirmed_as_near_copies(demo):
+    _, run, _ = demo
+    matches = run.read_table("memorization/matches")
+    found = matches[matches["prompt_id"].str.startswith("img2img-")]
+    assert set(found["train_key"]) >= {"astronaut.png", "coffee.png"}
+    assert (found["hamming"] <= 10).all()
+    # the tiny VAE keeps a blurred 64 px copy of the photo: confirmed in pixels, not only by hash
+    assert set(found["verdict"]) <= {"memorized", "near_duplicate"}
+    for rel in found["evidence_path"]:
+        assert run.path(rel).is_file()
+
+
+def test_report_sections_and_offline_html(demo):
+    _, run, _ = demo
+    md = (run.root / "report.md").read_text()
+    for section in ("## What was audited", "## Bias", "### Perceived women against the BLS 2022 workforce",
+                    "### Abstention and face detection", "## Memorization", "## Provenance", "## Limitations"):
+        assert section in md, section
+    assert "perceived" in md and "tiny model" in md
+    html = (run.root / "report.html").read_text()
+    assert "data:image/png;base64," in html  # the memorization evidence pairs are embedded
+    assert "src=\"http" not in html and "href=\"http" not in html and "<script" not in html
+
+
+def test_stamps_verify_as_trusted(demo):
+    from provenance.stamp import verify_paths
+
+    config, run, _ = demo
+    stamps = run.read_table("provenance/stamps")
+    assert len(stamps) == len(run.read_table("generations"))
+    anchors = f"{config.provenance.identity}/root-ca.pem"
+    results = verify_paths([run.root / "provenance" / "stamped"], trust_anchors=anchors)
+    assert len(results) == len(stamps)
+    assert {r.status for r in results} == {"Trusted"}
+
+
+def test_interrupted_stage_resumes_without_redoing_finished_stages(tmp_path, monkeypatch):
+    import provenance.stamp as stamp_mod
+
+    runs = tmp_path / "runs"
+    real = stamp_mod._stamp_row
+    calls = {"n": 0}
+
+    def interrupt_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stamp_mod, "_stamp_row", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(runs, images_per_prompt=1, subjects=("ceo",), log=lambda m: None)
+    run = Run.open(runs / "demo")
+    assert set(run.info["pipeline"]) == {"generate", "bias", "memorization"}
+    assert len(run.read_table("provenance/stamps")) == 2  # rows finished before the interruption are kept
+    before = run.info["pipeline"]
+
+    monkeypatch.setattr(stamp_mod, "_stamp_row", real)
+    logs: list[str] = []
+    run_demo(runs, images_per_prompt=1, subjects=("ceo",), log=logs.append)
+    for stage in ("generate", "bias", "memorization"):
+        assert any(line.startswith(f"[{stage}] already done") for line in logs), stage
+        assert run.info["pipeline"][stage] == before[stage]
+    assert run.info["stages"]["stamp"]["images"] == 4 - 2  # only the images not stamped before
+    assert len(run.read_table("provenance/stamps")) == 4
