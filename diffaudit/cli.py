@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 from diffaudit.commands import STATE, app
@@ -12,9 +11,8 @@ from diffaudit.errors import DiffauditError
 
 COMMAND_MODULES = ("core", "generate", "bias", "stats", "memorization", "provenance", "dashboard", "audit")
 
-for _name in COMMAND_MODULES:
-    if importlib.util.find_spec(f"diffaudit.commands.{_name}") is not None:
-        importlib.import_module(f"diffaudit.commands.{_name}")
+for _name in COMMAND_MODULES:  # each registers its commands on the app
+    importlib.import_module(f"diffaudit.commands.{_name}")
 
 
 def main(argv: list[str] | None = None) -> None:
