@@ -34,13 +34,44 @@ def _fingerprint(stage: str, config: AuditConfig, run: Run) -> str:
     if stage != "generate":
         table = run.table_path("generations")
         h.update(table.read_bytes() if table.is_file() else b"")
+    if stage == "memorization":  # a rebuilt or extended index is a new input
+        meta = Path(config.memorization.index) / "meta.json"
+        h.update(meta.read_bytes() if meta.is_file() else b"")
     return h.hexdigest()[:16]
 
 
-def _generate(run: Run, config: AuditConfig) -> None:
+def preflight(config: AuditConfig) -> None:
+    """Check the config's names and files before anything is written (bad input leaves no run behind)."""
+    from diffaudit.registry import PROBES, WATERMARKS
+    from prompts.suites import expand
+
+    g = config.generation
+    expand(g.suite, images_per_prompt=g.images_per_prompt, seed=g.seed, templates=g.templates,
+           subjects=g.subjects, edits=g.edits)
+    if config.bias is not None:
+        for name in config.bias.probes:
+            if name not in PROBES:
+                PROBES.load(name)  # raises, listing the choices
+        if config.bias.reference is not None:
+            from audit.reference import load_reference
+
+            load_reference(config.bias.reference)
+    m = config.memorization
+    if m is not None and not Path(m.index).exists() and not m.sources:
+        raise ConfigError(f"memorization index {m.index} does not exist and no sources are given to build it")
+    if config.provenance is not None:
+        if config.provenance.watermark != "none" and config.provenance.watermark not in WATERMARKS:
+            WATERMARKS.load(config.provenance.watermark)  # raises, listing the choices
+        if config.provenance.identity is not None:
+            from provenance.keys import load_identity
+
+            load_identity(config.provenance.identity)
+
+
+def _generate(run: Run, config: AuditConfig, pipelines: object = None) -> None:
     from generate.runner import generate_run
 
-    generate_run(run.root, config.generation)
+    generate_run(run.root, config.generation, pipelines=pipelines)
 
 
 def _bias(run: Run, config: AuditConfig) -> None:
@@ -58,8 +89,6 @@ def _memorization(run: Run, config: AuditConfig) -> None:
 
     cfg = config.memorization
     if not Path(cfg.index).exists():
-        if not cfg.sources:
-            raise ConfigError(f"memorization index {cfg.index} does not exist and no sources are given to build it")
         build_index(list(cfg.sources), cfg.index, hash_name=cfg.hash)
     check_run(run.root, cfg.index, radius=cfg.radius)
 
@@ -79,7 +108,7 @@ def _report(run: Run, config: AuditConfig) -> None:
 
 
 _RUNNERS: dict[str, Callable[[Run, AuditConfig], None]] = {
-    "generate": _generate, "bias": _bias, "memorization": _memorization, "stamp": _stamp, "report": _report}
+    "bias": _bias, "memorization": _memorization, "stamp": _stamp, "report": _report}
 _ENABLED: dict[str, Callable[[AuditConfig], bool]] = {
     "generate": lambda c: True, "bias": lambda c: c.bias is not None,
     "memorization": lambda c: c.memorization is not None, "stamp": lambda c: c.provenance is not None,
@@ -87,21 +116,36 @@ _ENABLED: dict[str, Callable[[AuditConfig], bool]] = {
 
 
 def run_audit(config: AuditConfig, *, log: Callable[[str], None] = print) -> Run:
-    """Run every enabled stage in order, skipping those already done with the same inputs."""
-    run = Run.create(config.out, {"audit": config.model_dump(mode="json")})
+    """Run every enabled stage in order, skipping those already done with the same inputs.
+
+    Everything that can be checked before writing is checked first (names, files, and the model when
+    generation has to run), so bad input leaves no run folder behind.
+    """
+    preflight(config)
+    out = Path(config.out)
+    previous = Run.open(out).info.get("pipeline", {}) if Run.is_run(out) else {}
+    pipelines = None
+    if previous.get("generate", {}).get("fingerprint") != _fingerprint("generate", config, Run(out)):
+        from generate.runner import plan_run
+
+        pipelines = plan_run(out, config.generation).pipes  # loads the model once, writes nothing
+    run = Run.create(out, {"audit": config.model_dump(mode="json")})
     for stage in STAGES:
         if not _ENABLED[stage](config):
             log(f"[{stage}] not configured, skipped")
             continue
-        fp = _fingerprint(stage, config, run)
         done = run.info.get("pipeline", {}).get(stage, {})
-        if stage != "report" and done.get("fingerprint") == fp:
+        if stage != "report" and done.get("fingerprint") == _fingerprint(stage, config, run):
             log(f"[{stage}] already done ({done.get('seconds')} s on {done.get('finished')}), skipped")
             continue
         log(f"[{stage}] running")
         start = time.perf_counter()
-        _RUNNERS[stage](run, config)
+        if stage == "generate":
+            _generate(run, config, pipelines)
+        else:
+            _RUNNERS[stage](run, config)
         seconds = round(time.perf_counter() - start, 3)
+        fp = _fingerprint(stage, config, run)  # after the stage: it may create an input (the index)
         run.update_info({"pipeline": {stage: {"fingerprint": fp, "seconds": seconds, "finished": now()}}})
         log(f"[{stage}] done in {seconds:.1f} s")
     return run

@@ -34,6 +34,8 @@ LOCK_FILE = ".lock"
 FORMAT = "diffaudit-run"
 FORMAT_VERSION = 1
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def now() -> str:
@@ -59,6 +61,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run is shared like any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -68,6 +71,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -225,12 +234,15 @@ class Run:
         return self.table_path(table).is_file()
 
     def tables(self) -> list[str]:
-        """Names of the tables present in this run."""
+        """Names of the known tables present in this run (other parquet files are not ours to read)."""
         found = []
         for p in sorted(self.root.rglob("*.parquet")):
             rel = p.relative_to(self.root).with_suffix("").as_posix()
-            if not rel.startswith("images/"):
-                found.append(rel)
+            try:
+                _schema.schema_for(rel)
+            except SchemaError:
+                continue
+            found.append(rel)
         return found
 
     def write_table(self, table: str, df: pd.DataFrame) -> Path:

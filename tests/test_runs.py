@@ -186,3 +186,17 @@ def test_run_json_is_valid_json_after_many_updates(tmp_path):
     info = json.loads((run.root / "run.json").read_text())
     assert info["counter"] == 19 and len(info["stages"]) == 20
     assert not [p for p in os.listdir(run.root) if p.endswith(".tmp")]
+
+
+def test_tables_are_readable_by_others_and_stray_parquet_is_ignored(tmp_path):
+    import stat
+
+    run = Run.create(tmp_path / "r")
+    path = run.write_table("probes/clip", _probe_rows(1))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((run.root / "run.json").stat().st_mode) == 0o666 & ~umask
+    (run.root / "notes.parquet").write_bytes(b"not ours")
+    (run.root / "images").mkdir(exist_ok=True)
+    assert run.tables() == ["probes/clip"]

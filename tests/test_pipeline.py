@@ -1,0 +1,35 @@
+"""`diffaudit audit run`: bad configs fail before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from diffaudit.config import AuditConfig, GenerationConfig, ProvenanceConfig
+from diffaudit.errors import DiffauditError
+from diffaudit.pipeline import run_audit
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(generation=GenerationConfig(suite="nosuch")), "unknown suite 'nosuch'"),
+    (dict(generation=GenerationConfig(suite="demo", subjects=("astronaut_chef",))), "has no subject"),
+    (dict(provenance=ProvenanceConfig(watermark="bogus")), "unknown watermark 'bogus'"),
+    (dict(provenance=ProvenanceConfig(identity="/nonexistent/identity")), "no signing identity"),
+    (dict(generation=GenerationConfig(model="/nonexistent/model")), "/nonexistent/model"),
+])
+def test_bad_config_leaves_no_run(tmp_path, config, message):
+    out = tmp_path / "run"
+    with pytest.raises(DiffauditError, match=message):
+        run_audit(AuditConfig(out=str(out), **config), log=lambda m: None)
+    assert not out.exists()
+
+
+def test_bad_config_file_via_cli(tmp_path):
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text(f"out: {tmp_path / 'run'}\ngeneration:\n  suite: demo\n  widht: 64\n")
+    res = subprocess.run([sys.executable, "-m", "diffaudit", "audit", "run", str(cfg)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and f"{cfg}:4: field 'generation.widht'" in res.stderr
+    assert not (tmp_path / "run").exists()
