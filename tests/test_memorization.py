@@ -301,6 +301,14 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     (tmp_path / "idx" / "meta.json").write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(InputError, match="version 99"):
         Index.open(tmp_path / "idx")
+    for drop in ("hash", "count", "shards"):
+        (tmp_path / "idx" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != drop}))
+        with pytest.raises(InputError, match=f"lacks {drop}"):
+            Index.open(tmp_path / "idx")
+    (tmp_path / "idx" / "meta.json").write_text(json.dumps({**meta, "shards": [{"name": "000000"}]}))
+    with pytest.raises(InputError, match="lacks shards"):
+        Index.open(tmp_path / "idx")
+    (tmp_path / "idx" / "meta.json").write_text(json.dumps({**meta, "version": 99}))  # `index info` fails below
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "broken.jpg").write_bytes(b"\xff\xd8 nope")
     with pytest.raises(InputError, match="no usable images"):

@@ -49,6 +49,8 @@ ITEMS = pa.schema([
     pa.field("size", pa.int64()),
     pa.field("variant", pa.string()),         # full | square (the centred square crop of a wide/tall image)
 ])
+REQUIRED_META = frozenset({"hash", "count", "shards"})
+REQUIRED_SHARD = frozenset({"name", "count", "unit"})
 MAX_WIDTH = 24                                # widest substring table: 2**24 buckets
 CHUNK_CANDIDATES = 1 << 18                    # candidates verified per step (keeps temporaries in cache)
 
@@ -230,6 +232,14 @@ class Index:
         if meta.get("version") != VERSION:
             raise InputError(f"index {root} has version {meta.get('version')}, this diffaudit reads version "
                              f"{VERSION}; rebuild it with `diffaudit index build`")
+        missing = sorted(REQUIRED_META - set(meta))
+        shards = meta.get("shards")
+        if not missing and (not isinstance(shards, list)
+                            or not all(isinstance(s, dict) and REQUIRED_SHARD <= set(s) for s in shards)):
+            missing = [f"shards[].{k}" for k in sorted(REQUIRED_SHARD)]
+        if missing:
+            raise InputError(f"{meta_file} lacks {', '.join(missing)}; the index is damaged, rebuild it with "
+                             "`diffaudit index build`")
         return cls(root.resolve(), meta)
 
     @classmethod
