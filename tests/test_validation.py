@@ -154,3 +154,36 @@ def test_probe_validate_cli(tmp_path, capsys):
     code, _, err = run_cli(capsys, "probe", "validate", "--labels", str(labels), "--run", str(run.root),
                            "--probe", "faces")
     assert code == 2 and "no probes/faces table" in err
+
+
+def test_probe_validate_defaults_to_the_registered_probes_classes(tmp_path, capsys):
+    """The tiny CLIP may only ever say 'woman'; 'man' is still one of its classes."""
+    run = make_photo_run(tmp_path / "run", photos=("astronaut", "coffee", "chelsea", "camera"), size=32)
+    gens = run.read_table("generations")
+    run.write_table("probes/clip", probe_table(gens.image_id, ["woman"] * 4))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image_id,label\n" + "\n".join(f"{i},{lab}" for i, lab in
+                                                    zip(gens.image_id, ["woman", "man", "woman", "man"], strict=True)))
+    code, out, err = run_cli(capsys, "probe", "validate", "--labels", str(labels), "--run", str(run.root))
+    assert code == 0, err
+    assert "man" in out.replace("woman", "") and "100.0%" in out  # woman: sensitivity 2/2
+
+
+def test_correction_skips_a_class_without_labelled_votes(tmp_path, capsys):
+    with pytest.raises(InputError, match="not estimable"):
+        rogan_gladen(0.4, float("nan"), 0.9, n=100, positives=50, negatives=50)
+    run = make_photo_run(tmp_path / "run", photos=("astronaut", "coffee", "chelsea", "camera"), size=32)
+    gens = run.read_table("generations")
+    table = probe_table(gens.image_id, ["woman", "man", "woman", "man"], abstained=[False, True, False, False])
+    run.write_table("probes/clip", table)
+    run.write_table("bias/summary", stats.summarize(gens, {"clip": table}, suite="demo"))
+    labels = tmp_path / "labels.csv"  # the only 'man' is abstained on: man has no labelled vote
+    labels.write_text("image_id,label\n" + "\n".join(f"{i},{lab}" for i, lab in
+                                                    zip(gens.image_id[:3], ["woman", "man", "woman"], strict=True)))
+    val = validate_probe(labels, table, attribute="perceived_gender", classes=["woman", "man"])
+    summary = stats.summarize(gens, {"clip": table}, suite="demo")
+    fixed = correct_summary(summary[summary.template == "all"], val, probe="clip", attribute="perceived_gender")
+    assert fixed.corrected_share.isna().all() and fixed.corrected_note.str.contains("not estimable").all()
+    code, out, err = run_cli(capsys, "probe", "validate", "--labels", str(labels), "--run", str(run.root))
+    assert code == 0, err
+    assert out.count("note: not corrected") == 2 and "error" not in err

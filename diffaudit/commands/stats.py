@@ -24,7 +24,8 @@ def probe_validate(
     probe: str = typer.Option("clip", "--probe", help="Probe table to validate (probes/<name>.parquet)."),
     attribute: str = typer.Option("perceived_gender", "--attribute"),
     classes: str = typer.Option(None, "--classes",
-                                help="Comma-separated classes the probe can give (default: those it gave)."),
+                                help="Comma-separated classes the probe can give (default: the registered "
+                                     "probe's labels, else those it gave)."),
     correct: bool = typer.Option(True, "--correct/--no-correct",
                                  help="Also print Rogan-Gladen corrected shares from bias/summary (two classes)."),
     confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.999),
@@ -43,7 +44,13 @@ def probe_validate(
         have = [t.split("/", 1)[1] for t in r.tables() if t.startswith("probes/")]
         raise InputError(f"run {r.name} has no {table_name} table (it has: {', '.join(have) or 'none'}); "
                          "run `diffaudit audit bias RUN` first")
-    known = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if classes:
+        known = [c.strip() for c in classes.split(",") if c.strip()]
+    else:  # the registered probe's declared labels: a class it never predicted is still valid
+        from diffaudit.registry import PROBES
+
+        declared = PROBES.load(probe).labels.get(attribute) if probe in PROBES else None
+        known = list(declared) if declared else None
     result = validate_probe(labels, r.read_table(table_name), attribute=attribute, classes=known,
                             generations=r.read_table("generations"), run_root=r.root, alpha=1 - confidence)
     console = Console()
@@ -67,6 +74,8 @@ def probe_validate(
         c.add_row(row.subject, row.label, str(row.n), _pct(row.share),
                   f"{_pct(row.corrected_share)} ({_pct(row.corrected_ci_low)}-{_pct(row.corrected_ci_high)})")
     console.print(c)
+    for note in fixed["corrected_note"].dropna().unique():
+        console.print(f"note: not corrected for {note}", highlight=False, soft_wrap=True)
 
 
 @app.command("plan")
