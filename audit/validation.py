@@ -137,12 +137,16 @@ def rogan_gladen(share: float, sensitivity: float, specificity: float, *, n: int
     ``n`` audited images, ``sensitivity`` from ``positives`` labelled positives and ``specificity`` from
     ``negatives`` labelled negatives, each drawn from its Jeffreys Beta. Draws where the simulated probe is
     no better than chance (sensitivity + specificity <= 1) are left out of the interval."""
+    if np.isnan(sensitivity) or np.isnan(specificity):
+        raise InputError("sensitivity or specificity is not estimable (no labelled images of a class): "
+                         "its shares cannot be corrected")
     youden = sensitivity + specificity - 1
     if youden <= 0:
         raise InputError(f"the probe is no better than chance (sensitivity {sensitivity:.3f} + specificity "
                          f"{specificity:.3f} <= 1): its shares cannot be corrected")
     if min(n, positives, negatives) < 1:
-        raise InputError("rogan_gladen needs n, positives and negatives >= 1")
+        raise InputError(f"needs audited images and labelled positives and negatives with a vote (has n={n}, "
+                         f"positives={positives}, negatives={negatives})")
     estimate = float(np.clip((share + specificity - 1) / youden, 0, 1))
     rng = np.random.default_rng(seed)
 
@@ -161,9 +165,11 @@ def correct_summary(summary: pd.DataFrame, validation: pd.DataFrame, *, probe: s
                     confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
     """Rogan-Gladen corrected shares for the summary rows of one two-class (probe, attribute).
 
-    Returns the summary rows with corrected_share, corrected_ci_low, corrected_ci_high added. With two
-    classes, class c's sensitivity/specificity are the other class's specificity/sensitivity, so the
-    corrected shares of the two labels still sum to one.
+    Returns the summary rows with corrected_share, corrected_ci_low, corrected_ci_high and corrected_note
+    added. With two classes, class c's sensitivity/specificity are the other class's
+    specificity/sensitivity, so the corrected shares of the two labels still sum to one. A class whose
+    rates are not estimable (no labelled image of a class with a vote, or a probe no better than chance)
+    is not corrected: NaN, with the reason in corrected_note.
     """
     rows = summary[(summary["probe"] == probe) & (summary["attribute"] == attribute)
                    & summary["label"].notna() & (summary["n"] > 0)].copy()
@@ -172,13 +178,20 @@ def correct_summary(summary: pd.DataFrame, validation: pd.DataFrame, *, probe: s
         raise InputError(f"Rogan-Gladen correction needs a two-class attribute validated on the same classes; "
                          f"validation has {sorted(classes)}, the summary {sorted(set(rows['label']))}")
     v = validation.set_index("class")
-    out = []
+    out, notes = [], []
     for share, n, label in zip(rows["share"], rows["n"], rows["label"], strict=True):
         c = v.loc[label]
-        r = rogan_gladen(float(share), float(c["sensitivity"]), float(c["specificity"]), n=int(n),
-                         positives=int(c["tp"] + c["fn"]), negatives=int(c["tn"] + c["fp"]),
-                         confidence=confidence, n_boot=n_boot, seed=seed)
+        try:
+            r = rogan_gladen(float(share), float(c["sensitivity"]), float(c["specificity"]), n=int(n),
+                             positives=int(c["tp"] + c["fn"]), negatives=int(c["tn"] + c["fp"]),
+                             confidence=confidence, n_boot=n_boot, seed=seed)
+        except InputError as e:
+            out.append((np.nan, np.nan, np.nan))
+            notes.append(f"{label}: {e}")
+            continue
         out.append((r.estimate, r.ci_low, r.ci_high))
+        notes.append(None)
     rows[["corrected_share", "corrected_ci_low", "corrected_ci_high"]] = (
         np.array(out) if out else np.empty((0, 3)))
+    rows["corrected_note"] = pd.Series(notes, index=rows.index, dtype=object)
     return rows.reset_index(drop=True)
