@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import zlib
 
@@ -186,6 +187,18 @@ def test_index_grows_resumes_and_persists_search_tables(tmp_path, photos):
     assert (out / "mih" / "tables.json").is_file()
     assert [np.array_equal(x, y) for x, y in zip(mih, index.search(q, 10, method="flat"), strict=True)] == [True] * 3
 
+    # the cached tables are keyed on the shard list, not only the count: another index's tables are rebuilt
+    other = tmp_path / "other"
+    other.mkdir()
+    for name, img in list(photos.items())[:len(photos)]:
+        img.rotate(90).resize((96, 96)).save(other / f"{name}.png")
+    assert build_index([str(other)], str(tmp_path / "idx2"), progress=False)["count"] == index.count
+    shutil.rmtree(tmp_path / "idx2" / "mih", ignore_errors=True)
+    shutil.copytree(out / "mih", tmp_path / "idx2" / "mih")
+    index2 = Index.open(tmp_path / "idx2")
+    got = index2.search(q, 64, method="mih")
+    assert [np.array_equal(x, y) for x, y in zip(got, index2.search(q, 64, method="flat"), strict=True)] == [True] * 3
+
 
 def test_precomputed_hash_parquet(tmp_path, photos):
     hasher = get_hasher("phash")
@@ -344,6 +357,22 @@ def test_check_run_flags_the_memorized_image(photo_run: Run, tmp_path, photos):
     assert len(rates) == 5 and rates.set_index("prompt_id")["matched"].to_dict()["photo-coffee"] == 1
     assert rates["matched"].sum() == 1 and (rates["ci_low"] <= rates["rate"]).all()
     assert photo_run.stage_done("memorization") and photo_run.info["stages"]["memorization"]["radius"] == 10
+
+
+def test_check_run_decodes_each_generated_image_once(photo_run: Run, tmp_path, monkeypatch):
+    from audit.memorization import check
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for q in (40, 60, 80):  # three candidates for the coffee image
+        (train / f"coffee-q{q}.jpg").write_bytes(jpeg(skimage_photo("coffee"), q))
+    build_index([str(train)], str(tmp_path / "idx"), progress=False)
+    opened: list[str] = []
+    real = check._open
+    monkeypatch.setattr(check, "_open", lambda path: opened.append(str(path)) or real(path))
+    summary = check_run(photo_run.root, tmp_path / "idx", progress=False)
+    assert summary["candidates"] >= 3 and summary["memorized_images"] == 1
+    assert len(opened) == summary["images"] + 1  # hashing reads each image once, confirming coffee once more
 
 
 def test_check_run_without_matches_and_cli_query(photo_run: Run, tmp_path, photos, capsys):

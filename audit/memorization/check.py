@@ -113,6 +113,7 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
         from tqdm import tqdm
 
         pairs = tqdm(pairs, unit="pair", desc="confirm")
+    gen_img: tuple[int, Image.Image] | None = None  # pairs come grouped by image: decode each once
     with run.lock():
         for i, cand in pairs:
             item = items.loc[int(cand.id)]
@@ -122,7 +123,9 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
                    "embedding_sim": None, "verdict": "unconfirmed", "evidence_path": None}
             train = _train_image(item)
             if train is not None:
-                c = confirm(_open(gens["file"].iloc[i]), train)
+                if gen_img is None or gen_img[0] != i:
+                    gen_img = (i, _open(gens["file"].iloc[i]))
+                c = confirm(gen_img[1], train)
                 row.update(tile_l2=c.tile_l2, ssim=c.ssim, embedding_sim=c.embedding_sim, verdict=c.verdict,
                            evidence_path=_evidence(run, train, item["key"], int(cand.id)))
             rows.append(row)

@@ -18,6 +18,7 @@ dense bucket tables and are verified by popcount, so recall equals a flat scan's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -105,11 +106,12 @@ def choose_m(n: int, r: int = DEFAULT_RADIUS) -> int:
 class MultiIndexHash:
     """Bucket tables over m substrings of the codes; ``search`` is exact for any radius."""
 
-    def __init__(self, tables: list[dict[str, np.ndarray]], m: int, n: int):
-        self.tables, self.m, self.n = tables, m, n
+    def __init__(self, tables: list[dict[str, np.ndarray]], m: int, n: int, key: str = ""):
+        self.tables, self.m, self.n, self.key = tables, m, n, key
 
     @classmethod
-    def build(cls, codes: np.ndarray, m: int) -> MultiIndexHash:
+    def build(cls, codes: np.ndarray, m: int, key: str = "") -> MultiIndexHash:
+        """Tables for ``codes``; ``key`` names what they were built from (``load`` rejects another key)."""
         codes = np.asarray(codes, dtype=np.uint64)
         tables, shift = [], 64
         for w in _widths(m):
@@ -120,7 +122,7 @@ class MultiIndexHash:
             np.cumsum(np.bincount(sub, minlength=1 << w), out=starts[1:])
             tables.append({"starts": starts, "perm": order.astype(np.uint32 if len(codes) < 2**32 else np.int64),
                            "codes": codes[order]})
-        return cls(tables, m, len(codes))
+        return cls(tables, m, len(codes), key)
 
     def save(self, folder: Path) -> None:
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")  # concurrent readers may build at once
@@ -129,22 +131,22 @@ class MultiIndexHash:
         for i, t in enumerate(self.tables):
             for name, arr in t.items():
                 np.save(tmp / f"{name}-{i}.npy", arr)
-        (tmp / "tables.json").write_text(json.dumps({"m": self.m, "n": self.n}))
+        (tmp / "tables.json").write_text(json.dumps({"m": self.m, "n": self.n, "key": self.key}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
 
     @classmethod
-    def load(cls, folder: Path, n: int) -> MultiIndexHash | None:
+    def load(cls, folder: Path, n: int, key: str = "") -> MultiIndexHash | None:
         try:
             info = json.loads((folder / "tables.json").read_text())
         except (OSError, ValueError):
             return None
-        if info.get("n") != n:
+        if info.get("n") != n or info.get("key", "") != key:
             return None
         m = int(info["m"])
         tables = [{name: np.load(folder / f"{name}-{i}.npy", mmap_mode="r") for name in ("starts", "perm", "codes")}
                   for i in range(m)]
-        return cls(tables, m, n)
+        return cls(tables, m, n, key)
 
     def search(self, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All (query index, id, distance) with distance <= r, sorted by query then distance then id."""
@@ -340,9 +342,10 @@ class Index:
     @cached_property
     def _mih(self) -> MultiIndexHash:
         cache = self.root / "mih"
-        mih = MultiIndexHash.load(cache, self.count)
+        key = hashlib.sha1(json.dumps(self.meta["shards"], sort_keys=True).encode()).hexdigest()
+        mih = MultiIndexHash.load(cache, self.count, key)
         if mih is None:
-            mih = MultiIndexHash.build(np.asarray(self.codes), choose_m(self.count))
+            mih = MultiIndexHash.build(np.asarray(self.codes), choose_m(self.count), key)
             try:
                 mih.save(cache)
             except OSError:  # a read-only index still searches, it just rebuilds the tables next time
