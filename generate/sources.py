@@ -14,30 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from diffaudit.errors import InputError
-
-
-def load_source(ref: str) -> Image.Image:
-    """The source image of a request as RGB at its own size, or ``InputError``."""
-    scheme, _, name = ref.partition(":")
-    if scheme == "skimage" and name:
-        import skimage.data
-
-        loader = getattr(skimage.data, name, None)
-        if loader is None:
-            raise InputError(f"scikit-image ships no image {name!r} (source {ref!r})")
-        try:
-            array = np.asarray(loader())
-        except (ModuleNotFoundError, OSError) as e:  # some skimage images need a download (pooch)
-            raise InputError(f"source {ref!r} is not available offline: {e}") from e
-        return Image.fromarray(array).convert("RGB")
-    if scheme == "sklearn" and name:
-        from sklearn.datasets import load_sample_image
-
-        try:
-            return Image.fromarray(load_sample_image(name)).convert("RGB")
-        except (AttributeError, OSError, ValueError) as e:
-            raise InputError(f"scikit-learn ships no sample image {name!r} (source {ref!r})") from e
-    return _open(ref, "source image").convert("RGB")
+from prompts.suites import load_source  # noqa: F401  (re-exported: the stage's one way to open sources)
 
 
 def make_mask(ref: str, source_size: tuple[int, int]) -> Image.Image:

@@ -14,10 +14,12 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator, model_validator
 
 from diffaudit.config import Frozen, load_yaml, validate
-from diffaudit.errors import SuiteError
+from diffaudit.errors import InputError, SuiteError
 
 SUITES_DIR = Path(__file__).parent
 _ID = r"^[a-z0-9][a-z0-9_]*$"
@@ -177,6 +179,38 @@ def _check_ref(ref: str, base: Path, field: str) -> str | None:
             return f"mask {ref!r} must look like box:x0,y0,x1,y1 (fractions)"
         return None if 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 else f"mask box {ref!r} is outside [0, 1]"
     return None if (base / ref).is_file() else f"file {ref!r} not found (relative to {base})"
+
+
+def load_source(ref: str) -> Image.Image:
+    """The source image of a request (``skimage:NAME``, ``sklearn:NAME`` or a path) as RGB at its own size,
+    or ``InputError``. Generation and provenance both open sources through this one function."""
+    scheme, _, name = ref.partition(":")
+    if scheme == "skimage" and name:
+        import skimage.data
+
+        loader = getattr(skimage.data, name, None)
+        if loader is None:
+            raise InputError(f"scikit-image ships no image {name!r} (source {ref!r})")
+        try:
+            array = np.asarray(loader())
+        except (ModuleNotFoundError, OSError) as e:  # some skimage images need a download (pooch)
+            raise InputError(f"source {ref!r} is not available offline: {e}") from e
+        return Image.fromarray(array).convert("RGB")
+    if scheme == "sklearn" and name:
+        from sklearn.datasets import load_sample_image
+
+        try:
+            return Image.fromarray(load_sample_image(name)).convert("RGB")
+        except (AttributeError, OSError, ValueError) as e:
+            raise InputError(f"scikit-learn ships no sample image {name!r} (source {ref!r})") from e
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise InputError(f"source image {ref} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"source image {ref} is not a readable image: {e}") from e
 
 
 def resolve_ref(ref: str | None, suite_file: Path) -> str | None:

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffaudit.errors import InputError
 from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes, sha256_file
+from prompts.suites import BUILTIN_SOURCES, load_source
 from provenance import c2pa as cc
 from provenance.keys import Identity, init_identity, load_identity
 from provenance.store import ManifestStore, Match, phash
@@ -54,15 +55,8 @@ def _plain(value: Any) -> Any:
 def source_bytes(ref: str, base: Path | None = None) -> bytes:
     """Materialise a source image reference (``skimage:NAME``, ``sklearn:NAME`` or a path) as bytes."""
     scheme, _, name = ref.partition(":")
-    if scheme == "skimage" and name:
-        import skimage.data
-
-        arr = np.asarray(getattr(skimage.data, name)())
-        return encode_image(arr if arr.ndim == 3 else np.stack([arr] * 3, axis=-1), "png")
-    if scheme == "sklearn" and name:
-        from sklearn.datasets import load_sample_image
-
-        return encode_image(np.asarray(load_sample_image(name)), "png")
+    if scheme in BUILTIN_SOURCES and name:
+        return encode_image(np.asarray(load_source(ref)), "png")
     path = Path(ref)
     if not path.is_absolute() and base is not None:
         path = base / path
