@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,11 +91,29 @@ def swatch_batch(order: str = "rgb") -> ImageBatch:
     return ImageBatch(records)
 
 
+def reference_ita(hx: str) -> float:
+    """ITA of an sRGB hex colour by the textbook formulas, independent of the probe's code: sRGB -> linear
+    (IEC 61966-2-1) -> XYZ (sRGB D65 matrix) -> CIELAB (CIE 1976, D65 white) -> atan2(L* - 50, b*)."""
+    rgb = [int(hx[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    m = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
+    xyz = [sum(a * b for a, b in zip(row, lin, strict=True)) for row in m]
+    eps, kappa = 216 / 24389, 24389 / 27
+    f = [t ** (1 / 3) if t > eps else (kappa * t + 16) / 116
+         for t in (v / w for v, w in zip(xyz, (0.95047, 1.0, 1.08883), strict=True))]
+    lightness, b_star = 116 * f[1] - 16, 200 * (f[1] - f[2])
+    return math.degrees(math.atan2(lightness - 50, b_star))
+
+
 def test_monk_swatches_ten_out_of_ten():
     df = SkinToneProbe(FullFrame()).score(swatch_batch())
     assert list(df["label"]) == list(MONK_LABELS)
     assert not df["abstained"].any()
-    np.testing.assert_allclose(df["score"], MONK_ITA, atol=1e-6)
+    expected = np.array([reference_ita(h) for h in MONK_HEX])
+    # pinned absolute values (float CIELAB D65): 8-bit OpenCV Lab or swapped R/B would miss them by degrees
+    np.testing.assert_allclose(expected[[0, 5, 9]], [83.0, 10.88, -84.31], atol=0.02)
+    np.testing.assert_allclose(df["score"], expected, atol=0.05)
+    np.testing.assert_allclose(MONK_ITA, expected, atol=0.05)
 
 
 def test_swapped_channels_fail_the_swatch_test():
