@@ -254,13 +254,19 @@ def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
     if not files:
         raise InputError("no PNG, JPEG or WebP files to stamp")
     out = Path(out_dir)
+    seen: dict[Path, Path] = {}
+    for f, rel in files:
+        if rel in seen:
+            raise InputError(f"{seen[rel]} and {f} would both be stamped to {out / rel}; "
+                             "stamp them into different --out folders (or pass their folder)")
+        seen[rel] = f
     own_store = not isinstance(store, ManifestStore)
     st = store if isinstance(store, ManifestStore) else ManifestStore(store)
     results = []
     try:
         stamper = Stamper(identity, watermark=watermark, store=st)
-        for f in _progress(files, "stamp"):
-            target = out / f.name
+        for f, rel in _progress(files, "stamp"):
+            target = out / rel
             if target.resolve() == f.resolve():
                 raise InputError(f"{f}: the output folder is the input's folder; choose another --out")
             gen = {"model": model, "source_file": f.name}
@@ -297,13 +303,15 @@ class VerifyResult:
         return asdict(self)
 
 
-def _expand(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
-    """Files as given (whatever their extension) and image files found under folders, sorted."""
+def _expand(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, Path]]:
+    """``(file, name)``: files as given (whatever their extension; name = file name) and image files found
+    under folders, sorted (name = the path relative to that folder, so ``<prompt_id>/<seed>.png`` stays)."""
     for p in map(Path, paths):
         if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            yield from ((f, f.relative_to(p)) for f in found)
         else:
-            yield p
+            yield p, Path(p.name)
 
 
 def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: ManifestStore | None = None,
@@ -366,7 +374,7 @@ def verify_paths(paths: Iterable[str | os.PathLike], *, trust_anchors: str | os.
     results = []
     try:
         methods = st.methods() if st is not None else ["dwtDctSvd"]
-        for p in _expand(paths):
+        for p, _ in _expand(paths):
             try:
                 data = p.read_bytes()
             except OSError as e:

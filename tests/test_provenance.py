@@ -413,3 +413,19 @@ def test_store_breaks_payload_collisions_by_phash(tmp_path):
         assert store.by_payload("dwtDctSvd", "00000000ff", phash(a)).manifest_label == "urn:a"
         assert store.by_phash(phash(b.resize((128, 128)).resize((256, 256)))).manifest_label == "urn:b"
         assert store.by_payload("dwtDctSvd", "0000000000") is None
+
+
+def test_stamp_files_keeps_folder_layout_and_refuses_duplicate_names(identity, tmp_path):
+    from provenance.stamp import stamp_files
+
+    for prompt_id, name in (("p1", "astronaut"), ("p2", "rocket")):
+        (tmp_path / "images" / prompt_id).mkdir(parents=True)
+        (tmp_path / "images" / prompt_id / "0.png").write_bytes(png_bytes(skimage_photo(name, 64)))
+    db = tmp_path / "store.sqlite"
+    rows = stamp_files([tmp_path / "images"], tmp_path / "st", identity=identity, store=db)
+    assert sorted(Path(r["stamped"]).relative_to(tmp_path / "st").as_posix() for r in rows) == ["p1/0.png",
+                                                                                                 "p2/0.png"]
+    loose = [tmp_path / "images" / "p1" / "0.png", tmp_path / "images" / "p2" / "0.png"]
+    with pytest.raises(InputError, match="would both be stamped to"):
+        stamp_files(loose, tmp_path / "st2", identity=identity, store=db)
+    assert not (tmp_path / "st2").exists()  # refused up front: nothing written

@@ -174,7 +174,7 @@ def robustness(
     if run is not None:
         images = [Path(f).read_bytes() for f in run.images()["file"][:limit]]
     elif targets:
-        images = [p.read_bytes() for p in list(_expand(targets))[:limit]]
+        images = [p.read_bytes() for p, _ in list(_expand(targets))[:limit]]
     else:
         images = [source_bytes(f"skimage:{n}") for n in ("astronaut", "coffee", "chelsea", "rocket")][:limit]
     if not images:
