@@ -157,8 +157,20 @@ def default_identity() -> Identity:
     return load_identity(folder)
 
 
+def _public_ref(ref: Any) -> Any:
+    """What a signed manifest may say about a source or mask: builtin and ``box:`` refs as they are, a
+    path only by its file name (a local path is private; the ingredient's hash identifies the file)."""
+    if not ref:
+        return ref
+    scheme, _, name = str(ref).partition(":")
+    if (scheme in BUILTIN_SOURCES and name) or scheme == "box":
+        return ref
+    return Path(str(ref)).name
+
+
 def _generation(row: dict[str, Any], run: Run) -> dict[str, Any]:
     gen = {k: _plain(row.get(k)) for k in GENERATION_FIELDS}
+    gen["source_image"], gen["mask"] = _public_ref(gen["source_image"]), _public_ref(gen["mask"])
     gen["run"] = run.name
     gen["run_created"] = run.info.get("created")
     return gen
@@ -168,10 +180,11 @@ def _ingredients(row: dict[str, Any], base: Path) -> list[cc.Ingredient]:
     mode, src = _plain(row.get("mode")), _plain(row.get("source_image"))
     if mode not in ("img2img", "inpaint") or not src:
         return []
-    ings = [cc.Ingredient(str(src), source_bytes(str(src), base), "parentOf" if mode == "inpaint" else "inputTo")]
+    ings = [cc.Ingredient(_public_ref(str(src)), source_bytes(str(src), base),
+                          "parentOf" if mode == "inpaint" else "inputTo")]
     mask = _plain(row.get("mask"))
     if mode == "inpaint" and mask and not str(mask).startswith("box:"):
-        ings.append(cc.Ingredient(str(mask), source_bytes(str(mask), base), "inputTo"))
+        ings.append(cc.Ingredient(_public_ref(str(mask)), source_bytes(str(mask), base), "inputTo"))
     return ings
 
 

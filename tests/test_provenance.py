@@ -429,3 +429,23 @@ def test_stamp_files_keeps_folder_layout_and_refuses_duplicate_names(identity, t
     with pytest.raises(InputError, match="would both be stamped to"):
         stamp_files(loose, tmp_path / "st2", identity=identity, store=db)
     assert not (tmp_path / "st2").exists()  # refused up front: nothing written
+
+
+def test_manifest_names_a_path_source_by_file_name_only(photo_run, identity, anchors, tmp_path):
+    src = tmp_path / "private" / "holiday.png"
+    src.parent.mkdir()
+    src.write_bytes(png_bytes(skimage_photo("coffee", 64)))
+    gens = photo_run.read_table("generations")
+    gens.loc[0, ["mode", "source_image", "strength"]] = ["img2img", str(src), 0.6]
+    gens.loc[1, ["mode", "source_image", "strength"]] = ["img2img", "skimage:astronaut", 0.6]
+    photo_run.write_table("generations", gens)
+    stamp_run(photo_run.root, identity=identity, store=tmp_path / "store.sqlite")
+    table = photo_run.read_table("provenance/stamps").set_index("image_id")
+    creds = {i: verify_paths([photo_run.path(table.loc[i, "stamped_path"])], trust_anchors=anchors,
+                             store=tmp_path / "store.sqlite")[0].credentials for i in gens["image_id"][:2]}
+    first, second = creds.values()
+    assert first["generation"]["source_image"] == "holiday.png"
+    assert first["ingredients"][0]["title"] == "holiday.png"
+    assert str(tmp_path) not in json.dumps(first)
+    assert second["generation"]["source_image"] == "skimage:astronaut"
+    assert second["ingredients"][0]["title"] == "skimage:astronaut"
