@@ -213,13 +213,15 @@ class _Generator:
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
-            torch.cuda.empty_cache()
-            self.batch_size = max(1, len(batch) // 2)
-            print(f"CUDA out of memory at batch {len(batch)}; going on with batch {self.batch_size}")
-            parts = [self._generate(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
-            flags = [f for _, fl in parts if fl is not None for f in fl]
-            return np.concatenate([p for p, _ in parts]), (flags if parts[0][1] is not None else None)
-        return pixels, self.plan.pipes.flag_nsfw(pixels)
+            pixels = None  # retry below, outside the handler: its traceback pins the failed call's tensors
+        if pixels is not None:
+            return pixels, self.plan.pipes.flag_nsfw(pixels)
+        torch.cuda.empty_cache()
+        self.batch_size = max(1, len(batch) // 2)
+        print(f"CUDA out of memory at batch {len(batch)}; going on with batch {self.batch_size}")
+        parts = [self._generate(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
+        flags = [f for _, fl in parts if fl is not None for f in fl]
+        return np.concatenate([p for p, _ in parts]), (flags if parts[0][1] is not None else None)
 
     def _call(self, batch: list[Job]) -> np.ndarray:
         import torch

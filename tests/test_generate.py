@@ -387,21 +387,25 @@ def test_safety_checker_flags_instead_of_blacking_out(tmp_path, policy):
 
 
 def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, pipes, monkeypatch):
-    """CUDA OOM is simulated on the CPU: batches above 2 images raise it; the run finishes at batch 2."""
+    """CUDA OOM is simulated on the CPU: batches above 2 images raise it; the run finishes at batch 2.
+    The retry runs after the handler, so the failed batch's frames and tensors are freed first."""
     import torch
 
     call = runner._Generator._call
-    sizes = []
+    sizes, handling, made = [], [], []
 
     def oom_above_two(self, batch):
         sizes.append(len(batch))
+        handling.append(sys.exc_info()[0])  # set while inside an ``except`` block
         if len(batch) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        made.extend(j.image_id for j in batch)
         return call(self, batch)
 
     monkeypatch.setattr(runner._Generator, "_call", oom_above_two)
     cfg = config(write_suite(tmp_path / "s"), images_per_prompt=3, batch_size=4, edits=())
     summary = generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
     assert sizes[0] == 4 and max(sizes[1:]) == 2 and summary["batch_size"] == 2
-    assert summary["generated"] == 6
+    assert handling == [None] * len(sizes)  # no retry ran inside the OOM handler
+    assert sorted(made) == sorted(expected_ids(cfg)) and summary["generated"] == 6  # each image exactly once
     assert_valid_run(Run.open(tmp_path / "run"), cfg)
