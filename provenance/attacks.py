@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance, ImageFilter
 
+from diffaudit.errors import InputError
 from provenance import c2pa as cc
 from provenance.keys import Identity
 
@@ -84,9 +85,10 @@ def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("dwtDctSvd"
     names = list(attacks) if attacks is not None else list(ATTACKS)
     unknown = [a for a in names if a not in ATTACKS]
     if unknown:
-        from diffaudit.errors import InputError
-
         raise InputError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
+    if not any(_fits(data) for data in images):
+        raise InputError(f"none of the {len(images)} image(s) is a PNG, JPEG or WebP of at least 256x256 pixels "
+                         "(the watermark's minimum): nothing to measure; use larger images")
     rows = []
     for method in methods:
         wm = get(method)
@@ -118,6 +120,17 @@ def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("dwtDctSvd"
                          "detection_rate": _mean(s["det"]), "c2pa_survives": _mean(s["c2pa"]),
                          "credentials_recovered": _mean(s["found"])})
     return pd.DataFrame(rows)
+
+
+def _fits(data: bytes) -> bool:
+    """Whether an image is large enough to carry a watermark (reads the header only)."""
+    from provenance.watermark import MIN_PIXELS
+
+    try:
+        w, h = Image.open(io.BytesIO(data)).size
+    except (OSError, ValueError):
+        return False
+    return w * h >= MIN_PIXELS
 
 
 def _mean(values: list) -> float:

@@ -195,7 +195,11 @@ def load_identity(folder: str | os.PathLike | None = None) -> Identity:
 
 def from_pem(chain: str | os.PathLike, key: str | os.PathLike) -> Identity:
     """An identity from a user's PEM chain (leaf first) and PEM private key."""
-    chain_pem, key_pem = Path(chain).read_bytes(), Path(key).read_bytes()
+    try:
+        chain_pem, key_pem = Path(chain).read_bytes(), Path(key).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {e.filename}: {e.strerror}; pass an existing PEM chain (--cert) "
+                         "and private key (--key)") from e
     certs = load_chain(chain_pem)
     try:
         private = serialization.load_pem_private_key(key_pem, password=None)

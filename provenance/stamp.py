@@ -268,11 +268,14 @@ def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
         raise InputError("no PNG, JPEG or WebP files to stamp")
     out = Path(out_dir)
     seen: dict[Path, Path] = {}
-    for f, rel in files:
+    for f, rel in files:  # every check up front: a bad input stops the command before anything is written
         if rel in seen:
             raise InputError(f"{seen[rel]} and {f} would both be stamped to {out / rel}; "
                              "stamp them into different --out folders (or pass their folder)")
         seen[rel] = f
+        with f.open("rb") as fh:
+            if cc.sniff(fh.read(12)) is None:
+                raise InputError(f"{f}: not a PNG, JPEG or WebP image; nothing was stamped")
     own_store = not isinstance(store, ManifestStore)
     st = store if isinstance(store, ManifestStore) else ManifestStore(store)
     results = []
@@ -318,13 +321,18 @@ class VerifyResult:
 
 def _expand(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, Path]]:
     """``(file, name)``: files as given (whatever their extension; name = file name) and image files found
-    under folders, sorted (name = the path relative to that folder, so ``<prompt_id>/<seed>.png`` stays)."""
+    under folders, sorted (name = the path relative to that folder, so ``<prompt_id>/<seed>.png`` stays).
+    A missing path, or a folder without images, is an ``InputError``."""
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"{p}: no PNG, JPEG or WebP images in this folder")
             yield from ((f, f.relative_to(p)) for f in found)
-        else:
+        elif p.exists():
             yield p, Path(p.name)
+        else:
+            raise InputError(f"{p}: no such file or folder")
 
 
 def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: ManifestStore | None = None,
@@ -387,7 +395,7 @@ def verify_paths(paths: Iterable[str | os.PathLike], *, trust_anchors: str | os.
     results = []
     try:
         methods = st.methods() if st is not None else ["dwtDctSvd"]
-        for p, _ in _expand(paths):
+        for p, _ in list(_expand(paths)):  # a missing path is an error before any file is verified
             try:
                 data = p.read_bytes()
             except OSError as e:

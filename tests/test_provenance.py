@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import png_bytes, skimage_photo
+from conftest import make_photo_run, png_bytes, skimage_photo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -449,3 +449,41 @@ def test_manifest_names_a_path_source_by_file_name_only(photo_run, identity, anc
     assert str(tmp_path) not in json.dumps(first)
     assert second["generation"]["source_image"] == "skimage:astronaut"
     assert second["ingredients"][0]["title"] == "skimage:astronaut"
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process (as the entry point does) and return (exit code, stdout, stderr)."""
+    from diffaudit.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    out = capsys.readouterr()
+    return done.value.code or 0, out.out, out.err
+
+
+def _one_line_error(result: tuple[int, str, str], *needles: str) -> None:
+    code, _, err = result
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(n in err for n in needles), err
+
+
+def test_cli_bad_inputs_are_one_line_errors(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(cli(capsys, "stamp", "x.png", "--cert", "nope.pem", "--key", "nope.key"), "nope.pem")
+    _one_line_error(cli(capsys, "stamp", "nofile.png", "--out", "st2"), "nofile.png", "no such file")
+    _one_line_error(cli(capsys, "provenance", "robustness", "nofile.png"), "nofile.png")
+    _one_line_error(cli(capsys, "verify", "nofile.png"), "nofile.png", "no such file")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(cli(capsys, "verify", "empty"), "empty", "no PNG, JPEG or WebP images")
+    junk = tmp_path / "junkdir"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(png_bytes(skimage_photo("rocket", 64)))
+    (junk / "b.png").write_bytes(b"not an image at all")
+    _one_line_error(cli(capsys, "stamp", "junkdir", "--out", "st3"), str(Path("junkdir") / "b.png"))
+    assert not (tmp_path / "st3").exists()  # refused before stamping a.png
+
+
+def test_robustness_refuses_images_below_the_watermark_minimum(capsys, tmp_path):
+    run = make_photo_run(tmp_path / "small", size=64)
+    _one_line_error(cli(capsys, "provenance", "robustness", str(run.root)), "256x256")
+    assert not run.table_path("provenance/robustness").exists()

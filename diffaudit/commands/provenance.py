@@ -144,9 +144,7 @@ def verify(
                        f"(was {rc.get('status')}, image {m.get('image_id')}, run {m.get('run')})")
 
     results = verify_paths(paths, trust_anchors=trust_anchors, store=store, on_result=show)
-    if not results:
-        typer.echo("no image files found")
-    elif not as_json:
+    if not as_json:
         counts: dict[str, int] = {}
         for r in results:
             counts[r.status] = counts.get(r.status, 0) + 1
