@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 import zlib
@@ -198,6 +199,35 @@ def test_index_grows_resumes_and_persists_search_tables(tmp_path, photos):
     index2 = Index.open(tmp_path / "idx2")
     got = index2.search(q, 64, method="mih")
     assert [np.array_equal(x, y) for x, y in zip(got, index2.search(q, 64, method="flat"), strict=True)] == [True] * 3
+
+
+def test_rebuild_over_grown_sources_adds_only_the_new_images(tmp_path, photos):
+    from audit.memorization.check import query_files
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    wide = ("astronaut", "coffee", "china", "flower")  # coffee, china and flower are wide: square variants too
+    for name in wide[:3]:
+        photos[name].save(folder / f"{name}.png")
+    out = str(tmp_path / "idx")
+    first = build_index([str(folder)], out, progress=False)
+    photos[wide[3]].save(folder / f"{wide[3]}.png")
+    added = build_index([str(folder / f"{wide[3]}.png")], str(tmp_path / "alone"), progress=False)["count"]
+    second = build_index([str(folder)], out, progress=False)
+    assert added == 2 and second["count"] == first["count"] + added
+    assert second["counts"]["skipped_already_indexed"] == 3 and second["counts"]["indexed"] == 1
+    [result] = query_files([str(folder / "coffee.png")], out, confirm_matches=False)
+    found = [(m["key"], m["variant"]) for m in result["matches"]]
+    assert ("coffee.png", "full") in found and len(found) == len(set(found))
+    # a touched (mtime only) tar shard is read again, but none of its images is added twice
+    shard = tmp_path / "shards" / "00000.tar"
+    shard.parent.mkdir()
+    write_shard(shard, {n: photos[n] for n in wide}, evil=False)
+    third = build_index([str(shard)], out, progress=False)
+    os.utime(shard, (shard.stat().st_atime, shard.stat().st_mtime + 60))
+    fourth = build_index([str(shard)], out, progress=False)
+    assert third["count"] == second["count"] + 4 and fourth["units_skipped"] == 0
+    assert fourth["count"] == third["count"] and fourth["counts"]["skipped_already_indexed"] == 4
 
 
 def test_precomputed_hash_parquet(tmp_path, photos):

@@ -3,6 +3,8 @@
 Engines: ``local`` runs units on a process pool (all cores); ``ray`` maps the same ``hash_unit`` over a
 Ray Dataset (a local Ray or ``--ray-address``). Results are appended in unit order, so both engines
 write the same index. A build can be interrupted: finished units are shards already, a rerun skips them.
+Images already indexed (same file or tar member, same variant) are never added twice, so rebuilding over
+grown sources adds only the new images; indexed image files are not even read again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from audit.memorization.hashing import BATCH, from_hex, get_hasher
-from audit.memorization.index import ITEMS, Index
+from audit.memorization.index import ITEMS, Index, identity
 from audit.memorization.sources import Record, Unit, iter_files, iter_tar, plan
 from diffaudit.errors import ConfigError, InputError
 
@@ -91,6 +94,22 @@ def hash_unit(unit: Unit, hash_name: str, exact: bool = False,
     return out, rows, dict(counts)
 
 
+def _unindexed(index: Index, units: list[Unit]) -> tuple[list[Unit], Counter]:
+    """The units with the image files the index already holds left out (they are not read again), and the
+    count of files left out. Tar shards are read whole; ``Index.append`` drops their indexed members."""
+    counts: Counter = Counter()
+    out = []
+    for u in units:
+        if u.kind == "files" and index.count:
+            done = index.indexed(np.fromiter((identity(f, None, "full") for f in u.files), np.uint64,
+                                             count=len(u.files)))
+            if done.any():
+                counts["skipped_already_indexed"] += int(done.sum())
+                u = replace(u, files=tuple(f for f, d in zip(u.files, done, strict=True) if not d))
+        out.append(u)
+    return out, counts
+
+
 def _local(units: list[Unit], hash_name: str, exact: bool, square: bool, workers: int) -> Iterator[tuple]:
     if workers <= 1 or len(units) == 1:
         for u in units:
@@ -123,21 +142,21 @@ def build_index(sources: list[str], out: str, *, hash_name: str = "phash", engin
     fresh = not os.path.exists(os.path.join(out, "meta.json"))
     index = Index.create(out, hash_name)
     todo = [u for u in units if not index.is_done(u.uid)]
+    work, counts = _unindexed(index, todo)
     workers = workers or os.cpu_count() or 1
     if engine == "ray":
         from audit.memorization.ray_engine import ray_hash_units
 
-        results: Iterable[tuple] = ray_hash_units(todo, hash_name, exact, square, address=ray_address)
+        results: Iterable[tuple] = ray_hash_units(work, hash_name, exact, square, address=ray_address)
     else:
-        results = _local(todo, hash_name, exact, square, workers)
+        results = _local(work, hash_name, exact, square, workers)
     if progress:
         from tqdm import tqdm
 
         results = tqdm(results, total=len(todo), unit="unit", desc=f"index {hash_name}")
-    counts: Counter = Counter()
     for unit, (codes, rows, c) in zip(todo, results, strict=True):
-        index.append(codes, pd.DataFrame(rows, columns=ITEMS.names), unit=unit.uid, counts=c)
-        counts.update(c)
+        counts.update(index.append(codes, pd.DataFrame(rows, columns=ITEMS.names), unit=unit.uid, counts=c,
+                                   origin=unit.path))
     if index.count == 0:
         if fresh:
             shutil.rmtree(index.root, ignore_errors=True)

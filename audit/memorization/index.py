@@ -5,6 +5,8 @@ names it, so a crash never leaves a half-indexed shard, and a rerun skips the un
 
     meta.json                 format, version, hash name, count, shards (name, count, unit id), counts
     codes/<shard>.npy         uint64 codes, loaded memory-mapped
+    idents/<shard>.npy        sorted 64-bit hashes of each item's identity (source, member, variant), so that
+                              a rebuild over the same sources plus new files adds only the new images
     items/<shard>.parquet     key, uri, caption, source, member, offset, size, variant (row i <-> code i)
     mih/                      search tables (a cache rebuilt when the count changes)
 
@@ -212,6 +214,50 @@ def flat_search(codes: np.ndarray, queries: np.ndarray, r: int) -> tuple[np.ndar
     return _dedupe(np.concatenate(qs), np.concatenate(ids), np.concatenate(ds), len(codes))
 
 
+# -- item identity -------------------------------------------------------------------------------
+def identity(where: str, member: str | None, variant: str) -> int:
+    """A 64-bit hash of an indexed image's identity: the file holding it, its tar member, its variant."""
+    text = f"{where}\0{member or ''}\0{variant}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def identities(items: pd.DataFrame, origin: str = "") -> np.ndarray:
+    """Identity hashes of item rows: by ``source``, else ``uri``, else ``origin#key`` (a hash parquet row)."""
+    return np.fromiter((identity(_str(src) or _str(uri) or f"{origin}#{key}", _str(member) or None, _str(var))
+                        for src, uri, key, member, var in zip(items["source"], items["uri"], items["key"],
+                                                              items["member"], items["variant"], strict=True)),
+                       dtype=np.uint64, count=len(items))
+
+
+class _Seen:
+    """A set of uint64 held as a few sorted runs; a run merges into the one before it when that one is not
+    larger, so each hash is merged O(log n) times and a lookup is a binary search per run."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def __contains__(self, h: int) -> bool:
+        return bool(self.contains(np.asarray([h], np.uint64))[0])
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(h), bool)
+        for run in self.runs:
+            pos = np.minimum(np.searchsorted(run, h), len(run) - 1)
+            found |= run[pos] == h
+        return found
+
+    def add(self, h: np.ndarray) -> None:
+        run = np.unique(np.asarray(h, np.uint64))
+        while self.runs and len(self.runs[-1]) <= len(run):
+            run = np.sort(np.concatenate([self.runs.pop(), run]), kind="stable")  # merges two sorted runs
+        if len(run):
+            self.runs.append(run)
+
+
 # -- the index folder ----------------------------------------------------------------------------
 class Index:
     """An index folder: ``Index.create`` to start or extend one, ``Index.open`` to read one."""
@@ -295,12 +341,45 @@ class Index:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # -- growing ------------------------------------------------------------------------------
-    def append(self, codes: np.ndarray, items: pd.DataFrame, *, unit: str, counts: dict[str, int]) -> None:
-        """Add one unit's codes and items as a new shard, then record it in meta.json."""
+    @cached_property
+    def _seen(self) -> _Seen:
+        """Identities of every indexed item (from ``idents/``; recomputed from the items of older shards)."""
+        seen = _Seen()
+        for s in self.meta["shards"]:
+            path = self.root / "idents" / f"{s['name']}.npy"
+            seen.add(np.load(path) if path.is_file()
+                     else identities(pq.read_table(self.root / "items" / f"{s['name']}.parquet").to_pandas()))
+        return seen
+
+    def indexed(self, idents: np.ndarray) -> np.ndarray:
+        """Which identity hashes (``identity``) the index already holds."""
+        return self._seen.contains(np.asarray(idents, np.uint64))
+
+    def append(self, codes: np.ndarray, items: pd.DataFrame, *, unit: str, counts: dict[str, int],
+               origin: str = "") -> dict[str, int]:
+        """Add one unit's codes and items as a new shard, then record it in meta.json.
+
+        Items already indexed (same source, member and variant; see ``identities``, where ``origin`` names
+        a hash parquet) are left out, so a rebuild over grown sources adds only the new images. Returns
+        ``counts`` with those moved from indexed/square_crops to skipped_already_indexed."""
         if len(codes) != len(items):
             raise ValueError("codes and items differ in length")
+        idents = identities(items, origin)
+        _, first = np.unique(idents, return_index=True)
+        keep = np.zeros(len(idents), bool)
+        keep[first] = True
+        keep &= ~self.indexed(idents)
+        if not keep.all():
+            dropped = items["variant"].to_numpy()[~keep]
+            square = int((dropped == "square").sum())
+            counts = dict(Counter(counts) + Counter(skipped_already_indexed=len(dropped)))
+            counts["indexed"] = counts.get("indexed", 0) - (len(dropped) - square)
+            counts["square_crops"] = counts.get("square_crops", 0) - square
+            counts = {k: v for k, v in counts.items() if v}
+            codes, items, idents = np.asarray(codes)[keep], items[keep], idents[keep]
         name = f"{len(self.meta['shards']):06d}"
         if len(codes):
+            atomic_write_bytes(self.root / "idents" / f"{name}.npy", _npy_bytes(np.unique(idents)))
             buf = _npy_bytes(np.asarray(codes, dtype=np.uint64))
             atomic_write_bytes(self.root / "codes" / f"{name}.npy", buf)
             table = pa.Table.from_pandas(items[ITEMS.names].reset_index(drop=True), schema=ITEMS, preserve_index=False)
@@ -316,8 +395,10 @@ class Index:
         self.meta["counts"] = dict(sorted(total.items()))
         self.meta["updated"] = now()
         self._write_meta()
+        self._seen.add(idents)
         for attr in ("codes", "offsets", "_mih"):
             self.__dict__.pop(attr, None)
+        return counts
 
     def is_done(self, unit: str) -> bool:
         return unit in self.units_done or unit in self.meta.get("empty_units", [])
