@@ -65,6 +65,37 @@ def run_demo(runs_dir: str | Path = "runs", *, images_per_prompt: int = 4, subje
         init_identity(identity, common_name="diffaudit demo signer")
         log(f"[keys] made a development signing identity in {identity}")
     write_training_photos(Path(config.memorization.sources[0]))
-    run_audit(config, log=log)
+    run = run_audit(config, log=log)
+    for line in summary(run, config):
+        log(line)
     log(f"demo audit finished in {time.perf_counter() - start:.0f} s: {config.out}/report.html")
     return config
+
+
+def summary(run, config: AuditConfig) -> list[str]:
+    """What the demo found, read from the run's tables, with every stamp verified afresh."""
+    from provenance.stamp import verify_paths
+
+    gens = run.read_table("generations")
+    clip = run.read_table("probes/clip")
+    gender = clip[clip["attribute"] == "perceived_gender"]
+    faces = run.read_table("probes/faces")
+    matches = run.read_table("memorization/matches")
+    confirmed = matches[matches["verdict"] != "unconfirmed"]
+    anchors = Path(config.provenance.identity) / "root-ca.pem"
+    verified = verify_paths([run.root / "provenance" / "stamped"], trust_anchors=anchors)
+    states = {}
+    for r in verified:
+        states[r.status] = states.get(r.status, 0) + 1
+    modes = gens["mode"].value_counts()
+    return [
+        f"[summary] images: {len(gens)} ({', '.join(f'{m} {n}' for m, n in modes.items())})",
+        f"[summary] perceived gender: CLIP abstained on {gender['abstained'].mean():.0%} of images "
+        f"({', '.join(sorted(gender['abstain_reason'].dropna().unique())) or 'no abstention'}); "
+        f"faces found in {faces.loc[faces['face_index'] >= 0, 'image_id'].nunique()} image(s)",
+        f"[summary] memorization: {matches['image_id'].nunique()} image(s) matched a training photo by hash, "
+        f"{confirmed['image_id'].nunique()} confirmed in pixels as near-copies "
+        f"({', '.join(sorted(confirmed['prompt_id'].unique())) or 'none'})",
+        f"[summary] provenance: {len(verified)} stamped copies verified against the demo root CA: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
+    ]

@@ -102,3 +102,12 @@ def test_interrupted_stage_resumes_without_redoing_finished_stages(tmp_path, mon
         assert run.info["pipeline"][stage] == before[stage]
     assert run.info["stages"]["stamp"]["images"] == 4 - 2  # only the images not stamped before
     assert len(run.read_table("provenance/stamps")) == 4
+
+
+def test_demo_prints_a_summary_read_from_the_run(demo):
+    _, run, logs = demo
+    lines = {line.split(":")[0]: line for line in logs if line.startswith("[summary]")}
+    n = len(run.read_table("generations"))
+    assert f"images: {n} " in lines["[summary] images"]
+    assert f"{n} stamped copies verified against the demo root CA: Trusted {n}" in lines["[summary] provenance"]
+    assert "2 confirmed in pixels as near-copies (img2img-astronaut, img2img-coffee)" in lines["[summary] memorization"]
