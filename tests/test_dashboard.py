@@ -207,24 +207,6 @@ def test_provenance_upload_is_capped(app, monkeypatch):
     assert calls == []
 
 
-def test_provenance_upload_without_verifier_says_so(app, monkeypatch):
-    import provenance
-
-    monkeypatch.delattr(provenance, "verify_paths", raising=False)
-    monkeypatch.setattr("importlib.import_module", _no_verifier_modules(__import__("importlib").import_module))
-    visit(app, "provenance")
-    app.file_uploader(key="verify_upload").set_value(("mine.png", png(), "image/png")).run()
-    assert any("provenance.verify_paths" in w.value for w in app.warning)
-
-
-def _no_verifier_modules(real):
-    def import_module(name, package=None):
-        if name in ("provenance.verify", "provenance.c2pa"):
-            raise ImportError(name)
-        return real(name, package)
-    return import_module
-
-
 def test_compare_page_delta_per_occupation(app, runs_dir):
     visit(app, "compare")
     a = focus_rows(runs_dir, "tiny-base").set_index("subject")

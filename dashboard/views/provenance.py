@@ -5,11 +5,8 @@ and deleted after the check."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import re
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +17,6 @@ from dashboard import charts, ui
 
 MAX_UPLOAD_MB = 20
 TYPES = ["png", "jpg", "jpeg", "webp", "avif", "heic", "tif", "tiff", "gif"]
-
-
-def verifier() -> Callable[..., Any] | None:
-    """The provenance stage's ``verify_paths``, imported only when a user asks to verify."""
-    for module in ("provenance", "provenance.verify", "provenance.c2pa"):
-        try:
-            fn = getattr(importlib.import_module(module), "verify_paths", None)
-        except ImportError:
-            continue
-        if callable(fn):
-            return fn
-    return None
-
-
-def as_dict(result: Any) -> dict[str, Any]:
-    """A verification result (dataclass, pydantic model, mapping or object) as a plain dict."""
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return dataclasses.asdict(result)
-    if hasattr(result, "model_dump"):
-        return result.model_dump()
-    if isinstance(result, dict):
-        return dict(result)
-    return {k: v for k, v in vars(result).items() if not k.startswith("_")}
 
 
 def _facts(value: Any) -> str:
@@ -56,11 +30,11 @@ def _facts(value: Any) -> str:
 def show_result(result: dict[str, Any]) -> None:
     """The C2PA state, each failure code in plain words, and what the watermark and the store found.
 
-    Reads ``provenance.stamp.VerifyResult`` (status, credentials{failure_codes, failures, signer,
-    generation}, watermark, recovered, problem); flat results with top-level keys work too."""
+    Reads ``provenance.stamp.VerifyResult.to_dict()`` (status, credentials{failure_codes, failures, signer,
+    generation}, watermark, recovered, problem)."""
     creds = result.get("credentials") or {}
-    status = str(result.get("status") or creds.get("status") or "unknown")
-    signer = creds.get("signer") or result.get("signer")
+    status = str(result["status"])
+    signer = creds.get("signer")
     box = {"Trusted": st.success, "Valid": st.info, "Invalid": st.error}.get(status, st.warning)
     words = {"Trusted": "signed, intact, and the signer is in your trust anchors",
              "Valid": "signed and intact, but the signer is not in your trust anchors",
@@ -70,7 +44,7 @@ def show_result(result: dict[str, Any]) -> None:
     if signer:
         st.markdown(f"**signer**: {_facts(signer)}")
     explanations = {f.get("code"): f.get("explanation") for f in creds.get("failures") or [] if isinstance(f, dict)}
-    for code in creds.get("failure_codes") or result.get("failure_codes") or []:
+    for code in creds.get("failure_codes") or []:
         extra = explanations.get(code)
         st.markdown(f"- {ui.md(ui.plain(str(code)))}" + (f" ({ui.md(extra)})" if extra else ""))
     if creds.get("generation"):
@@ -134,11 +108,7 @@ if upload is not None:
     if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
         st.error(f"{ui.md(upload.name)} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
         st.stop()
-    verify = verifier()
-    if verify is None:
-        st.warning("Verification needs the provenance stage (`provenance.verify_paths`), which this "
-                   "installation does not have yet. `diffaudit verify FILE` does the same from a shell.")
-        st.stop()
+    from provenance import verify_paths  # imported only when a user asks to verify
     suffix = re.sub(r"[^a-z0-9]", "", Path(upload.name).suffix.lower())[:5] or "bin"
     with tempfile.TemporaryDirectory(prefix="diffaudit-verify-") as tmp:
         target = Path(tmp) / f"upload.{suffix}"
@@ -148,11 +118,10 @@ if upload is not None:
             trust = Path(tmp) / "anchors.pem"
             trust.write_bytes(anchors.getvalue())
         try:
-            results = verify([target], trust_anchors=trust)
+            results = verify_paths([target], trust_anchors=trust)
         except Exception as e:  # a bad file must give a message, never a crash of the page
             st.error(f"Could not verify {ui.md(upload.name)}: {ui.md(e)}")
             st.stop()
-    results = list(results.values()) if isinstance(results, dict) else list(results)
     st.markdown(f"**{ui.md(upload.name)}**")
     for result in results:
-        show_result(as_dict(result))
+        show_result(result.to_dict())
