@@ -5,7 +5,9 @@ from run seed, prompt_id and index by ``prompts.suites``), so batch size and ord
 image. Everything is validated (suite, sizes, sources, masks, model) before the run folder is touched.
 Images are PNG-encoded and written by a thread pool while the next batch runs on the device; rows are
 appended to ``generations`` as batches land. A killed run resumes: an image recorded with a matching
-sha256 is never generated again. On CUDA out-of-memory the batch is halved and generation goes on.
+sha256 and the same request (prompt, mode, source, ...) is never generated again; one whose suite entry
+was edited is made again and its row replaced. On CUDA out-of-memory the batch is halved and generation
+goes on.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from diffaudit.errors import ConfigError, InputError, NotARunError
 from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes
 from generate.models import Pipelines, check_scheduler, load_pipelines
 from generate.sources import prepare
-from prompts.suites import Request, expand
+from prompts.suites import Request, expand, suite_path
 
 # Settings that change an image's pixels: a run resumes only if they match what it was started with.
-CONTENT_KEYS = ("suite", "model", "model_revision", "scheduler", "steps", "guidance", "width", "height",
+# The suite is compared by its resolved file (``demo``, ``./s.yaml`` and ``s.yaml`` may name the same one).
+CONTENT_KEYS = ("suite_file", "model", "model_revision", "scheduler", "steps", "guidance", "width", "height",
                 "seed", "dtype")
+# A recorded image is done only if these request fields still match (the suite file may have been edited).
+REQUEST_KEYS = ("prompt", "negative_prompt", "mode", "source_image", "mask", "strength")
 ROW_FLUSH_SECONDS = 2.0
 
 
@@ -102,7 +107,8 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
         if key not in plan.sources:
             plan.sources[key] = prepare(r.source_image, r.mask, (width, height))
     plan.settings = {
-        "suite": config.suite, "images_per_prompt": config.images_per_prompt, "seed": config.seed,
+        "suite": config.suite, "suite_file": str(suite_path(config.suite).resolve()),
+        "images_per_prompt": config.images_per_prompt, "seed": config.seed,
         "templates": config.templates, "subjects": config.subjects, "edits": config.edits, "steps": steps,
         "guidance": guidance, "width": width, "height": height, "batch_size": config.batch_size, **pipes.info(),
         "noise": "per image: torch.Generator('cpu').manual_seed(seed); independent of batch size and order",
@@ -150,7 +156,7 @@ class _Generator:
     def execute(self) -> dict[str, Any]:
         start = time.perf_counter()
         _remove_stale_temp_files(self.run.root)
-        done = self.run.completed_images()
+        done = self._done()
         todo = [j for j in self.plan.jobs if j.image_id not in done]
         groups: dict[tuple, deque[Job]] = {}
         for job in todo:
@@ -190,6 +196,15 @@ class _Generator:
                 "skipped": len(self.plan.jobs) - n, "seconds": round(seconds, 3),
                 "images_per_second": round(n / seconds, 3) if seconds > 0 else None,
                 "batch_size": self.batch_size}
+
+    def _done(self) -> set[str]:
+        """Images on disk as recorded whose row still matches its job's request (else: made again, row replaced)."""
+        intact = self.run.completed_images()
+        gens = self.run.read_table("generations")
+        recorded = {row["image_id"]: tuple(_plain(row[k]) for k in REQUEST_KEYS)
+                    for row in gens.to_dict("records") if row["image_id"] in intact}
+        return {j.image_id for j in self.plan.jobs
+                if recorded.get(j.image_id) == tuple(_plain(getattr(j.request, k)) for k in REQUEST_KEYS)}
 
     def _collect(self, futures: list[Future], rows: list[dict[str, Any]], bar) -> None:
         for fut, row in zip(futures, rows, strict=True):
@@ -257,6 +272,11 @@ class _Generator:
             model_revision=s["model_revision"], scheduler=s["scheduler"], steps=s["steps"],
             guidance=float(s["guidance"]), width=s["width"], height=s["height"],
             path=self.run.image_relpath(r.prompt_id, job.seed), sha256="", seconds=float(seconds), nsfw=nsfw)
+
+
+def _plain(value: Any) -> Any:
+    """A table cell or request field as a comparable Python value (missing values all become None)."""
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> str:

@@ -289,6 +289,33 @@ def test_resume_with_other_settings_is_refused(tmp_path, pipes):
     assert (tmp_path / "run" / "generations.parquet").read_bytes() == table
 
 
+def test_resume_regenerates_images_whose_suite_entry_was_edited(tmp_path, pipes):
+    suite = write_suite(tmp_path / "s")
+    cfg = config(suite, images_per_prompt=1, edits=("astro",))
+    generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    text = suite.read_text()
+    suite.write_text(text.replace("text: nurse", "text: firefighter").replace("strength: 0.5", "strength: 0.6"))
+    summary = generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    assert summary["generated"] == 2 and summary["skipped"] == 1  # the pilot is unchanged
+    gens = assert_valid_run(Run.open(tmp_path / "run"), cfg).set_index("prompt_id")
+    assert gens.loc["face-nurse", "prompt"] == "a photo of the face of a firefighter"
+    assert gens.loc["img2img-astro", "strength"] == 0.6
+    again = generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    assert again["generated"] == 0 and again["skipped"] == 3
+
+
+def test_resume_compares_the_suite_file_not_the_spelling(tmp_path, pipes, monkeypatch):
+    suite = write_suite(tmp_path / "s")
+    cfg = config(suite, images_per_prompt=1, subjects=("nurse",), edits=())
+    generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    monkeypatch.chdir(tmp_path / "s")
+    plan_run(tmp_path / "run", cfg.model_copy(update={"suite": "./suite.yaml"}), pipelines=pipes)
+    (tmp_path / "other.yaml").write_text(suite.read_text().replace("astro.png", "s/astro.png")
+                                         .replace("mask.png", "s/mask.png"))
+    with pytest.raises(ConfigError, match="suite_file"):
+        plan_run(tmp_path / "run", cfg.model_copy(update={"suite": str(tmp_path / "other.yaml")}), pipelines=pipes)
+
+
 def cli(*args: str) -> None:
     import diffaudit.commands.generate  # noqa: F401  (until diffaudit/cli.py imports it)
     from diffaudit.cli import main
