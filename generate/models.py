@@ -224,13 +224,14 @@ def wrap_pipeline(pipe, *, spec: str, kind: str, revision: str | None, steps: in
     pipe.to(device, dtype)
     if safety is not None and policy == "flag":
         safety[0].to(device, dtype)
-    _speed_up(pipe, device, compile_=compile_)
+    compiled = compile_ and device.startswith("cuda")  # --compile is a CUDA speed-up: elsewhere nothing compiles
+    _speed_up(pipe, device, compile_=compiled)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return Pipelines(
         spec=spec, kind=kind, txt2img=pipe, device=device, dtype=dtype, revision=revision,
         scheduler=scheduler or _scheduler_name(pipe.scheduler), default_steps=steps, default_guidance=guidance,
-        default_size=(size, size), safety_policy=policy, inpaint_folder=inpaint_folder, compiled=compile_,
+        default_size=(size, size), safety_policy=policy, inpaint_folder=inpaint_folder, compiled=compiled,
         _safety=safety if policy == "flag" else None)
 
 

@@ -413,6 +413,16 @@ def test_safety_checker_flags_instead_of_blacking_out(tmp_path, policy):
     assert np.asarray(Image.open(gens["file"][0])).max() > 0  # not blacked out
 
 
+def test_compile_is_recorded_only_where_it_happens(tmp_path, pipes):
+    """--compile is a CUDA speed-up; on the CPU nothing is compiled, so run.json must not claim it was."""
+    cpu = wrap_pipeline(pipes.txt2img, spec="tiny", kind="tiny", revision=pipes.revision, steps=2, guidance=5.0,
+                        device="cpu", dtype=pipes.dtype, compile_=True)
+    assert cpu.info()["compile"] is False and not cpu.compiled
+    cfg = config(write_suite(tmp_path / "s"), images_per_prompt=1, subjects=("nurse",), edits=(), compile=True)
+    generate_run(tmp_path / "run", cfg, progress=False, pipelines=cpu)
+    assert Run.open(tmp_path / "run").info["generation"]["compile"] is False
+
+
 def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, pipes, monkeypatch):
     """CUDA OOM is simulated on the CPU: batches above 2 images raise it; the run finishes at batch 2.
     The retry runs after the handler, so the failed batch's frames and tensors are freed first."""
