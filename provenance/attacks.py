@@ -77,7 +77,7 @@ def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("dwtDctSvd"
                identity: Identity | None = None, attacks: Iterable[str] | None = None,
                progress: bool = True) -> pd.DataFrame:
     """One row per (method, attack): images, bit accuracy, detection rate and C2PA survival."""
-    from provenance.stamp import Stamper
+    from provenance.stamp import Stamper, progress_bar
     from provenance.store import ManifestStore, phash
     from provenance.watermark import get
 
@@ -96,7 +96,7 @@ def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("dwtDctSvd"
                 ManifestStore(Path(tmp) / "store.sqlite") as store:
             stamper = Stamper(identity, watermark=method, store=store)
             stats = {a: {"bits": [], "det": [], "c2pa": [], "found": []} for a in names}
-            for data in _bar(images, f"robustness {method}", progress):
+            for data in progress_bar(images, f"robustness {method}", progress):
                 stamp = stamper.stamp(data, {"model": "robustness"}, title="robustness.png")
                 if stamp.payload is None:
                     continue
@@ -135,14 +135,6 @@ def _fits(data: bytes) -> bool:
 
 def _mean(values: list) -> float:
     return float(np.mean(values)) if values else float("nan")
-
-
-def _bar(items: list, desc: str, enabled: bool) -> Iterator:
-    if not enabled:
-        return iter(items)
-    from tqdm import tqdm
-
-    return iter(tqdm(items, desc=desc, unit="img", disable=None))
 
 
 # --- a cheap corpus of varied clean images -----------------------------------------------------

@@ -188,7 +188,10 @@ def _ingredients(row: dict[str, Any], base: Path) -> list[cc.Ingredient]:
     return ings
 
 
-def _progress(items: list, desc: str) -> Iterator:
+def progress_bar(items: list, desc: str, enabled: bool = True) -> Iterator:
+    """Iterate ``items`` with a tqdm bar (shown only on a terminal, and only when ``enabled``)."""
+    if not enabled:
+        return iter(items)
     from tqdm import tqdm
 
     return iter(tqdm(items, desc=desc, unit="img", disable=None))
@@ -208,14 +211,14 @@ def stamp_run(run_dir: str | os.PathLike, *, identity: Identity | None = None, w
             todo = [r for r in run.images().to_dict("records") if r["image_id"] not in done]
             rows: list[dict[str, Any]] = []
             try:
-                for row in _progress(todo, f"stamp {run.name}"):
+                for row in progress_bar(todo, f"stamp {run.name}"):
                     rows.append(_stamp_row(run, stamper, row))
                     if len(rows) >= flush_every:
-                        run.append_rows("provenance/stamps", _frame(rows), key="image_id")
+                        run.append_rows("provenance/stamps", pd.DataFrame(rows), key="image_id")
                         rows = []
             finally:
                 if rows:
-                    run.append_rows("provenance/stamps", _frame(rows), key="image_id")
+                    run.append_rows("provenance/stamps", pd.DataFrame(rows), key="image_id")
         table = run.read_table("provenance/stamps")
         seconds = time.perf_counter() - t0
         run.record_stage("stamp", seconds=seconds, images=len(todo), watermark=watermark,
@@ -254,10 +257,6 @@ def _stamp_row(run: Run, stamper: Stamper, row: dict[str, Any]) -> dict[str, Any
             "failure_codes": stamp.failure_codes, "seconds": stamp.seconds}
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(rows)
-
-
 def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
                 identity: Identity | None = None, watermark: str = "dwtDctSvd",
                 store: ManifestStore | str | os.PathLike | None = None,
@@ -281,7 +280,7 @@ def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
     results = []
     try:
         stamper = Stamper(identity, watermark=watermark, store=st)
-        for f, rel in _progress(files, "stamp"):
+        for f, rel in progress_bar(files, "stamp"):
             target = out / rel
             if target.resolve() == f.resolve():
                 raise InputError(f"{f}: the output folder is the input's folder; choose another --out")

@@ -58,8 +58,8 @@ import numpy as np
 import pywt
 
 MAGIC = b"DA"
-MIN_PIXELS = 256 * 256
-_U_TO_RGB = np.array([0.0, -0.395, 2.032], dtype=np.float32)  # OpenCV YUV->RGB coefficients of U  # imwatermark's own lower bound; fewer blocks make too few votes per bit
+MIN_PIXELS = 256 * 256  # imwatermark's own lower bound; fewer blocks make too few votes per bit
+_U_TO_RGB = np.array([0.0, -0.395, 2.032], dtype=np.float32)  # OpenCV YUV->RGB coefficients of U
 
 
 def crc(data: bytes, *, width: int, poly: int, init: int) -> int:
