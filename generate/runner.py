@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from diffaudit.config import GenerationConfig
-from diffaudit.errors import ConfigError, InputError, NotARunError
+from diffaudit.errors import ConfigError, InputError
 from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes
 from generate.models import Pipelines, check_scheduler, load_pipelines
 from generate.sources import prepare
@@ -79,8 +79,8 @@ class Plan:
 
 def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
              pipelines: Pipelines | None = None) -> Plan:
-    """Validate everything and load the model, writing nothing. Raises a ``DiffauditError`` on bad input."""
-    _check_out(Path(run_dir))
+    """Validate everything and load the model, writing nothing. Raises a ``DiffauditError`` on bad input
+    (an ``--out`` that is not a run is refused by ``Run.create``, which also writes nothing then)."""
     check_scheduler(config.scheduler)
     requests = expand(config.suite, images_per_prompt=config.images_per_prompt, seed=config.seed,
                       templates=config.templates, subjects=config.subjects, edits=config.edits)
@@ -292,11 +292,6 @@ def _remove_stale_temp_files(root: Path) -> None:
     """Temp files that a killed writer left behind (we hold the lock, so none is in use)."""
     for tmp in [*root.glob("images/*/.*.tmp"), *root.glob(".generations.parquet.*.tmp")]:
         tmp.unlink(missing_ok=True)
-
-
-def _check_out(root: Path) -> None:
-    if root.exists() and not Run.is_run(root) and (not root.is_dir() or any(root.iterdir())):
-        raise NotARunError(f"{root} exists and is not a diffaudit run; choose a new --out")
 
 
 def _check_resume(root: Path, settings: dict[str, Any]) -> None:

@@ -249,7 +249,8 @@ def test_unknown_hub_model_offline_fails_fast_and_says_what_to_do(tmp_path):
         generate_run(tmp_path / "run", GenerationConfig(model="./missing/model.safetensors"), progress=False)
 
 
-@pytest.mark.parametrize("case", ["missing_source", "mask_size", "strength_steps", "not_a_run", "unsupported"])
+@pytest.mark.parametrize("case", ["missing_source", "mask_size", "strength_steps", "not_a_run", "a_file",
+                                  "unsupported"])
 def test_bad_input_writes_nothing(tmp_path, pipes, case):
     out = tmp_path / "run"
     if case == "missing_source":
@@ -262,6 +263,9 @@ def test_bad_input_writes_nothing(tmp_path, pipes, case):
     elif case == "not_a_run":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
+        err, cfg = NotARunError, config(write_suite(tmp_path / "s"))
+    elif case == "a_file":
+        out.write_text("mine")
         err, cfg = NotARunError, config(write_suite(tmp_path / "s"))
     else:  # a pipeline family without an img2img variant
         from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -276,6 +280,8 @@ def test_bad_input_writes_nothing(tmp_path, pipes, case):
         generate_run(out, cfg, progress=False, pipelines=pipes)
     if case == "not_a_run":
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    elif case == "a_file":
+        assert out.read_text() == "mine"
     else:
         assert not out.exists()
 
