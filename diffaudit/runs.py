@@ -139,10 +139,7 @@ class Run:
     def create(cls, root: str | os.PathLike, config: dict[str, Any] | None = None) -> Run:
         """Create a run (or reopen it if it exists); ``config`` is merged into ``run.json``."""
         root = Path(root)
-        if root.exists() and not root.is_dir():
-            raise NotARunError(f"{root} exists and is not a folder")
-        if root.is_dir() and any(root.iterdir()) and not (root / RUN_FILE).exists():
-            raise NotARunError(f"{root} is a non-empty folder that is not a diffaudit run; choose a new --out")
+        cls.check_can_create(root)
         root.mkdir(parents=True, exist_ok=True)
         run = cls(root)
         with run.lock():
@@ -164,6 +161,15 @@ class Run:
             raise NotARunError(f"{root} is not a diffaudit run (no {RUN_FILE})")
         run.info  # noqa: B018 - validates run.json
         return run
+
+    @staticmethod
+    def check_can_create(root: str | os.PathLike) -> None:
+        """Raise ``NotARunError`` if ``root`` cannot become (or be reopened as) a run; writes nothing."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise NotARunError(f"{root} exists and is not a folder")
+        if root.is_dir() and any(root.iterdir()) and not (root / RUN_FILE).exists():
+            raise NotARunError(f"{root} is a non-empty folder that is not a diffaudit run; choose a new --out")
 
     @staticmethod
     def is_run(path: str | os.PathLike) -> bool:

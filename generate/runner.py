@@ -81,6 +81,7 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
              pipelines: Pipelines | None = None) -> Plan:
     """Validate everything and load the model, writing nothing. Raises a ``DiffauditError`` on bad input
     (an ``--out`` that is not a run is refused by ``Run.create``, which also writes nothing then)."""
+    Run.check_can_create(run_dir)  # before the model loads: a bad --out fails in a second
     check_scheduler(config.scheduler)
     requests = expand(config.suite, images_per_prompt=config.images_per_prompt, seed=config.seed,
                       templates=config.templates, subjects=config.subjects, edits=config.edits)

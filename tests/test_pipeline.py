@@ -33,3 +33,18 @@ def test_bad_config_file_via_cli(tmp_path):
                          text=True, timeout=120)
     assert res.returncode == 2 and f"{cfg}:4: field 'generation.widht'" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_out_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import generate.runner as runner
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(runner, "load_pipelines", never)
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    with pytest.raises(DiffauditError, match="not a diffaudit run"):
+        run_audit(AuditConfig(out=str(out)), log=lambda m: None)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
