@@ -126,14 +126,8 @@ def image_grid(run: Run, paths: Iterable[str | None], captions: Iterable[str], w
     leaves the run is refused and said so, never opened."""
     thumbs_, shown = [], []
     for rel, caption in zip(paths, captions, strict=True):
-        try:
-            thumb = thumbs.thumbnail(run, rel)
-        except data.PathRefusedError as e:
-            st.warning(f"{md(caption)}: {md(e)}")
-            continue
-        if thumb is None:
-            st.caption(f"{md(caption)} (image missing or unreadable: {md(rel)})")
-        else:
+        thumb = _thumb_or_reason(run, rel, caption)
+        if thumb is not None:
             thumbs_.append(thumb)
             shown.append(md(caption))
     if thumbs_:
@@ -142,15 +136,21 @@ def image_grid(run: Run, paths: Iterable[str | None], captions: Iterable[str], w
 
 def show_image(run: Run, rel: str | None, caption: str) -> None:
     """One thumbnail with a caption, or a one-line reason why it cannot be shown."""
+    thumb = _thumb_or_reason(run, rel, caption)
+    if thumb is not None:
+        st.image(thumb, caption=md(caption), width="stretch")
+
+
+def _thumb_or_reason(run: Run, rel: str | None, caption: str):
+    """The thumbnail, or None after saying on the page why it cannot be shown (refused or unreadable)."""
     try:
         thumb = thumbs.thumbnail(run, rel)
     except data.PathRefusedError as e:
         st.warning(f"{md(caption)}: {md(e)}")
-        return
+        return None
     if thumb is None:
         st.caption(f"{md(caption)} (image missing or unreadable: {md(rel)})")
-    else:
-        st.image(thumb, caption=md(caption), width="stretch")
+    return thumb
 
 
 def first_with_reference(rows: pd.DataFrame, column: str, reference: str = "reference_share") -> list[str]:
