@@ -71,6 +71,8 @@ class Doc:
                 body.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
             elif b[0] == "p":
                 body.append(f"<p>{_inline(b[1])}</p>")
+            elif b[0] == "table" and b[1].empty:
+                body.append("<p><i>(none)</i></p>")
             elif b[0] == "table":
                 body.append(b[1].to_html(index=False, escape=True, border=0, classes="t", na_rep="–"))
             elif b[0] == "svg":
