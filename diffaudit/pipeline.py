@@ -57,8 +57,14 @@ def preflight(config: AuditConfig) -> None:
 
             load_reference(config.bias.reference)
     m = config.memorization
-    if m is not None and not Path(m.index).exists() and not m.sources:
-        raise ConfigError(f"memorization index {m.index} does not exist and no sources are given to build it")
+    if m is not None and not Path(m.index).exists():
+        if not m.sources:
+            raise ConfigError(f"memorization index {m.index} does not exist and no sources are given to build it")
+        import glob
+
+        missing = [s for s in m.sources if not Path(s).exists() and not glob.glob(s)]
+        if missing:
+            raise ConfigError(f"memorization source(s) {missing} do not exist (needed to build {m.index})")
     if config.provenance is not None:
         if config.provenance.watermark != "none" and config.provenance.watermark not in WATERMARKS:
             WATERMARKS.load(config.provenance.watermark)  # raises, listing the choices

@@ -48,3 +48,13 @@ def test_bad_out_fails_before_the_model_loads(tmp_path, monkeypatch):
     with pytest.raises(DiffauditError, match="not a diffaudit run"):
         run_audit(AuditConfig(out=str(out)), log=lambda m: None)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_missing_memorization_sources_fail_before_anything_runs(tmp_path):
+    from diffaudit.config import MemorizationConfig
+
+    config = AuditConfig(out=str(tmp_path / "run"), provenance=None, memorization=MemorizationConfig(
+        index=str(tmp_path / "idx"), sources=(str(tmp_path / "no-such-folder"),)))
+    with pytest.raises(DiffauditError, match="no-such-folder"):
+        run_audit(config, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
