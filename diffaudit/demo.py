@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from diffaudit.config import AuditConfig, GenerationConfig, MemorizationConfig, ProvenanceConfig
+from diffaudit.config import AuditConfig, BiasConfig, GenerationConfig, MemorizationConfig, ProvenanceConfig
 
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket")
 NOTICE = (
@@ -27,6 +27,7 @@ def demo_config(runs_dir: str | Path = "runs", images_per_prompt: int = 4,
         out=str(runs_dir / "demo"),
         generation=GenerationConfig(suite="demo", model="tiny", images_per_prompt=images_per_prompt, seed=0,
                                     subjects=subjects),
+        bias=BiasConfig(clip_model="tiny"),
         memorization=MemorizationConfig(index=str(runs_dir / "demo-index"),
                                         sources=(str(runs_dir / "demo-training"),)),
         provenance=ProvenanceConfig(identity=str(runs_dir / "demo-identity"), watermark="dwtDctSvd",

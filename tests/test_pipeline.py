@@ -58,3 +58,12 @@ def test_missing_memorization_sources_fail_before_anything_runs(tmp_path):
     with pytest.raises(DiffauditError, match="no-such-folder"):
         run_audit(config, log=lambda m: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_example_demo_config_is_what_the_demo_runs():
+    from diffaudit.demo import demo_config
+    from diffaudit.pipeline import load_audit_config
+
+    assert load_audit_config("examples/demo.yaml") == demo_config("runs")
+    for name in ("sd15", "sd21", "sdxl"):  # the GPU examples at least validate
+        assert load_audit_config(f"examples/{name}-occupations.yaml").generation.suite == "occupations"
