@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,7 @@ def test_example_demo_config_is_what_the_demo_runs():
     from diffaudit.demo import demo_config
     from diffaudit.pipeline import load_audit_config
 
-    assert load_audit_config("examples/demo.yaml") == demo_config("runs")
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    assert load_audit_config(examples / "demo.yaml") == demo_config("runs")
     for name in ("sd15", "sd21", "sdxl"):  # the GPU examples at least validate
-        assert load_audit_config(f"examples/{name}-occupations.yaml").generation.suite == "occupations"
+        assert load_audit_config(examples / f"{name}-occupations.yaml").generation.suite == "occupations"
