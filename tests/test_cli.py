@@ -67,3 +67,21 @@ def test_runs_list_and_show(tmp_path):
     assert res.returncode == 0 and "a" in res.stdout and "photos" in res.stdout
     res = diffaudit("runs", "show", str(tmp_path / "runs" / "a"))
     assert res.returncode == 0 and "table generations: 2 rows" in res.stdout
+
+
+def test_locked_run_is_one_line_exit_2(tmp_path):
+    import signal
+
+    run = make_photo_run(tmp_path / "r", photos=("astronaut",), size=64)
+    hold = ("import sys, time\nfrom diffaudit.runs import Run\nwith Run.open(sys.argv[1]).lock():\n"
+            "    print('locked', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(run.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        res = diffaudit("audit", "bias", str(run.root), "--clip-model", "tiny")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert res.returncode == 2 and f"is locked by pid {proc.pid}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not run.has_table("probes/clip")  # nothing written
