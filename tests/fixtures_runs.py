@@ -202,3 +202,19 @@ def build_evil_run(root: Path) -> Run:
     # A table written behind the schema's back (no version): pages must report it, not crash.
     pq.write_table(pa.table({"method": ["x"]}), run.table_path("provenance/robustness"))
     return run
+
+
+APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+
+
+def open_app(runs_dir: Path, picked: list[str], monkeypatch):
+    """A Streamlit AppTest of the dashboard on ``runs_dir`` with ``picked`` runs in ``?run=``, run once."""
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard import RUNS_DIR_ENV
+
+    monkeypatch.setenv(RUNS_DIR_ENV, str(runs_dir))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = picked
+    at.run()
+    return at

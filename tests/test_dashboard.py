@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fixtures_runs import build_evil_run, build_runs_dir, gender_attribute
+from fixtures_runs import APP, build_evil_run, build_runs_dir, gender_attribute, open_app
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from dashboard import RUNS_DIR_ENV, data, ui
 from diffaudit.runs import Run
-
-APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +28,7 @@ def runs_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def app(runs_dir, monkeypatch):
     """An AppTest on the runs root with tiny-base (A) and tiny-mitigated (B) picked."""
-    monkeypatch.setenv(RUNS_DIR_ENV, str(runs_dir))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.query_params["run"] = ["tiny-base", "tiny-mitigated"]
-    at.run()
+    at = open_app(runs_dir, ["tiny-base", "tiny-mitigated"], monkeypatch)
     assert not at.exception, [e.value for e in at.exception]
     assert at.session_state[ui.PICKED] == ["tiny-base", "tiny-mitigated"]
     return at
@@ -221,10 +216,7 @@ def test_compare_page_delta_per_occupation(app, runs_dir):
 
 
 def test_compare_needs_two_runs(runs_dir, monkeypatch):
-    monkeypatch.setenv(RUNS_DIR_ENV, str(runs_dir))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.query_params["run"] = ["tiny-base"]
-    at.run()
+    at = open_app(runs_dir, ["tiny-base"], monkeypatch)
     visit(at, "compare")
     assert "Pick two runs" in at.info[0].value
 
@@ -277,10 +269,7 @@ def test_crafted_rows_are_refused_on_every_page(runs_dir, monkeypatch):
         return real_open(fp, *a, **k)
 
     monkeypatch.setattr(Image, "open", spy)
-    monkeypatch.setenv(RUNS_DIR_ENV, str(runs_dir))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.query_params["run"] = ["evil", "../tiny-base"]  # the second is not a run name: dropped
-    at.run()
+    at = open_app(runs_dir, ["evil", "../tiny-base"], monkeypatch)  # the second is not a run name: dropped
     assert at.session_state[ui.PICKED] == ["evil"]
     for page in ("bias", "memorization", "provenance"):
         visit(at, page)

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fixtures_runs import gender_attribute
+from fixtures_runs import gender_attribute, open_app
 from streamlit.testing.v1 import AppTest
 
-from dashboard import RUNS_DIR_ENV
 from diffaudit.runs import Run
 
 pytestmark = pytest.mark.slow  # ~20 s on two CPU cores: the tiny pipeline and the demo audit
 
-APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +30,7 @@ def tiny_runs(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def app(tiny_runs, monkeypatch):
-    monkeypatch.setenv(RUNS_DIR_ENV, str(tiny_runs))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.query_params["run"] = ["demo", "demo-copy"]
-    at.run()
+    at = open_app(tiny_runs, ["demo", "demo-copy"], monkeypatch)
     assert not at.exception, [e.value for e in at.exception]
     return at
 
