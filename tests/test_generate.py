@@ -119,8 +119,8 @@ def test_same_noise_and_same_images_at_batch_sizes_1_and_3(tmp_path, pipes, monk
     original = runner.initial_noise
 
     for bs in (1, 3):
-        def recording(generators, shape, bs=bs):
-            out = original(generators, shape)
+        def recording(generators, shape, dtype, bs=bs):
+            out = original(generators, shape, dtype)
             for g, row in zip(generators, out, strict=True):
                 noise[bs][g.initial_seed()] = row.clone()
             return out
@@ -452,3 +452,46 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, pipes, monkeypatch
     assert handling == [None] * len(sizes)  # no retry ran inside the OOM handler
     assert sorted(made) == sorted(expected_ids(cfg)) and summary["generated"] == 6  # each image exactly once
     assert_valid_run(Run.open(tmp_path / "run"), cfg)
+
+
+def test_compiled_model_gets_full_batches_only(tmp_path, pipes, monkeypatch):
+    """A compiled model recompiles (about a minute) for every new batch shape, so the runner pads a short
+    last batch to the full size and drops the padding. Simulated on the CPU by marking the pipelines
+    compiled: every call must get the full batch, and the images must equal an unpadded run's."""
+    from dataclasses import replace
+
+    call = runner._Generator._call
+    sizes: list[int] = []
+
+    def recording(self, batch):
+        sizes.append(len(batch))
+        return call(self, batch)
+
+    monkeypatch.setattr(runner._Generator, "_call", recording)
+    cfg = config(write_suite(tmp_path / "s"), images_per_prompt=5, subjects=("nurse",), edits=(), batch_size=4)
+    generate_run(tmp_path / "padded", cfg, progress=False, pipelines=replace(pipes, compiled=True))
+    assert sizes and set(sizes) == {4}  # 5 images per group: a full batch, then 1 image padded to 4
+    sizes.clear()
+    generate_run(tmp_path / "plain", cfg, progress=False, pipelines=pipes)
+    assert 1 in sizes  # without compile the short batch is not padded
+    padded, plain = (Run.open(tmp_path / d).images().set_index("image_id")["file"] for d in ("padded", "plain"))
+    assert sorted(padded.index) == sorted(plain.index) == sorted(expected_ids(cfg))
+    for image_id in plain.index:
+        diff = np.abs(np.asarray(Image.open(padded[image_id])).astype(int)
+                      - np.asarray(Image.open(plain[image_id])).astype(int))
+        assert diff.max() <= 2, image_id  # the same per-image noise; batch size changes fp rounding only
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_initial_noise_is_what_diffusers_draws_for_the_same_generators(dtype):
+    """A seed must give the image a plain diffusers call with ``generator=[torch.Generator('cpu')...]`` gives:
+    diffusers draws each image's noise in the model's dtype (on torch 2.11 a float16 draw is not a rounded float32
+    one: the SD 1.5 bench on an H100 gave entirely different images until the runner drew as diffusers does)."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    dt = getattr(torch, dtype)
+    ours = runner.initial_noise([torch.Generator("cpu").manual_seed(s) for s in (3, 4, 5)], (4, 16, 16), dt)
+    theirs = randn_tensor((3, 4, 16, 16), generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4, 5)],
+                          device=torch.device("cpu"), dtype=dt)
+    assert ours.dtype == dt and torch.equal(ours, theirs)
