@@ -6,12 +6,14 @@ VAE, a one-layer 768-wide CLIP text encoder (prompt encoding is a rounding error
 512x512, 25 steps, CFG 7.5, fp16. CPU: the tiny model (64x64, 10 steps), so the script cannot rot.
 
 Naive: ``pipe(prompt=[...], ...)`` with default settings, PIL output saved as PNG one by one, at batch 1
-and at its best batch. Runner: ``generate.runner.generate_run`` end to end (run folder, PNGs, table),
-with ``--compile`` on CUDA. Same prompts and seeds, so the images are compared too (max and mean
-absolute pixel difference, 0-255). Prints JSON lines; the last one has the ratio and model-FLOPs
-utilisation against a matmul peak measured in the same run (bf16 on CUDA, fp32 on CPU).
+and at larger batches (its best is the baseline). Runner: ``generate.runner.generate_run`` end to end (run
+folder, PNGs, table), eager and with ``--compile`` (the product's CUDA path), then, while the time budget
+lasts, experimental variants on top of it (batch 16, then Inductor coordinate-descent tuning). Same
+prompts and seeds, so the images are compared too (max and mean absolute pixel difference, 0-255). Prints
+JSON lines (also appended to ``--log``); the ``figure`` line has the ratio and model-FLOPs utilisation
+against a bf16 matmul peak measured in the same run (fp32 on CPU).
 
-    python bench/generate.py [--images-per-prompt N] [--no-compile]
+    python bench/generate.py [--images-per-prompt N] [--no-compile] [--budget-s S] [--log F] [--profile F]
 """
 
 from __future__ import annotations
@@ -29,8 +31,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+LOG: Path | None = None
+
+
 def emit(**fields) -> None:
-    print(json.dumps({"bench": "generate", **fields}), flush=True)
+    line = json.dumps({"bench": "generate", **fields})
+    print(line, flush=True)
+    if LOG is not None:
+        with LOG.open("a") as f:
+            f.write(line + "\n")
 
 
 def sync(device: str) -> None:
@@ -81,31 +90,37 @@ def write_suite(folder: Path) -> Path:
     return path
 
 
-def naive(pipe, jobs, batch: int, settings: dict, out: Path, device: str) -> tuple[float, dict[str, np.ndarray]]:
-    """Plain pipeline calls; PIL images saved one by one. Returns img/s and the pixels by image_id."""
+def naive(pipe, jobs, batch: int, settings: dict, out: Path, device: str) -> tuple[float, float, dict[str, np.ndarray]]:
+    """Plain pipeline calls; PIL images saved one by one. Returns img/s, the share of the time spent saving,
+    and the pixels by image_id."""
     import torch
 
     pixels = {}
     pipe(prompt=[jobs[0][1]] * batch, **settings)  # warm-up, not timed
     sync(device)
+    saving = 0.0
     start = time.perf_counter()
     for i in range(0, len(jobs), batch):
         chunk = jobs[i:i + batch]
         gens = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in chunk]
         images = pipe(prompt=[p for _, p, _ in chunk], generator=gens, **settings).images
+        t0 = time.perf_counter()
         for (image_id, _, _), img in zip(chunk, images, strict=True):
             img.save(out / f"{image_id}.png")
             pixels[image_id] = np.asarray(img)
+        saving += time.perf_counter() - t0
     sync(device)
-    return len(jobs) / (time.perf_counter() - start), pixels
+    seconds = time.perf_counter() - start
+    return len(jobs) / seconds, saving / seconds, pixels
 
 
 def flops_per_image(pipe, settings: dict, device: str, dtype) -> float:
-    """UNet at batch 2 (CFG) x steps + one VAE decode, counted by torch.utils.flop_counter."""
+    """UNet at batch 2 (CFG) x steps + one VAE decode, counted by torch.utils.flop_counter on the eager
+    modules (the compiled wrappers are bypassed)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet, vae = pipe.unet, pipe.vae
+    unet, vae = getattr(pipe.unet, "_orig_mod", pipe.unet), pipe.vae
     f = pipe.vae_scale_factor
     lat = torch.randn(2, unet.config.in_channels, settings["height"] // f, settings["width"] // f,
                       device=device, dtype=dtype)
@@ -115,17 +130,22 @@ def flops_per_image(pipe, settings: dict, device: str, dtype) -> float:
             unet(lat, torch.tensor(500, device=device), encoder_hidden_states=ctx)
         unet_flops = fc.get_total_flops()
         with FlopCounterMode(display=False) as fc:
-            vae.decode(lat[:1])
+            type(vae).decode(vae, lat[:1])
         vae_flops = fc.get_total_flops()
     cfg = 1 if settings["guidance_scale"] > 1 else 0.5
-    return unet_flops * cfg * settings["num_inference_steps"] + vae_flops
+    pipe.scheduler.set_timesteps(settings["num_inference_steps"])
+    calls = len(pipe.scheduler.timesteps)  # PNDM calls the UNet 26 times for 25 steps
+    return unet_flops * cfg * calls + vae_flops
 
 
-def matmul_peak(device: str) -> tuple[float, str]:
-    """Measured matmul FLOP/s: bf16 8192^3 on CUDA, fp32 1024^3 on CPU."""
+def matmul_peak(device: str, dtype=None) -> float:
+    """Measured matmul FLOP/s: 8192^3 on CUDA (bf16 unless told), fp32 1024^3 on CPU."""
     import torch
 
-    dtype, n, reps = (torch.bfloat16, 8192, 20) if device.startswith("cuda") else (torch.float32, 1024, 5)
+    if device.startswith("cuda"):
+        dtype, n, reps = dtype or torch.bfloat16, 8192, 20
+    else:
+        dtype, n, reps = torch.float32, 1024, 5
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -134,19 +154,137 @@ def matmul_peak(device: str) -> tuple[float, str]:
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start), str(dtype).removeprefix("torch.")
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def attention_backends(batch: int) -> None:
+    """SD 1.5's largest attention (64x64 latents: 4,096 tokens, 8 heads of 40) under each SDPA backend."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2 * batch, 8, 4096, 40, device="cuda", dtype=torch.float16)
+    timings = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                F.scaled_dot_product_attention(q, q, q)
+                sync("cuda")
+                start = time.perf_counter()
+                for _ in range(10):
+                    F.scaled_dot_product_attention(q, q, q)
+                sync("cuda")
+            timings[name.lower()] = round((time.perf_counter() - start) / 10 * 1e3, 3)
+        except RuntimeError as e:
+            timings[name.lower()] = f"unavailable: {str(e).splitlines()[0][:80]}"
+    emit(attention_ms=timings, shape=list(q.shape), dtype="float16")
+
+
+def unwrap(pipe) -> None:
+    """Undo the runner's compile wrappers so that the next variant compiles afresh (fusions stay)."""
+    import torch
+
+    pipe.unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    pipe.vae.__dict__.pop("decode", None)
+    torch._dynamo.reset()
+
+
+def compiled_graphs() -> int:
+    import torch
+
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+VARIANTS = {
+    # name: (compile, extra switch, batch size or None for auto); the first two are the product (eager, --compile)
+    "runner_eager": (False, None, None),
+    "runner_compiled": (True, None, None),
+    "runner_compiled_batch16": (True, None, 16),
+    "runner_compiled_coordinate_descent": (True, "coordinate_descent", None),
+}
+
+
+def run_variant(name: str, pipe, *, spec: str, settings: dict, suite: Path, ipp: int, device: str, dtype,
+                tmp: Path, naive_pixels: dict[str, np.ndarray]) -> dict:
+    """Warm up (compiling, if compiling) under another seed on full batches, then time a whole run."""
+    import torch
+    from PIL import Image
+
+    from diffaudit.config import GenerationConfig
+    from diffaudit.runs import Run
+    from generate.models import wrap_pipeline
+    from generate.runner import auto_batch_size, generate_run
+    from prompts.suites import expand
+
+    compile_, switch, batch_size = VARIANTS[name]
+    unwrap(pipe)
+    import torch._inductor.config as inductor
+
+    inductor.coordinate_descent_tuning = switch == "coordinate_descent"
+    pipes = wrap_pipeline(pipe, spec=spec, kind="bench", revision=None, steps=settings["num_inference_steps"],
+                          guidance=settings["guidance_scale"], device=device, dtype=dtype, compile_=compile_)
+    config = GenerationConfig(suite=str(suite), model=spec, images_per_prompt=ipp, seed=0,
+                              steps=settings["num_inference_steps"], guidance=settings["guidance_scale"],
+                              width=settings["width"], height=settings["height"], batch_size=batch_size or "auto")
+    batch = batch_size or auto_batch_size(device, settings["width"], settings["height"])
+    subjects = tuple(sorted({r.subject for r in expand(suite, images_per_prompt=ipp, seed=0)}))
+    warm = GenerationConfig(**{**config.model_dump(), "subjects": subjects[:max(1, -(-batch // ipp))], "seed": 1})
+    start = time.perf_counter()
+    generate_run(tmp / f"{name}_warmup", warm, progress=False, pipelines=pipes)
+    warmup_s = time.perf_counter() - start
+    graphs = compiled_graphs()
+    summary = generate_run(tmp / name, config, progress=False, pipelines=pipes)
+    rate = summary["images"] / summary["seconds"]
+    files = Run.open(tmp / name).images().set_index("image_id")["file"]
+    diffs = [np.abs(np.asarray(Image.open(files[i])).astype(int) - p.astype(int)) for i, p in naive_pixels.items()]
+    result = dict(variant=name, img_per_s=round(rate, 3), images=summary["images"], batch_size=summary["batch_size"],
+                  warmup_seconds=round(warmup_s, 1), recompiles_in_timed_run=compiled_graphs() - graphs,
+                  max_pixel_diff_vs_naive=int(max(d.max() for d in diffs)),
+                  mean_pixel_diff_vs_naive=round(float(np.mean([d.mean() for d in diffs])), 4),
+                  p99_pixel_diff_vs_naive=float(np.percentile(np.concatenate([d.ravel() for d in diffs]), 99)),
+                  compared_images=len(diffs))
+    if device.startswith("cuda"):
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if device.startswith("cuda"):  # the same pipeline calls without the runner: what the runner itself costs
+        start, n = time.perf_counter(), len(files)
+        with torch.inference_mode():
+            for _ in range(-(-n // batch)):
+                pipes.txt2img(prompt=["a photo of the face of a nurse"] * batch, output_type="pt", **settings)
+        sync(device)
+        result["pipeline_calls_only_img_per_s"] = round(-(-n // batch) * batch / (time.perf_counter() - start), 3)
+    emit(**result)
+    return result
+
+
+def profile(pipe, settings: dict, batch: int, path: Path) -> None:
+    """CUDA time by kernel for one pipeline call of the compiled pipeline, into ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    prompts = ["a photo of the face of a nurse"] * batch
+    with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        pipe(prompt=prompts, output_type="pt", **settings)
+        sync("cuda")
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
 def main() -> None:
+    global LOG
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images-per-prompt", type=int, default=None, help="default: 8 on CUDA, 1 on CPU")
     ap.add_argument("--no-compile", action="store_true", help="runner without torch.compile on CUDA")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="start an experimental variant only if this much wall time is left for it")
+    ap.add_argument("--log", type=Path, default=None, help="append the JSON lines to this file too")
+    ap.add_argument("--profile", type=Path, default=None, help="CUDA: write a kernel-time table of one call here")
     args = ap.parse_args()
+    LOG = args.log
+    began = time.perf_counter()
     import torch
 
-    from diffaudit.config import GenerationConfig
-    from generate.models import load_pipelines, wrap_pipeline
-    from generate.runner import auto_batch_size, generate_run
+    from generate.models import load_pipelines
+    from generate.runner import auto_batch_size
     from prompts.suites import expand
 
     cuda = torch.cuda.is_available()
@@ -155,15 +293,24 @@ def main() -> None:
         dtype = torch.float16
         pipe = build_sd15().to(device, dtype)
         settings = dict(num_inference_steps=25, guidance_scale=7.5, height=512, width=512)
-        spec, batches, ipp, compile_ = "sd15-random", (1, 4, 8, 16), args.images_per_prompt or 8, not args.no_compile
+        spec, ipp = "sd15-random", args.images_per_prompt or 8
+        batches = {1: 8, 8: 32, 16: None, 32: 64}  # batch: images timed (None: all, kept for comparison)
+        variants = ["runner_eager"] + ([] if args.no_compile else [
+            "runner_compiled", "runner_compiled_batch16", "runner_compiled_coordinate_descent"])
     else:
         dtype = torch.float32
         pipe = load_pipelines("tiny").txt2img  # plain pipeline: on CPU wrap_pipeline adds nothing
         settings = dict(num_inference_steps=10, guidance_scale=7.5, height=64, width=64)
-        spec, batches, ipp, compile_ = "tiny", (1, 8), args.images_per_prompt or 1, False
+        spec, ipp = "tiny", args.images_per_prompt or 1
+        batches, variants = {1: 4, 8: None}, ["runner_eager"]
     pipe.set_progress_bar_config(disable=True)
     emit(device=torch.cuda.get_device_name() if cuda else "cpu", model=spec, **settings,
          dtype=str(dtype).removeprefix("torch."), images_per_prompt=ipp, torch=torch.__version__)
+    peak = matmul_peak(device)
+    if cuda:
+        emit(matmul_tflops={"bfloat16": round(peak / 1e12, 1),
+                            "float16": round(matmul_peak(device, torch.float16) / 1e12, 1)})
+        attention_backends(auto_batch_size(device, settings["width"], settings["height"]))
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -171,49 +318,44 @@ def main() -> None:
         reqs = expand(suite, images_per_prompt=ipp, seed=0)
         jobs = [(r.image_id(s), r.prompt, s) for r in reqs for s in r.seeds]
         naive_rates, naive_pixels = {}, {}
-        for b in batches:
-            sub = jobs if b == batches[-1] else jobs[:max(2 * b, 8 if cuda else 4)]
+        for b, n in batches.items():
             (tmp / f"naive{b}").mkdir()
-            rate, pixels = naive(pipe, sub, b, settings, tmp / f"naive{b}", device)
+            rate, saving, pixels = naive(pipe, jobs[:n], b, settings, tmp / f"naive{b}", device)
             naive_rates[b] = rate
-            if len(pixels) == len(jobs):  # the full set, to compare the runner's images with
+            if n is None:
                 naive_pixels = pixels
-            emit(variant=f"naive_batch{b}", img_per_s=round(rate, 3), images=len(sub))
+            emit(variant=f"naive_batch{b}", img_per_s=round(rate, 3), images=len(jobs[:n]),
+                 share_of_time_saving_png=round(saving, 3))
         best = max(naive_rates, key=naive_rates.get)
+        flops = flops_per_image(pipe, settings, device, dtype)
 
-        pipes = wrap_pipeline(pipe, spec=spec, kind="bench", revision=None, steps=settings["num_inference_steps"],
-                              guidance=settings["guidance_scale"], device=device, dtype=dtype, compile_=compile_)
-        config = GenerationConfig(suite=str(suite), model=spec, images_per_prompt=ipp, seed=0,
-                                  steps=settings["num_inference_steps"], guidance=settings["guidance_scale"],
-                                  width=settings["width"], height=settings["height"])
-        # Warm-up (and compile) on full batches of the same shape as the timed run, under another seed.
-        batch = auto_batch_size(device, settings["width"], settings["height"])
-        subjects = tuple(sorted({r.subject for r in reqs}))[:max(1, -(-batch // ipp))]
-        warm = GenerationConfig(**{**config.model_dump(), "subjects": subjects, "seed": 1})
-        start = time.perf_counter()
-        generate_run(tmp / "warmup", warm, progress=False, pipelines=pipes)  # compiles, if compiling
-        warmup_s = time.perf_counter() - start
-        summary = generate_run(tmp / "run", config, progress=False, pipelines=pipes)
-        rate = summary["images"] / summary["seconds"]
-        emit(variant="runner" + ("_compiled" if compile_ else ""), img_per_s=round(rate, 3),
-             images=summary["images"], batch_size=summary["batch_size"], warmup_seconds=round(warmup_s, 1))
-
-        from PIL import Image
-
-        from diffaudit.runs import Run
-
-        runner_images = Run.open(tmp / "run").images().set_index("image_id")["file"]
-        diffs = [np.abs(np.asarray(Image.open(runner_images[i])).astype(int) - p.astype(int))
-                 for i, p in naive_pixels.items()]
-        flops = flops_per_image(pipes.txt2img, settings, device, dtype)
-        peak, peak_dtype = matmul_peak(device)
-        emit(figure="runner_img_per_s", value=round(rate, 3), baseline="naive_best_batch_img_per_s",
+        results = {}
+        for name in variants:
+            left = args.budget_s - (time.perf_counter() - began)
+            compile_, switch, _ = VARIANTS[name]
+            needs = (250 if switch else 110) if compile_ else 60
+            if name not in ("runner_eager", "runner_compiled") and left < needs:
+                emit(variant=name, skipped=f"{left:.0f} s of the budget left, {needs} s needed")
+                continue
+            try:
+                results[name] = run_variant(name, pipe, spec=spec, settings=settings, suite=suite, ipp=ipp,
+                                            device=device, dtype=dtype, tmp=tmp, naive_pixels=naive_pixels)
+            except Exception as e:  # an experimental switch may fail on some stacks; the others still count
+                emit(variant=name, failed=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            if name == "runner_compiled" and args.profile and cuda and name in results:
+                profile(pipe, settings, results[name]["batch_size"], args.profile)
+        product = "runner_compiled" if "runner_compiled" in results else "runner_eager"
+        rate = results[product]["img_per_s"]
+        emit(figure="runner_img_per_s", runner=product, value=rate, baseline="naive_best_batch_img_per_s",
              baseline_value=round(naive_rates[best], 3), baseline_batch=best, ratio=round(rate / naive_rates[best], 3),
-             ratio_vs_batch1=round(rate / naive_rates[batches[0]], 3), gflop_per_image=round(flops / 1e9, 2),
-             peak_tflops=round(peak / 1e12, 3), peak_dtype=peak_dtype, mfu=round(flops * rate / peak, 4),
-             physical_limit_img_per_s=round(peak / flops, 2),
-             max_pixel_diff=int(max(d.max() for d in diffs)), mean_pixel_diff=float(np.mean([d.mean() for d in diffs])),
-             compared_images=len(diffs))
+             ratio_vs_batch1=round(rate / naive_rates[1], 3), gflop_per_image=round(flops / 1e9, 2),
+             peak_tflops=round(peak / 1e12, 3), peak_dtype="bfloat16" if cuda else "float32",
+             mfu=round(flops * rate / peak, 4), physical_limit_img_per_s=round(peak / flops, 2),
+             max_pixel_diff=results[product]["max_pixel_diff_vs_naive"],
+             mean_pixel_diff=results[product]["mean_pixel_diff_vs_naive"],
+             best_variant=max(results, key=lambda k: results[k]["img_per_s"]),
+             best_variant_img_per_s=max(r["img_per_s"] for r in results.values()),
+             seconds=round(time.perf_counter() - began, 1))
 
 
 if __name__ == "__main__":
