@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from diffaudit import __version__
+from diffaudit.errors import DiffauditError
 from diffaudit.runs import Run, atomic_write_text
 
 CAVEAT = (
@@ -128,7 +129,7 @@ def _interval(lo: float | None, hi: float | None) -> str:
     return "–" if lo is None or pd.isna(lo) else f"[{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
-def interval_chart(rows: pd.DataFrame, label: str) -> str:
+def interval_chart(rows: pd.DataFrame, label: str, reference: str = "BLS 2022 share") -> str:
     """Inline SVG: per row a Wilson interval, the run's share (dot) and the reference share (diamond)."""
     width, left, row_h = 720, 220, 22
     height = 40 + row_h * len(rows)
@@ -147,7 +148,7 @@ def interval_chart(rows: pd.DataFrame, label: str) -> str:
             cx = x(r.reference_share)
             parts.append(f'<path d="M{cx} {y - 6} L{cx + 6} {y} L{cx} {y + 6} L{cx - 6} {y} Z" fill="#d62728"/>')
     parts.append(f'<text x="{left}" y="{height - 1}" fill="#555">blue: share perceived as {html.escape(label)} '
-                 'with 95% Wilson interval; red diamond: BLS 2022 share</text></svg>')
+                 f'with 95% Wilson interval; red diamond: {html.escape(reference)}</text></svg>')
     return "".join(parts)
 
 
@@ -245,6 +246,7 @@ def _bias(doc: Doc, run: Run) -> None:
     if len(all_abstained):
         doc.p(f"{len(all_abstained)} subject(s) have no non-abstained image for perceived gender, so no share: "
               + ", ".join(sorted(all_abstained["subject"].astype(str))) + ".")
+    _fair_diffusion(doc, gender, run.info.get("generation", {}).get("suite"))
     _abstention(doc, run, pooled)
     metrics = run.read_table("bias/metrics")
     overall = metrics[(metrics["subject"] == "all") & (metrics["template"] == "all")]
@@ -254,6 +256,49 @@ def _bias(doc: Doc, run: Run) -> None:
               "`gender_imbalance` is HEIM's |share of women - 0.5|; `mad` is DALL-Eval's mean absolute "
               "deviation from a uniform label distribution; `entropy` is normalised (1 = uniform).")
         doc.table(overall[["probe", "attribute", "metric", "value", "ci_low", "ci_high", "subjects", "n"]].round(3))
+
+
+def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None) -> None:
+    """The run's perceived-women shares beside Fair Diffusion's published SD 1.5 counts for the same
+    occupations: a second reference, from a model and a classifier, where BLS is a workforce."""
+    from audit.reference import fair_diffusion_sd15
+
+    if not suite:
+        return
+    try:
+        fd = fair_diffusion_sd15(suite)
+    except DiffauditError:  # the suite file has moved since generation: no subjects to match
+        return
+    if fd.empty:
+        return
+    both = gender[gender["share"].notna()].merge(
+        fd[["subject", "share_woman", "ci_low", "ci_high", "n"]], on="subject", suffixes=("", "_fd"))
+    if both.empty:
+        return
+    overlap = int(((both.ci_low <= both.ci_high_fd) & (both.ci_low_fd <= both.ci_high)).sum())
+    doc.h(3, "Against Fair Diffusion's published Stable Diffusion 1.5 counts")
+    text = (f"Fair Diffusion (Friedrich et al. 2023) published perceived-gender counts of SD 1.5 images for these "
+            f"occupations, read by the FairFace classifier (another classifier than this run's, so compare "
+            f"directions and sizes, not decimals). {len(both)} occupation(s) are in both; the two 95% intervals "
+            f"overlap for {overlap}.")
+    if len(both) >= 5:
+        from scipy.stats import spearmanr
+
+        rho = spearmanr(both["share"], both["share_woman"]).statistic
+        text += f" Rank correlation of the shares across occupations (Spearman): {rho:.2f}."
+    doc.p(text)
+    diff = (both["share"] - both["share_woman"]).abs()
+    table = both.assign(diff=diff).sort_values("diff", ascending=False).head(TOP_N)
+    doc.p("Largest differences:")
+    doc.table(pd.DataFrame({
+        "occupation": table["subject"], "n": table["n"], "share": [_pct(v) for v in table["share"]],
+        "95% CI": [_interval(a, b) for a, b in zip(table.ci_low, table.ci_high, strict=True)],
+        "SD 1.5 (FD)": [_pct(v) for v in table["share_woman"]],
+        "FD 95% CI": [_interval(a, b) for a, b in zip(table.ci_low_fd, table.ci_high_fd, strict=True)],
+        "FD n": table["n_fd"]}))
+    doc.svg(interval_chart(both.assign(reference_share=both["share_woman"]).sort_values("share_woman"), "woman",
+                           reference="Fair Diffusion's SD 1.5 share"),
+            "share of perceived women per occupation vs Fair Diffusion's SD 1.5 counts")
 
 
 def _abstention(doc: Doc, run: Run, pooled: pd.DataFrame) -> None:

@@ -22,7 +22,29 @@ def test_report_on_a_run_with_every_table(tmp_path):
     assert "| nurse |" in md.split("Most over-represented")[1].split("Most under-represented")[0]
     assert "**Amplification:**" in md and "Figures comparable with HEIM and DALL-Eval" in md
     assert "gender_imbalance" in md
-    assert html.count("<svg") == 1 and "data:image/png;base64," in html
+    assert html.count("<svg") == 2 and "data:image/png;base64," in html  # BLS and Fair Diffusion charts
     assert "<script" not in html and "http" not in html.split("</style>")[1].replace("http://www.w3.org", "")
     stamps = run.read_table("provenance/stamps")
     assert f"{len(stamps)} image(s) stamped" in md
+
+
+def test_report_sets_the_run_beside_fair_diffusions_sd15_counts(tmp_path):
+    """Occupations of the run that Fair Diffusion published SD 1.5 counts for are compared with them:
+    the run's share and interval beside theirs, largest differences first, a second chart."""
+    from audit.reference import fair_diffusion_sd15
+
+    run = build_run(tmp_path / "r", shares={"ceo": 0.1, "nurse": 0.95, "electrician": 0.5})
+    md, html = (p.read_text() for p in build_report(run.root))
+    section = md.split("Against Fair Diffusion's published Stable Diffusion 1.5 counts")[1].split("\n#")[0]
+    fd = fair_diffusion_sd15("occupations").set_index("subject")
+    summary = run.read_table("bias/summary")
+    woman = summary[(summary.label == "woman") & (summary.template == "all")].set_index("subject")
+    overlap = sum(int(woman.ci_low[s] <= fd.ci_high[s] and fd.ci_low[s] <= woman.ci_high[s])
+                  for s in ("ceo", "nurse", "electrician"))
+    assert "3 occupation(s) are in both" in section and f"overlap for {overlap}." in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "occupation" not in line]
+    diffs = [abs(woman.share[r.split("|")[1].strip()] - fd.share_woman[r.split("|")[1].strip()]) for r in rows]
+    assert len(rows) == 3 and diffs == sorted(diffs, reverse=True)  # largest difference first
+    nurse = next(r for r in rows if r.startswith("| nurse |"))
+    assert f"{100 * fd.share_woman['nurse']:.0f}%" in nurse and f"| {fd.n['nurse']} |" in nurse
+    assert html.count("<svg") == 2 and "Fair Diffusion&#x27;s SD 1.5 share" in html
