@@ -85,6 +85,31 @@ def test_bias_page_shows_shares_intervals_and_reference(app, runs_dir):
     assert rates.loc["ceo", "no-face rate"] == pytest.approx(1 / 20)  # one no_face image per occupation
 
 
+def test_bias_page_sets_the_run_beside_fair_diffusions_sd15_counts(app, runs_dir):
+    """For perceived women, the run's shares sit beside Fair Diffusion's published SD 1.5 counts of the same
+    occupations, largest difference first; a suite that is a path (a file outside the runs root) is not read."""
+    from audit.reference import fair_diffusion_sd15
+
+    visit(app, "bias")
+    tables = [t.value for t in app.table if "SD 1.5 (Fair Diffusion)" in t.value.columns]
+    assert len(tables) == 1
+    fd = fair_diffusion_sd15("occupations").set_index("subject")
+    rows = focus_rows(runs_dir).set_index("subject")
+    shown = tables[0].set_index("occupation")
+    assert set(shown.index) == set(rows.index[rows["share"].notna()]) & set(fd.index)
+    assert shown.loc["nurse", "SD 1.5 (Fair Diffusion)"] == f"{fd.loc['nurse', 'share_woman']:.2f}"
+    assert shown.loc["nurse", "its n"] == fd.loc["nurse", "n"]
+    assert shown.loc["nurse", "95% interval"] == f"[{rows.loc['nurse', 'ci_low']:.2f}, {rows.loc['nurse', 'ci_high']:.2f}]"
+    diffs = [abs(rows.loc[s, "share"] - fd.loc[s, "share_woman"]) for s in shown.index]
+    assert diffs == sorted(diffs, reverse=True)
+    assert any(e.label.startswith("Against Fair Diffusion") for e in app.expander)
+
+    class PathSuite:
+        info = {"generation": {"suite": "/etc/passwd"}}
+
+    assert data.fair_diffusion(PathSuite()).empty
+
+
 def test_bias_filters_significance_and_template(app, runs_dir):
     visit(app, "bias")
     app.toggle(key="bias_significant").set_value(True).run()
