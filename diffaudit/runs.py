@@ -91,18 +91,23 @@ def check_name(value: str, what: str) -> str:
 
 
 class _Lock:
-    """A reentrant, per-process view of one run's ``flock``."""
+    """A per-process view of one run's ``flock``: reentrant within the thread that holds it; another thread
+    of the same process is refused as another process would be (``flock`` alone would let it in)."""
 
-    _held: dict[Path, tuple[int, int]] = {}  # path -> (fd, depth)
+    _held: dict[Path, tuple[int, int, int]] = {}  # path -> (fd, depth, owning thread id)
     _mutex = threading.Lock()
 
     @classmethod
     @contextlib.contextmanager
     def hold(cls, path: Path) -> Iterator[None]:
+        me = threading.get_ident()
         with cls._mutex:
             if path in cls._held:
-                fd, depth = cls._held[path]
-                cls._held[path] = (fd, depth + 1)
+                fd, depth, owner = cls._held[path]
+                if owner != me:
+                    raise RunLockedError(f"run {path.parent} is locked by another thread of this process "
+                                         f"(pid {os.getpid()}); wait for it to finish")
+                cls._held[path] = (fd, depth + 1, owner)
             else:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -115,14 +120,14 @@ class _Lock:
                     ) from None
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} since {now()}".encode(), 0)
-                cls._held[path] = (fd, 1)
+                cls._held[path] = (fd, 1, me)
         try:
             yield
         finally:
             with cls._mutex:
-                fd, depth = cls._held[path]
+                fd, depth, owner = cls._held[path]
                 if depth > 1:
-                    cls._held[path] = (fd, depth - 1)
+                    cls._held[path] = (fd, depth - 1, owner)
                 else:
                     del cls._held[path]
                     os.close(fd)  # closing the descriptor releases the flock

@@ -168,6 +168,32 @@ def test_lock_is_reentrant_in_one_process(tmp_path):
         pass
 
 
+def test_lock_refuses_another_thread_of_the_same_process(tmp_path):
+    """flock is per open file, so a second thread would slip in: it is refused like a second process."""
+    import threading
+
+    run = Run.create(tmp_path / "r")
+    errors: list[Exception] = []
+
+    def write():
+        try:
+            run.write_table("probes/clip", _probe_rows(4))
+        except RunLockedError as e:
+            errors.append(e)
+
+    with run.lock():
+        t = threading.Thread(target=write)
+        t.start()
+        t.join()
+        run.write_table("probes/clip", _probe_rows(1))  # the holder still writes, reentrantly
+    assert len(errors) == 1 and "another thread of this process" in str(errors[0])
+    assert len(run.read_table("probes/clip")) == 1
+    t = threading.Thread(target=write)  # released: another thread may now take it
+    t.start()
+    t.join()
+    assert len(errors) == 1 and len(run.read_table("probes/clip")) == 4
+
+
 def test_completed_images_checks_files_and_hashes(photo_run):
     gens = photo_run.read_table("generations")
     assert photo_run.completed_images() == set(gens["image_id"])
