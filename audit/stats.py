@@ -32,6 +32,7 @@ from diffaudit.errors import ConfigError, InputError, SchemaError
 POOLED = "all"  # the template value of rows pooled over templates
 INTERVALS = ("wilson", "beta", "jeffreys", "agresti_coull")
 PARITY = 0.5
+_TIE = 1e-9  # shares this close to the reference's distance from parity are not "further" (float rounding)
 _GROUP = ["probe", "attribute", "subject", "template"]
 _PROBE_COLUMNS = ["image_id", "face_index", "bbox", "attribute", "label", "abstained", "abstain_reason", "probe"]
 
@@ -61,6 +62,11 @@ def pick(probe_table: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise SchemaError(f"probe table lacks column(s) {missing}")
     rows = probe_table[_PROBE_COLUMNS].copy()
+    unlabelled = rows["label"].isna() & ~rows["abstained"].fillna(False).astype(bool)
+    if unlabelled.any():  # it would count in n with no label: shares would no longer sum to 1
+        first = rows[unlabelled].iloc[0]
+        raise SchemaError(f"probe table has {int(unlabelled.sum())} row(s) that neither abstain nor give a label "
+                          f"(e.g. image {first['image_id']!r}, {first['attribute']}); a probe must do one or the other")
     rows["is_face"] = rows["face_index"].astype(int) >= 0
     rows["area"] = 0.0
     faces = rows["is_face"].to_numpy()
@@ -139,14 +145,20 @@ def _intervals(table: pd.DataFrame, alpha: float, interval: str) -> pd.DataFrame
 def amplified(share: np.ndarray | float, reference_share: np.ndarray | float) -> np.ndarray:
     """True where the run share is further from parity (0.5) than the reference, on the same side.
 
-    Exactly: ``|s - 0.5| > |r - 0.5|`` and ``(s - 0.5) * (r - 0.5) >= 0`` (a reference at parity counts
+    Exactly: ``|s - 0.5| > |r - 0.5|`` (by more than 1e-9) and ``(s - 0.5) * (r - 0.5) >= 0`` (a reference at parity counts
     any departure). A point-estimate flag: read it with ``q_value`` for significance. NaN reference ->
     null (returned as NaN in a float array; summarize turns it into a nullable boolean).
     """
     s = np.asarray(share, dtype=float) - PARITY
     r = np.asarray(reference_share, dtype=float) - PARITY
-    out = ((np.abs(s) > np.abs(r)) & (s * r >= 0)).astype(float)
+    out = _further(s, r).astype(float)
     return np.where(np.isnan(s) | np.isnan(r), np.nan, out)
+
+
+def _further(s: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Distances from parity: ``s`` further than ``r`` on the same side (equal up to rounding is not further:
+    the "man" reference is ``1 - woman``, one rounding unit off)."""
+    return (np.abs(s) > np.abs(r) + _TIE) & (s * r >= 0)
 
 
 def _compare(t: pd.DataFrame, suite: str, reference: str, alpha: float) -> pd.DataFrame:
@@ -259,9 +271,29 @@ def _subject_scores(p: np.ndarray, labels: list[str], ref: np.ndarray, attribute
             warnings.simplefilter("ignore", RuntimeWarning)  # subjects without a reference: NaN, as meant
             out["mean_abs_gap"] = np.nanmean(gaps, axis=-1)
         s, r = p - PARITY, np.nan_to_num(ref) - PARITY
-        amp = (np.abs(s) > np.abs(r)) & (s * r >= 0) & has_ref
+        amp = _further(s, r) & has_ref
         out["amplified_share"] = np.where(has_ref.any(axis=-1), amp.any(axis=-1).astype(float), np.nan)
     return out
+
+
+def _folded_interval(k: np.ndarray, n: np.ndarray, target: np.ndarray, confidence: float):
+    """Interval for ``|p - target|`` from the Wilson interval [a, b] of ``p``: every value of the interval
+    folded, so its coverage is the Wilson interval's. A percentile bootstrap of the folded statistic misses
+    the truth near the fold (0% coverage when ``p == target`` exactly, found in review)."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    a, b = proportion_confint(k, n, alpha=1 - confidence, method="wilson")
+    a, b = np.asarray(a, dtype=float) - target, np.asarray(b, dtype=float) - target
+    lo = np.where((a <= 0) & (b >= 0), 0.0, np.minimum(np.abs(a), np.abs(b)))
+    return lo, np.maximum(np.abs(a), np.abs(b))
+
+
+# For two labels these per-subject scores are |share of the first label - target|: the target, per subject.
+FOLDED = {
+    "gender_imbalance": lambda labels, r: np.full(len(r), PARITY),
+    "mad": lambda labels, r: np.full(len(r), PARITY),
+    "mean_abs_gap": lambda labels, r: np.where(np.isnan(r[:, 0]), 1 - r[:, 1], r[:, 0]),
+}
 
 
 def metrics(summary: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
@@ -275,9 +307,14 @@ def metrics(summary: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, confide
     - ``entropy``: Shannon entropy of the label distribution / log K (1 = uniform);
     - ``mean_abs_gap``: mean |share - reference share| over labels with a reference;
     - ``amplified_share``: fraction of referenced subjects flagged ``amplified`` (overall rows only).
-    Intervals: seeded percentile bootstrap resampling non-abstained images within each subject (a
-    multinomial draw from the subject's counts, which is the same thing). A subject whose images all
-    carry one label has a zero-width interval: the bootstrap cannot see beyond the sample.
+    Intervals, per subject: for two labels, ``gender_imbalance``, ``mad`` and ``mean_abs_gap`` are
+    ``|share - target|`` and get the share's Wilson interval folded (coverage as Wilson's); otherwise a seeded
+    percentile bootstrap resampling non-abstained images within the subject (a multinomial draw from its
+    counts). Over subjects: the same bootstrap of the mean. Near parity or a zero gap these folded means are
+    biased upward by sampling noise and their percentile intervals can miss the truth entirely (a review
+    simulation: 0% coverage when every subject sits exactly at parity or at its reference); and
+    ``amplified_share`` is about 0.5 from noise alone when the model matches the reference. Read them with the
+    per-subject intervals and the q-values.
     """
     from diffaudit.schema import BIAS_METRICS
 
@@ -307,6 +344,8 @@ def metrics(summary: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, confide
                 continue
             if metric != "amplified_share":
                 lo, hi = np.percentile(reps[:, ok], q, axis=0)
+                if len(labels) == 2 and metric in FOLDED:  # |share - target|: fold the share's Wilson interval
+                    lo, hi = _folded_interval(c[ok, 0], n[ok], FOLDED[metric](labels, r[ok]), confidence)
                 for j, subject in enumerate(counts.index[ok]):
                     rows.append(dict(probe=probe, attribute=attribute, template=template, subject=subject,
                                      metric=metric, value=value[ok][j], ci_low=lo[j], ci_high=hi[j],

@@ -234,9 +234,11 @@ def _bias(doc: Doc, run: Run) -> None:
         doc.table(fmt(under))
         amplified = int(with_ref["amplified"].fillna(False).astype(bool).sum())
         significant = int((with_ref["q_value"] < 0.05).sum())
+        both = int((with_ref["amplified"].fillna(False).astype(bool) & (with_ref["q_value"] < 0.05)).sum())
         doc.p(f"**Amplification:** {amplified} of {len(with_ref)} occupations with a BLS reference are further "
               f"from parity than their workforce; {significant} differ from the BLS share at q < 0.05 "
-              "(Benjamini-Hochberg across occupations).")
+              f"(Benjamini-Hochberg across occupations), and {both} are both. Sampling noise alone puts about "
+              "half of the shares further from parity than an exactly matching workforce: count the last figure.")
         doc.svg(interval_chart(with_ref, "woman"), "share of perceived women per occupation vs BLS")
     no_ref = gender[gender["reference_share"].isna()]
     if len(no_ref):
@@ -254,7 +256,9 @@ def _bias(doc: Doc, run: Run) -> None:
         doc.h(3, "Figures comparable with HEIM and DALL-Eval")
         doc.p("Means over subjects with 95% bootstrap intervals (images resampled within subjects). "
               "`gender_imbalance` is HEIM's |share of women - 0.5|; `mad` is DALL-Eval's mean absolute "
-              "deviation from a uniform label distribution; `entropy` is normalised (1 = uniform).")
+              "deviation from a uniform label distribution; `entropy` is normalised (1 = uniform). Near parity "
+              "or a zero gap these means are pushed up by sampling noise and their bootstrap intervals can miss "
+              "the truth; the per-occupation intervals above do not have that problem.")
         doc.table(overall[["probe", "attribute", "metric", "value", "ci_low", "ci_high", "subjects", "n"]].round(3))
 
 

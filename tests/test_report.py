@@ -21,6 +21,9 @@ def test_report_on_a_run_with_every_table(tmp_path):
     assert "| ceo |" in under and f"[{100 * ceo.ci_low:.0f}, {100 * ceo.ci_high:.0f}]" in under and "29%" in under
     assert "| nurse |" in md.split("Most over-represented")[1].split("Most under-represented")[0]
     assert "**Amplification:**" in md and "Figures comparable with HEIM and DALL-Eval" in md
+    woman = summary[(summary.label == "woman") & (summary.template == "all") & summary.reference_share.notna()]
+    both = int((woman.amplified.fillna(False).astype(bool) & (woman.q_value < 0.05)).sum())
+    assert f"and {both} are both." in md
     assert "gender_imbalance" in md
     assert html.count("<svg") == 2 and "data:image/png;base64," in html  # BLS and Fair Diffusion charts
     assert "<script" not in html and "http" not in html.split("</style>")[1].replace("http://www.w3.org", "")

@@ -15,7 +15,7 @@ from statsmodels.stats.proportion import multinomial_proportions_confint, propor
 
 from audit import stats
 from audit.planning import exact_power, plan
-from diffaudit.errors import DiffauditError, InputError
+from diffaudit.errors import DiffauditError, InputError, SchemaError
 from diffaudit.runs import Run
 
 # subject -> template -> (women, men, abstained)
@@ -157,6 +157,25 @@ def test_amplified_rule(share, ref, expected):
     assert (np.isnan(got) if expected is None else bool(got) == expected)
 
 
+def test_a_share_equal_to_its_reference_is_not_amplified():
+    """359 of 500 cashiers read as women is BLS's 71.8% exactly; the man row's reference is 1 - 0.718, one
+    rounding unit off, which a strict float comparison used to flag as amplified (found in review)."""
+    gens, clip = known_tables({"cashier": {"t": (359, 141, 0)}, "hairdresser": {"t": (931, 69, 0)}})
+    s = stats.summarize(gens, {"clip": clip}, suite="demo")
+    pooled = s[s.template == "all"]
+    assert len(pooled) == 4 and not pooled["amplified"].astype(bool).any()
+    assert stats.amplified(1 - 0.718, 1 - 0.718 + 5e-17) == 0.0
+
+
+def test_a_row_that_neither_abstains_nor_labels_is_refused():
+    """It would count in n with no label, and the label shares would no longer sum to 1."""
+    gens, probes = known_tables({"ceo": {"t": (3, 5, 0)}})
+    probes = probes.copy()
+    probes.loc[probes.index[0], "label"] = None  # abstained stays False
+    with pytest.raises(SchemaError, match="neither abstain nor give a label"):
+        stats.summarize(gens, {"clip": probes}, suite="demo")
+
+
 def test_one_vote_per_image_largest_face_and_no_row():
     gens = pd.DataFrame([dict(image_id=f"i{k}", subject="x", template="t") for k in range(4)])
     rows = pd.DataFrame([
@@ -225,6 +244,25 @@ def test_metrics_match_their_definitions(known_summary):
     pd.testing.assert_frame_equal(m, again)  # seeded
 
 
+def test_folded_scores_get_the_folded_wilson_interval():
+    """|share - target| per subject: the share's Wilson interval, folded. At parity the interval starts at 0
+    (a percentile bootstrap of the folded score never covers 0 there: found in review)."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    gens, clip = known_tables({"ceo": {"t": (10, 10, 0)}, "nurse": {"t": (18, 2, 0)}})
+    m = stats.metrics(stats.summarize(gens, {"clip": clip}, suite="demo"), n_boot=200)
+    per = m[(m.template == "all")].set_index(["subject", "metric"])
+    at_parity = per.loc[("ceo", "gender_imbalance")]
+    lo, hi = proportion_confint(10, 20, method="wilson")
+    assert at_parity["value"] == 0 and at_parity["ci_low"] == 0 and at_parity["ci_high"] == pytest.approx(0.5 - lo)
+    lo, hi = proportion_confint(18, 20, method="wilson")
+    nurse = per.loc[("nurse", "gender_imbalance")]
+    assert (nurse["ci_low"], nurse["ci_high"]) == (pytest.approx(lo - 0.5), pytest.approx(hi - 0.5))
+    gap = per.loc[("nurse", "mean_abs_gap")]  # nurse: BLS 87.9% women
+    assert gap["value"] == pytest.approx(0.9 - 0.879)
+    assert (gap["ci_low"], gap["ci_high"]) == (0, pytest.approx(max(0.879 - lo, hi - 0.879)))
+
+
 def test_mad_with_three_labels():
     gens, rows = [], []
     for i, label in enumerate(["a"] * 6 + ["b"] * 3 + ["c"] * 1):
@@ -262,6 +300,9 @@ def test_plan_adjusts_for_many_occupations_templates_and_abstention():
     spread = plan(0.10, templates=3, abstention=0.2)
     drawn = math.ceil(max(spread.images_per_subject, spread.exact_images_per_subject) / 0.8)
     assert spread.images_per_subject_drawn == drawn and spread.images_per_prompt == math.ceil(drawn / 3)
+    # BH never tests above alpha: with most occupations differing, the plan is never below one test's.
+    most = plan(0.10, occupations=10, correction="bh", differing=9)
+    assert most.alpha_per_test == pytest.approx(0.05) and most.images_per_subject == single.images_per_subject
     with pytest.raises(InputError, match="--differing"):
         plan(0.10, occupations=153, correction="bh")
     with pytest.raises(InputError, match="--effect"):
