@@ -347,6 +347,8 @@ def _memorization(doc: Doc, run: Run) -> None:
                 pairs.append((f"generated {r.image_id}", _thumb(run.path(gens.loc[r.image_id, "path"]))))
             if r.evidence_path:
                 pairs.append((f"training {r.train_key}", _thumb(run.path(r.evidence_path))))
+        if len(confirmed) > 6:
+            doc.p(f"Generated and training images of the first 6 of {len(confirmed)} pairs:")
         doc.images([p for p in pairs if p[1]])
     if len(rates):
         doc.p("Per-prompt memorization rates (prompts with a match):")

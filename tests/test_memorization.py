@@ -389,6 +389,20 @@ def test_check_run_flags_the_memorized_image(photo_run: Run, tmp_path, photos):
     assert photo_run.stage_done("memorization") and photo_run.info["stages"]["memorization"]["radius"] == 10
 
 
+def test_rates_count_every_near_copy_confirmed_in_pixels():
+    """Both verdicts confirmed in pixels count; a hash hit that the pixels did not confirm does not (the demo's
+    8 confirmed near_duplicate img2img copies were reported with per-prompt rates of 0)."""
+    from audit.memorization.check import _rates
+
+    gens = pd.DataFrame({"image_id": ["a1", "a2", "b1", "b2", "c1"], "prompt_id": ["a", "a", "b", "b", "c"],
+                         "subject": ["x", "x", "y", "y", "z"]})
+    matches = pd.DataFrame({"image_id": ["a1", "b1", "b2", "c1"],
+                            "verdict": ["memorized", "near_duplicate", "near_duplicate", "unconfirmed"]})
+    rates = _rates(gens, matches).set_index("prompt_id")
+    assert rates["matched"].to_dict() == {"a": 1, "b": 2, "c": 0}
+    assert rates.loc["b", "rate"] == 1.0 and rates.loc["a", "rate"] == 0.5
+
+
 def test_check_run_decodes_each_generated_image_once(photo_run: Run, tmp_path, monkeypatch):
     from audit.memorization import check
 

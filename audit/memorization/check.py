@@ -76,8 +76,12 @@ def _evidence(run: Run, img: Image.Image, key: str, item_id: int) -> str:
     return rel
 
 
+CONFIRMED = ("memorized", "near_duplicate")  # verdicts confirmed in pixels; "unconfirmed" is a hash hit only
+
+
 def _rates(gens: pd.DataFrame, matches: pd.DataFrame) -> pd.DataFrame:
-    memorized = set(matches.loc[matches["verdict"] == "memorized", "image_id"])
+    """Per prompt: images with a near-copy confirmed in pixels (either verdict), with a Wilson interval."""
+    memorized = set(matches.loc[matches["verdict"].isin(CONFIRMED), "image_id"])
     rows = []
     for (prompt_id, subject), g in gens.groupby(["prompt_id", "subject"], sort=True):
         n, k = len(g), int(g["image_id"].isin(memorized).sum())

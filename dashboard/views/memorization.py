@@ -44,8 +44,8 @@ top = int(matches["hamming"].max())
 threshold = c1.slider("Largest Hamming distance shown (of 64 bits)", 0, max(top, 1), top, key="mem_threshold")
 verdicts = sorted(matches["verdict"].unique())
 chosen = c2.multiselect("Verdict", verdicts, default=verdicts, key="mem_verdicts",
-                        help="memorized: confirmed by tile-L2/SSIM; near_duplicate: close but not copied; "
-                             "unconfirmed: the hash matched but the confirmation did not.")
+                        help="memorized: a copy by strict tile-L2/SSIM thresholds; near_duplicate: a near-copy by looser "
+                             "ones (both count as matched); unconfirmed: the hash matched but the pixels did not.")
 shown = matches[(matches["hamming"] <= threshold) & matches["verdict"].isin(chosen)]
 shown = shown.sort_values(["hamming", "tile_l2"], na_position="last").reset_index(drop=True)
 stage = (run.info.get("stages") or {}).get("memorization") or {}
