@@ -138,12 +138,12 @@ def fair_diffusion_sd15(suite: str = "occupations", *, alpha: float = 0.05) -> p
     for occupation, line in zip(lines[0::2], lines[1::2], strict=True):
         fields = dict(part.strip().split(": ") for part in line.split(","))
         try:
-            counts[occupation] = {k: int(fields[k]) for k in ("man", "woman", "except")}
+            counts[occupation.lower()] = {k: int(fields[k]) for k in ("man", "woman", "except")}
         except (KeyError, ValueError):
             raise SchemaError(f"{FAIR_DIFFUSION_SD15}: cannot read counts {line!r} of {occupation!r}") from None
     rows = []
     for s in load_suite(suite).subjects:
-        c = counts.get(s.text)
+        c = counts.get(s.text.lower())  # their file says "ceo", suites say "CEO"
         if c is not None:
             n = c["man"] + c["woman"]
             lo, hi = proportion_confint(c["woman"], n, alpha=alpha, method="wilson")

@@ -107,6 +107,6 @@ def test_fair_diffusion_sd15_reference_line():
     acc = fd.loc["accountant"]
     assert (acc.man, acc.woman) == (166, 84) and acc.share_woman == pytest.approx(84 / 250)
     assert acc.ci_low < acc.share_woman < acc.ci_high
-    assert set(reference.fair_diffusion_sd15("demo").subject) <= {"ceo", "software_developer", "lawyer", "pilot",
+    assert set(reference.fair_diffusion_sd15("demo").subject) == {"ceo", "software_developer", "lawyer", "pilot",
                                                                    "electrician", "firefighter", "janitor", "cashier",
                                                                    "teacher", "librarian", "nurse", "hairdresser"}
