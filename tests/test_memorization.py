@@ -367,6 +367,26 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err
 
 
+def test_query_of_a_missing_path_says_no_such_file(tmp_path, capsys):
+    import diffaudit.commands.memorization  # noqa: F401 - registers the commands
+    from diffaudit.cli import main
+
+    img = tmp_path / "one.png"
+    Image.new("RGB", (40, 30), "red").save(img)
+    build_index([str(img)], str(tmp_path / "idx"), progress=False)
+    for spec, expected in (("nosuch.png", "error: no such file: nosuch.png"),
+                           ("skimage:astronaut", "error: no such file: skimage:astronaut"),
+                           (str(tmp_path), f"error: {tmp_path} is a folder, not an image file")):
+        with pytest.raises(SystemExit) as e:
+            main(["index", "query", spec, "--index", str(tmp_path / "idx")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(expected) and "corrupt" not in err and "\n" not in err
+    # an index build that meets a file gone since planning counts it and goes on
+    _, _, _, reasons = get_hasher("phash").reduce_many([str(tmp_path / "gone.png"), str(img)])
+    assert reasons == ["missing", None]
+
+
 # -- end to end on a run --------------------------------------------------------------------------
 def test_check_run_flags_the_memorized_image(photo_run: Run, tmp_path, photos):
     train = tmp_path / "train"

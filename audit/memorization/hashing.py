@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from audit.memorization.sources import SkipImage, decode_image
+from audit.memorization.sources import NoSuchImageFile, SkipImage, decode_image
 
 LANCZOS = Image.Resampling.LANCZOS
 BATCH = 256
@@ -99,7 +99,7 @@ class Hasher:
         for i, item in enumerate(items):
             try:
                 img = decode_image(item, draft=None if exact else self.draft)
-            except SkipImage as e:
+            except (SkipImage, NoSuchImageFile) as e:
                 reasons.append(e.reason)
                 continue
             reasons.append(None)

@@ -40,8 +40,19 @@ class SkipImage(Exception):
         self.reason = reason
 
 
+class NoSuchImageFile(InputError):
+    """A path given as an image names no file (missing, or a folder): a wrong path, not a corrupt image.
+
+    ``reason`` is the ``skipped_<reason>`` count when an index build meets one (a file gone mid-build)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def decode_image(data: bytes | str | os.PathLike, *, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Decode bytes or a file into a loaded PIL image, or raise ``SkipImage``.
+    """Decode bytes or a file into a loaded PIL image, or raise ``SkipImage`` (``NoSuchImageFile`` when a
+    path names no file, so that callers say "no such file" rather than "corrupt").
 
     ``draft`` asks the JPEG decoder for a grayscale image scaled down by a power of two but no smaller
     than the given size (DCT-domain scaling: several times faster for hashing).
@@ -60,6 +71,10 @@ def decode_image(data: bytes | str | os.PathLike, *, draft: tuple[int, int] | No
             return img
     except SkipImage:
         raise
+    except FileNotFoundError:
+        raise NoSuchImageFile(f"no such file: {data}; check the path", "missing") from None
+    except IsADirectoryError:
+        raise NoSuchImageFile(f"{data} is a folder, not an image file; pass an image's path", "not_file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise SkipImage("too_large") from None
     except UnidentifiedImageError:
