@@ -207,7 +207,8 @@ def summarize(generations: pd.DataFrame, probe_tables: dict[str, pd.DataFrame], 
               reference: str | None = "bls-2022", alpha: float = 0.05, interval: str = "wilson",
               labels: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> pd.DataFrame:
     """The BIAS_SUMMARY table: one row per (probe, attribute, subject, template, label), with per-template
-    rows and rows pooled over templates (``template == "all"``).
+    rows and rows pooled over templates (``template == "all"``). Edit images (img2img / inpaint of a
+    source photo, ``template == "edit"``) are left out: they are not prompts about a subject.
 
     ``probe_tables`` maps probe name -> PROBES table. With ``suite`` and ``reference`` (e.g. "bls-2022"),
     subjects mapped to a reference row get reference_share, gap (share - reference) with interval, an exact
@@ -223,6 +224,12 @@ def summarize(generations: pd.DataFrame, probe_tables: dict[str, pd.DataFrame], 
     if not frames:
         raise InputError("no probe rows to summarize; run `diffaudit audit bias RUN` first")
     v = pd.concat(frames, ignore_index=True)
+    from prompts.suites import EDIT_TEMPLATE
+
+    v = v[v["template"] != EDIT_TEMPLATE]  # edits of source photos are not subject x template prompts
+    if v.empty:
+        raise InputError("the run holds only edit images (img2img / inpaint of source photos): no subject x "
+                         "template prompts to summarize")
     pooled = v.assign(template=POOLED)
     per_template = v[v["template"] != POOLED]
     table = pd.concat([_counts(pooled, labels), _counts(per_template, labels)], ignore_index=True)

@@ -29,6 +29,9 @@ BUILTIN_SOURCES = {
 }
 
 
+EDIT_TEMPLATE = "edit"  # the template value of edit requests (img2img / inpaint of a source image)
+
+
 class Template(Frozen):
     id: str = Field(pattern=_ID)
     text: str
@@ -254,7 +257,7 @@ def expand(suite_name_or_path: str | Path, *, images_per_prompt: int, seed: int 
     for e in _subset(suite.edits, edits, "edit", suite.name):
         prompt_id = f"{e.mode}-{e.id}"
         requests.append(Request(
-            prompt_id=prompt_id, suite=suite.name, subject=e.subject or e.id, template="edit",
+            prompt_id=prompt_id, suite=suite.name, subject=e.subject or e.id, template=EDIT_TEMPLATE,
             prompt=e.prompt, negative_prompt=e.negative_prompt if e.negative_prompt is not None
             else suite.negative_prompt, mode=e.mode, source_image=resolve_ref(e.source, path),
             mask=resolve_ref(e.mask, path), strength=e.strength, seeds=seeds(prompt_id)))

@@ -167,6 +167,18 @@ def test_a_share_equal_to_its_reference_is_not_amplified():
     assert stats.amplified(1 - 0.718, 1 - 0.718 + 5e-17) == 0.0
 
 
+def test_edit_images_are_not_summarized_as_subjects():
+    """An img2img of a coffee photo is not a prompt about a subject: it must not get perceived-gender shares
+    nor enter the pooled rows (the demo's edits did, as 'coffee: 100% women')."""
+    gens, clip = known_tables({"ceo": {"t": (3, 5, 0)}, "coffee": {"edit": (2, 0, 0)}})
+    s = stats.summarize(gens, {"clip": clip}, suite="demo")
+    assert set(s["subject"]) == {"ceo"} and set(s["template"]) == {"t", "all"}
+    assert row(s, "ceo", "all", "woman")["n"] == 8
+    edits_only = known_tables({"coffee": {"edit": (2, 0, 0)}})
+    with pytest.raises(InputError, match="only edit images"):
+        stats.summarize(edits_only[0], {"clip": edits_only[1]}, suite="demo")
+
+
 def test_a_row_that_neither_abstains_nor_labels_is_refused():
     """It would count in n with no label, and the label shares would no longer sum to 1."""
     gens, probes = known_tables({"ceo": {"t": (3, 5, 0)}})
