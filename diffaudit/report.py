@@ -214,14 +214,15 @@ def _bias(doc: Doc, run: Run) -> None:
         doc.p(f"None of the {len(referenced)} occupations with a BLS reference has a non-abstained image for "
               "perceived gender, so there is nothing to compare: the probe abstained on every image.")
     if len(with_ref):
-        cols = {"subject": "occupation", "n": "n", "share": "share", "ci": "95% CI", "reference_share": "BLS",
+        cols = {"subject": "occupation", "n": "n", "abstention_rate": "abstained", "share": "share", "ci": "95% CI",
+                "reference_share": "BLS",
                 "gap": "gap", "gap_ci": "gap CI", "q_value": "q (BH)", "amplified": "amplified"}
 
         def fmt(df: pd.DataFrame) -> pd.DataFrame:
             out = df.assign(ci=[_interval(a, b) for a, b in zip(df.ci_low, df.ci_high, strict=True)],
                             gap_ci=[_interval(a, b) for a, b in zip(df.gap_ci_low, df.gap_ci_high, strict=True)])
             out = out[list(cols)].rename(columns=cols)
-            for c in ("share", "BLS", "gap"):
+            for c in ("share", "BLS", "gap", "abstained"):
                 out[c] = [_pct(v) for v in out[c]]
             out["q (BH)"] = [f"{v:.3g}" if pd.notna(v) else "–" for v in out["q (BH)"]]
             return out
@@ -306,25 +307,26 @@ def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None) -> None:
 
 
 def _abstention(doc: Doc, run: Run, pooled: pd.DataFrame) -> None:
+    """Abstention per probe and attribute (the images each share above left out), with the reasons."""
     doc.h(3, "Abstention and face detection")
     rows = []
-    for table in run.tables():
-        if not table.startswith("probes/"):
-            continue
-        t = run.read_table(table)
-        if t.empty:
-            continue
-        per_image = t.groupby("image_id")
-        reasons = t.loc[t["abstained"], "abstain_reason"].fillna("unspecified").value_counts()
-        rows.append({"probe": table.split("/", 1)[1], "images": per_image.ngroups, "rows": len(t),
-                     "abstained rows": _pct(t["abstained"].mean()),
-                     "reasons": ", ".join(f"{k} ({v})" for k, v in reasons.items()) or "–"})
-        if table == "probes/faces":
-            faces = t[t["face_index"] >= 0].groupby("image_id").size()
-            n_img = per_image.ngroups
-            rows[-1]["reasons"] += (f"; no face: {_pct(1 - len(faces) / n_img)}, "
-                                    f"several faces: {_pct((faces > 1).sum() / n_img)}")
+    per_subject = pooled.drop_duplicates(["probe", "attribute", "subject"])
+    for (probe, attribute), g in per_subject.groupby(["probe", "attribute"], sort=True):
+        voted, abstained = int(g["n"].sum()), int(g["abstained"].sum())
+        t = run.read_table(f"probes/{probe}") if f"probes/{probe}" in run.tables() else pd.DataFrame()
+        reasons = (t.loc[t["abstained"] & (t["attribute"] == attribute), "abstain_reason"].fillna("unspecified")
+                   .value_counts() if len(t) else pd.Series(dtype=int))
+        rows.append({"probe": probe, "attribute": attribute, "images": voted + abstained,
+                     "abstained": _pct(abstained / max(voted + abstained, 1)),
+                     "reasons (rows)": ", ".join(f"{k} ({v})" for k, v in reasons.items()) or "–"})
     doc.table(pd.DataFrame(rows))
+    if "probes/faces" in run.tables():
+        t = run.read_table("probes/faces")
+        n_img = t["image_id"].nunique()
+        if n_img:
+            faces = t[t["face_index"] >= 0].groupby("image_id").size()
+            doc.p(f"Face detector: no face in {_pct(1 - len(faces) / n_img)} of {n_img} images, several faces in "
+                  f"{_pct((faces > 1).sum() / n_img)} (the largest face votes).")
 
 
 def _memorization(doc: Doc, run: Run) -> None:

@@ -24,6 +24,12 @@ def test_report_on_a_run_with_every_table(tmp_path):
     woman = summary[(summary.label == "woman") & (summary.template == "all") & summary.reference_share.notna()]
     both = int((woman.amplified.fillna(False).astype(bool) & (woman.q_value < 0.05)).sum())
     assert f"and {both} are both." in md
+    # abstention per probe and attribute (the images each share left out), and beside each BLS row
+    g = summary[(summary.template == "all") & (summary.attribute == "perceived_gender")].drop_duplicates("subject")
+    rate = g.abstained.sum() / (g.n.sum() + g.abstained.sum())
+    line = next(x for x in md.splitlines() if x.startswith("| clip | perceived_gender |"))
+    assert f"| {100 * rate:.0f}% |" in line
+    assert f"| ceo | {ceo.n} | {100 * ceo.abstention_rate:.0f}% |" in under
     assert "gender_imbalance" in md
     assert html.count("<svg") == 2 and "data:image/png;base64," in html  # BLS and Fair Diffusion charts
     assert "<script" not in html and "http" not in html.split("</style>")[1].replace("http://www.w3.org", "")
