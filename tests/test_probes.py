@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -295,6 +296,22 @@ def test_missing_weights_offline_say_what_to_do(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "--clip-model tiny" in msg and "NAME:/path/to/weights.pt" in msg
 
+
+
+def test_failed_load_prints_only_diffaudits_error(tmp_path, capfd, caplog, monkeypatch):
+    """open_clip's own "Failed to download weights" record reaches neither stderr nor any handler, and the
+    root logger is left as found (no stderr handler installed by logging.error's basicConfig)."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # an unconfigured root, as under the CLI
+    with pytest.raises(ModelError):
+        load_clip("ViT-B-32:openai", device="cpu", cache_dir=str(tmp_path))
+    assert capfd.readouterr().err == "" and root.handlers == [] and root.filters == []
+    monkeypatch.undo()
+    with caplog.at_level(logging.DEBUG), pytest.raises(ModelError):
+        load_clip("ViT-B-32:openai", device="cpu", cache_dir=str(tmp_path))
+    assert not [r for r in caplog.records if "open_clip" in r.pathname]
+    logging.error("still logged after loading")
+    assert caplog.records[-1].getMessage() == "still logged after loading"
 
 # --- decoding ------------------------------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ normalise), as a batch on the GPU when there is one, and encoded in batches with
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -122,6 +125,32 @@ class LoadedClip:
     device: torch.device
 
 
+@contextmanager
+def _open_clip_logs_muted() -> Iterator[None]:
+    """Keep open_clip's log records off stderr while it loads, so a failure shows only diffaudit's line.
+
+    open_clip logs through the root logger (``logging.error(...)``), which on an unconfigured root also
+    installs a stderr handler for good (``basicConfig``). A filter on the root logger drops records made by
+    open_clip's code and a NullHandler keeps ``basicConfig`` from running; both go away afterwards, also on
+    error, so other logging is left as it was."""
+    import open_clip
+
+    package = os.path.dirname(open_clip.__file__) + os.sep
+    root = logging.getLogger()
+
+    def not_open_clip(record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(package)
+
+    guard = logging.NullHandler()
+    root.addFilter(not_open_clip)
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)
+        root.removeFilter(not_open_clip)
+
+
 def load_clip(spec: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
               cache_dir: str | None = None) -> LoadedClip:
     """Load a CLIP model from a ``--clip-model`` value; a missing model raises ``ModelError`` saying what to do."""
@@ -132,13 +161,14 @@ def load_clip(spec: str = DEFAULT_MODEL, *, device: str | torch.device | None = 
     dev = pick_device(str(device) if device is not None else None)
     name, pretrained = resolve_spec(spec)
     try:
-        if spec == TINY:
-            model = tiny_clip.create_tiny_clip(dev)
-        else:
-            model = open_clip.create_model(name, pretrained=pretrained, device=dev, cache_dir=cache_dir,
-                                           force_quick_gelu=quick_gelu(name, pretrained),
-                                           require_pretrained=True).eval()
-        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+        with _open_clip_logs_muted():
+            if spec == TINY:
+                model = tiny_clip.create_tiny_clip(dev)
+            else:
+                model = open_clip.create_model(name, pretrained=pretrained, device=dev, cache_dir=cache_dir,
+                                               force_quick_gelu=quick_gelu(name, pretrained),
+                                               require_pretrained=True).eval()
+            tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except (RuntimeError, OSError, ValueError) as e:
         cause = " ".join(str(e).split()) or type(e).__name__
         cause = cause if len(cause) <= 160 else cause[:157] + "..."
