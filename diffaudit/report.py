@@ -195,6 +195,37 @@ def _what_was_audited(doc: Doc, info: dict, gen_cfg: dict, gens: pd.DataFrame, r
     if stages:
         doc.table(pd.DataFrame([{"stage": k, "seconds": v.get("seconds"), "finished": v.get("finished")}
                                 for k, v in stages.items()]))
+    stale = _stale_stages(run, gens)
+    if stale:
+        doc.p("**Not every stage covers every image:** " + "; ".join(stale) + ". The sections below describe "
+              "what those stages saw; rerun them (they resume) and then `diffaudit report` to cover the rest.")
+
+
+def _stale_stages(run: Run, gens: pd.DataFrame) -> list[str]:
+    """Stages whose tables cover fewer of the run's images than it holds (e.g. generation was extended)."""
+    ids = set(gens["image_id"]) if len(gens) else set()
+    if not ids:
+        return []
+    covered = {}
+    probe_tables = [t for t in run.tables() if t.startswith("probes/")]
+    if probe_tables:
+        covered["the bias audit (`diffaudit audit bias RUN`)"] = set().union(
+            *(set(run.read_table(t)["image_id"]) for t in probe_tables))
+    rates = run.read_table("memorization/rates") if "memorization/rates" in run.tables() else pd.DataFrame()
+    if len(rates):  # per prompt: the images of each prompt checked when the stage ran
+        done = dict(zip(rates["prompt_id"], rates["images"], strict=True))
+        now = gens.groupby("prompt_id").size()
+        missing = int(sum(max(0, n - done.get(p, 0)) for p, n in now.items()))
+        covered["the memorization check (`diffaudit audit memorization RUN --index IDX`)"] = len(ids) - missing
+    stamps = run.read_table("provenance/stamps") if "provenance/stamps" in run.tables() else pd.DataFrame()
+    if len(stamps):
+        covered["stamping (`diffaudit stamp RUN`)"] = set(stamps["image_id"])
+    out = []
+    for stage, seen in covered.items():
+        n = len(ids & seen) if isinstance(seen, set) else seen
+        if n < len(ids):
+            out.append(f"{stage} covers {n} of {len(ids)} images")
+    return out
 
 
 def _bias(doc: Doc, run: Run) -> None:

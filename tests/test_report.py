@@ -57,3 +57,32 @@ def test_report_sets_the_run_beside_fair_diffusions_sd15_counts(tmp_path):
     nurse = next(r for r in rows if r.startswith("| nurse |"))
     assert f"{100 * fd.share_woman['nurse']:.0f}%" in nurse and f"| {fd.n['nurse']} |" in nurse
     assert html.count("<svg") == 2 and "Fair Diffusion&#x27;s SD 1.5 share" in html
+
+
+def test_report_says_which_stages_miss_images_of_an_extended_run(tmp_path):
+    """Generation extended after the other stages ran: the report must say that they cover fewer images."""
+    import pandas as pd
+
+    from diffaudit.runs import sha256_bytes
+
+    run = build_run(tmp_path / "r", shares={"ceo": 0.1, "nurse": 0.95})
+    md = build_report(run.root)[0].read_text()
+    gens = run.read_table("generations")
+    stamped = run.read_table("provenance/stamps")["image_id"].nunique()  # the fixture stamps a few only
+    assert "the bias audit (`" not in md and "the memorization check (`" not in md
+    assert f"stamping (`diffaudit stamp RUN`) covers {stamped} of {len(gens)} images" in md
+    extra = gens.iloc[:3].copy()
+    extra["image_id"] = [f"{i}-new" for i in extra["image_id"]]
+    extra["seed"] = extra["seed"] + 100
+    for k, rel in enumerate(extra["path"]):
+        new = rel.replace(".png", "-new.png")
+        run.path(new).write_bytes(run.path(rel).read_bytes())
+        extra.iloc[k, extra.columns.get_loc("path")] = new
+        extra.iloc[k, extra.columns.get_loc("sha256")] = sha256_bytes(run.path(new).read_bytes())
+    run.write_table("generations", pd.concat([gens, extra], ignore_index=True))
+    md = build_report(run.root)[0].read_text()
+    n = len(gens) + 3
+    assert "Not every stage covers every image" in md
+    for stage in ("the bias audit", "the memorization check"):
+        assert f"{stage} (`" in md and f"covers {len(gens)} of {n} images" in md
+    assert f"stamping (`diffaudit stamp RUN`) covers {stamped} of {n} images" in md
