@@ -123,6 +123,10 @@ class Stamper:
         self.reader = cc.reader_context(trust)
         self.store = store
 
+    def embeds(self, rgb: np.ndarray) -> bool:
+        """Whether a stamp of this image carries a watermark (none is asked for, or it is below 256x256)."""
+        return self.watermark is not None and not self.watermark.too_small(rgb)
+
     def stamp(self, data: bytes, generation: dict[str, Any], *, title: str,
               ingredients: Iterable[cc.Ingredient] = (), image_id: str | None = None,
               run: str | None = None, stamped_path: str | None = None) -> Stamp:
@@ -132,7 +136,7 @@ class Stamper:
             raise InputError(f"{title}: not a PNG, JPEG or WebP image")
         rgb = decode_rgb(data)
         payload = None
-        if self.watermark is not None and not self.watermark.too_small(rgb):
+        if self.embeds(rgb):
             payload = self.watermark.new_payload()
             rgb = self.watermark.encode(rgb, payload)
         signed, label, manifest = self.signer.sign(encode_image(rgb, fmt), generation, title=title,
@@ -207,7 +211,7 @@ def stamp_run(run_dir: str | os.PathLike, *, identity: Identity | None = None, w
     try:
         stamper = Stamper(identity, watermark=watermark, store=st)
         with run.lock():
-            done = _already_stamped(run, watermark)
+            done = _already_stamped(run, stamper)
             todo = [r for r in run.images().to_dict("records") if r["image_id"] not in done]
             rows: list[dict[str, Any]] = []
             try:
@@ -221,8 +225,10 @@ def stamp_run(run_dir: str | os.PathLike, *, identity: Identity | None = None, w
                     run.append_rows("provenance/stamps", pd.DataFrame(rows), key="image_id")
         table = run.read_table("provenance/stamps")
         seconds = time.perf_counter() - t0
+        folder = stamper.identity.folder
         run.record_stage("stamp", seconds=seconds, images=len(todo), watermark=watermark,
-                         signer=stamper.identity.signer_name)
+                         signer=stamper.identity.signer_name, identity=str(Path(folder).resolve()) if folder else None,
+                         store=str(Path(st.path).resolve()))
         return {"run": str(run.root), "stamped": len(todo), "skipped": len(done), "total": len(table),
                 "seconds": round(seconds, 3), "images_per_s": round(len(todo) / seconds, 2) if todo else None,
                 "status": table["status"].value_counts().to_dict(), "watermark": watermark,
@@ -232,13 +238,17 @@ def stamp_run(run_dir: str | os.PathLike, *, identity: Identity | None = None, w
             st.close()
 
 
-def _already_stamped(run: Run, watermark: str) -> set[str]:
+def _already_stamped(run: Run, stamper: Stamper) -> set[str]:
+    """Images whose stamped copy is intact and carries what ``stamper`` would embed: its watermark, or none
+    where it embeds none (an image below the watermark's minimum is not restamped on every rerun)."""
     table = run.read_table("provenance/stamps")
     done = set()
     for image_id, rel, digest, method in zip(table["image_id"], table["stamped_path"], table["sha256"],
                                              table["watermark"], strict=True):
         p = run.path(rel)
-        if method == watermark and p.is_file() and sha256_file(p) == digest:
+        if not (p.is_file() and sha256_file(p) == digest):
+            continue
+        if method == stamper.method or (method == "none" and not stamper.embeds(decode_rgb(p.read_bytes()))):
             done.add(image_id)
     return done
 
@@ -251,7 +261,7 @@ def _stamp_row(run: Run, stamper: Stamper, row: dict[str, Any]) -> dict[str, Any
                           stamped_path=str(run.root / rel))
     atomic_write_bytes(run.root / rel, stamp.data)
     return {"image_id": row["image_id"], "source_path": row["path"], "stamped_path": rel,
-            "format": stamp.format, "watermark": stamper.method,  # payload is null where it did not fit
+            "format": stamp.format, "watermark": stamper.method if stamp.payload else "none",
             "payload": stamp.payload, "manifest_label": stamp.manifest_label,
             "sha256": sha256_bytes(stamp.data), "phash": f"{stamp.phash:016x}", "status": stamp.status,
             "failure_codes": stamp.failure_codes, "seconds": stamp.seconds}
