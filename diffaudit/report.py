@@ -415,10 +415,15 @@ def _provenance(doc: Doc, run: Run) -> None:
         marked = int(stamps["payload"].notna().sum())
         doc.p(f"{len(stamps)} image(s) stamped with C2PA content credentials. Verification: "
               + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".")
-        doc.p(f"Invisible watermark ({', '.join(sorted(stamps['watermark'].unique()))}): embedded in {marked} of "
-              f"{len(stamps)} image(s)" + ("; the others are below the 256x256 pixels the watermark needs, and "
-                                          "rely on their manifest and the store's perceptual hash."
-                                          if marked < len(stamps) else "."))
+        asked = ((run.info.get("stages") or {}).get("stamp") or {}).get("watermark")
+        methods = sorted(set(stamps["watermark"].dropna()) - {"none"})
+        if asked == "none" and not marked:
+            doc.p("No invisible watermark was asked for (`--watermark none`): stamps rely on their manifest and "
+                  "the store's perceptual hash.")
+        else:
+            doc.p(f"Invisible watermark ({', '.join(methods) or asked or '–'}): embedded in {marked} of {len(stamps)} "
+                  "image(s)" + ("; the others are below the 256x256 pixels the watermark needs, and rely on their "
+                                "manifest and the store's perceptual hash." if marked < len(stamps) else "."))
     robust = run.read_table("provenance/robustness")
     if len(robust):
         doc.p("Watermark robustness (bit accuracy and detection rate per attack):")

@@ -57,6 +57,7 @@ def test_report_sections_and_offline_html(demo):
         assert section in md, section
     assert "perceived" in md and "tiny model" in md
     assert "Not every stage covers every image" not in md  # the demo's stages each saw all of its images
+    assert "Invisible watermark (dwtDctSvd): embedded in 0 of" in md  # 64 px: too small, said so
     html = (run.root / "report.html").read_text()
     assert "data:image/png;base64," in html  # the memorization evidence pairs are embedded
     assert "src=\"http" not in html and "href=\"http" not in html and "<script" not in html
