@@ -85,6 +85,13 @@ def stamp(
 
     if (cert is None) != (key is None):
         raise InputError("--cert and --key go together")
+    if len(targets) == 1 and Run.is_run(targets[0]):  # go on with what the run was stamped with before
+        before = (Run.open(targets[0]).info.get("stages") or {}).get("stamp") or {}
+        if identity is None and cert is None and before.get("identity") and Path(before["identity"]).is_dir():
+            identity = Path(before["identity"])
+            typer.echo(f"signing with the identity this run was stamped with: {identity}")
+        if store is None and before.get("store"):
+            store = Path(before["store"])
     ident = from_pem(cert, key) if cert else (load_identity(identity) if identity else None)
     if ident is None and not (default_identity_dir() / "signer.pem").is_file():
         typer.echo(f"no signing identity yet: creating a development one in {default_identity_dir()} "
