@@ -341,6 +341,9 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_plan_cli_prints_the_result_and_its_assumptions(capsys):
     code, out, _ = cli(capsys, "plan", "--effect", "0.10", "--power", "0.8")
     assert code == 0 and "194 (normal approximation)" in out and "assuming:" in out
+    code, out, _ = cli(capsys, "plan", "--effect", "0.10", "--templates", "3", "--abstention", "0.1")
+    p = plan(0.10, templates=3, abstention=0.1)  # drawn per subject = per prompt x templates, not the minimum
+    assert code == 0 and f"images per prompt: {p.images_per_prompt}  ({3 * p.images_per_prompt} per subject" in out
     code, _, err = cli(capsys, "plan", "--effect", "0.1", "--occupations", "9", "--correction", "bh")
     assert code == 2 and err.count("\n") == 1 and "--differing" in err
 

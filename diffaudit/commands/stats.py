@@ -96,7 +96,8 @@ def plan_command(
     p = plan(effect, power=power, alpha=alpha, baseline=baseline, occupations=occupations, correction=correction,
              differing=differing, templates=templates, abstention=abstention)
     typer.echo(f"images per prompt: {p.images_per_prompt}  "
-               f"({p.images_per_subject_drawn} per subject over {templates} template(s); "
+               f"({p.images_per_prompt * templates} per subject over {templates} template(s), "
+               f"{p.images_per_subject_drawn} needed with abstention; "
                f"{p.total_images} images for {occupations} subject(s))")
     typer.echo(f"usable images per subject: {p.images_per_subject} (normal approximation), "
                f"{p.exact_images_per_subject} (exact binomial test); exact power at {p.images_per_subject}: "
