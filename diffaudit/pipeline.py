@@ -53,9 +53,9 @@ def preflight(config: AuditConfig) -> None:
             if name not in PROBES:
                 PROBES.load(name)  # raises, listing the choices
         if config.bias.reference is not None:
-            from audit.reference import load_reference
+            from audit.reference import subject_reference
 
-            load_reference(config.bias.reference)
+            subject_reference(g.suite, config.bias.reference)  # a misspelt bls: row fails now, not after generation
     m = config.memorization
     if m is not None and not Path(m.index).exists():
         if not m.sources:

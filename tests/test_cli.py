@@ -56,6 +56,14 @@ def test_malformed_suite_file_via_cli(tmp_path):
     assert res.returncode == 2 and f"{bad}:5: field 'templates.0.text'" in res.stderr
 
 
+def test_suites_show_checks_bls_rows(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: s\ndescription: x\nsources: [x]\ntemplates: [{id: t, text: 'a photo of {a} {subject}'}]\n"
+                   "subjects: [{id: ceo, text: CEO, bls: 'Chief executive officers'}]\n")
+    res = diffaudit("suites", "show", str(bad))
+    assert res.returncode == 2 and "'Chief executive officers', which is not a row" in res.stderr
+
+
 def test_debug_shows_traceback():
     res = diffaudit("--debug", "suites", "show", "no-such-suite")
     assert res.returncode != 0 and "Traceback" in res.stderr

@@ -27,6 +27,21 @@ def test_bad_config_leaves_no_run(tmp_path, config, message):
     assert not out.exists()
 
 
+def test_misspelt_bls_row_fails_before_generation(tmp_path):
+    """A typo in a suite's bls: field used to surface only at the bias stage, after hours of generation."""
+    from diffaudit.config import BiasConfig
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ndescription: x\nsources: [x]\n"
+                     "templates: [{id: t, text: 'a photo of {a} {subject}'}]\n"
+                     "subjects: [{id: ceo, text: CEO, bls: 'Chief executive officers'}]\n")
+    out = tmp_path / "run"
+    with pytest.raises(DiffauditError, match="'Chief executive officers', which is not a row"):
+        run_audit(AuditConfig(out=str(out), generation=GenerationConfig(suite=str(suite)), bias=BiasConfig()),
+                  log=lambda m: None)
+    assert not out.exists()
+
+
 def test_bad_config_file_via_cli(tmp_path):
     cfg = tmp_path / "audit.yaml"
     cfg.write_text(f"out: {tmp_path / 'run'}\ngeneration:\n  suite: demo\n  widht: 64\n")

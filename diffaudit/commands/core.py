@@ -48,6 +48,10 @@ def suites_show(
 
     s = load_suite(suite)
     requests = expand(suite, images_per_prompt=images_per_prompt, seed=seed)
+    if any(subject.bls for subject in s.subjects):
+        from audit.reference import subject_reference
+
+        subject_reference(suite)  # a bls: field that is not a BLS row is an error here, not after generation
     if as_json:
         for r in requests:
             typer.echo(json.dumps(r.model_dump()))
