@@ -181,7 +181,7 @@ class Run:
         return (Path(path) / RUN_FILE).is_file()
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the run's write lock (reentrant in one process; raises ``RunLockedError``)."""
+        """Hold the run's write lock (reentrant in the thread that holds it; raises ``RunLockedError``)."""
         return _Lock.hold(self.root / LOCK_FILE)
 
     # -- run.json --------------------------------------------------------------------------------

@@ -64,6 +64,16 @@ def test_suites_show_checks_bls_rows(tmp_path):
     assert res.returncode == 2 and "'Chief executive officers', which is not a row" in res.stderr
 
 
+def test_runs_show_takes_the_name_runs_list_prints(tmp_path):
+    from diffaudit.runs import Run
+
+    Run.create(tmp_path / "runs" / "r1")
+    listed = diffaudit("runs", "list", cwd=tmp_path)
+    assert listed.returncode == 0 and "r1" in listed.stdout
+    res = diffaudit("runs", "show", "r1", cwd=tmp_path)
+    assert res.returncode == 0 and str((tmp_path / "runs" / "r1").resolve()) in res.stdout.replace("\n", "")
+
+
 def test_debug_shows_traceback():
     res = diffaudit("--debug", "suites", "show", "no-such-suite")
     assert res.returncode != 0 and "Traceback" in res.stderr

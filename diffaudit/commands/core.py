@@ -88,11 +88,13 @@ def runs_list(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding
 
 
 @runs_app.command("show")
-def runs_show(run: Path = typer.Argument(..., help="A run folder."),
+def runs_show(run: Path = typer.Argument(..., help="A run folder, or a name that `runs list` prints."),
               as_json: bool = typer.Option(False, "--json", help="Print run.json as is.")) -> None:
     """Show a run's config snapshot, stages with wall times, and tables with row counts."""
     from diffaudit.runs import Run
 
+    if not run.exists() and len(run.parts) == 1 and Run.is_run(Path("runs") / run):
+        run = Path("runs") / run  # the name `runs list` prints for ./runs
     r = Run.open(run)
     info = r.info
     if as_json:
