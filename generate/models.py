@@ -176,8 +176,9 @@ class Pipelines:
 
 
 def load_pipelines(spec: str, *, scheduler: str | None = None, device: str = "auto", dtype: str = "auto",
-                   safety_checker: str = "flag", compile_: bool = False) -> Pipelines:
-    """Load a model spec onto a device, or raise ``ModelError`` with what to do."""
+                   safety_checker: str = "flag", compile_: bool = False, progress: bool = True) -> Pipelines:
+    """Load a model spec onto a device, or raise ``ModelError`` with what to do. ``progress``: a bar while the
+    tiny model is built on first use."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -192,7 +193,7 @@ def load_pipelines(spec: str, *, scheduler: str | None = None, device: str = "au
     if kind == "tiny":
         from generate import tiny
 
-        folder = tiny.ensure_tiny(progress=True)
+        folder = tiny.ensure_tiny(progress=progress)
         pipe = _load_pretrained(str(folder / "base"), spec, torch_dtype)
         inpaint_folder = folder / "inpaint"
         revision = f"tiny-v{tiny.VERSION}:sha256:{_hash_weights(folder / 'base')[:16]}"

@@ -79,7 +79,7 @@ class Plan:
 
 
 def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
-             pipelines: Pipelines | None = None) -> Plan:
+             pipelines: Pipelines | None = None, progress: bool = True) -> Plan:
     """Validate everything and load the model, writing nothing. Raises a ``DiffauditError`` on bad input
     (an ``--out`` that is not a run is refused by ``Run.create``, which also writes nothing then)."""
     Run.check_can_create(run_dir)  # before the model loads: a bad --out fails in a second
@@ -89,7 +89,7 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
     jobs = [Job(r, i, s) for r in requests for i, s in enumerate(r.seeds)]
     pipes = pipelines or load_pipelines(config.model, scheduler=config.scheduler, device=config.device,
                                         dtype=config.dtype, safety_checker=config.safety_checker,
-                                        compile_=config.compile)
+                                        compile_=config.compile, progress=progress)
     width = config.width or pipes.default_size[0]
     height = config.height or pipes.default_size[1]
     if width % 8 or height % 8:
@@ -124,7 +124,7 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
 def generate_run(run_dir: str | os.PathLike, config: GenerationConfig, *, progress: bool = True,
                  pipelines: Pipelines | None = None) -> dict[str, Any]:
     """Generate ``config``'s suite into the run at ``run_dir`` (created or resumed); return a summary."""
-    plan = plan_run(run_dir, config, pipelines=pipelines)
+    plan = plan_run(run_dir, config, pipelines=pipelines, progress=progress)
     run = Run.create(run_dir)
     with run.lock():
         run.update_info({"generation": plan.settings})

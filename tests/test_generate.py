@@ -495,3 +495,18 @@ def test_initial_noise_is_what_diffusers_draws_for_the_same_generators(dtype):
     theirs = randn_tensor((3, 4, 16, 16), generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4, 5)],
                           device=torch.device("cpu"), dtype=dt)
     assert ours.dtype == dt and torch.equal(ours, theirs)
+
+
+def test_no_progress_reaches_the_tiny_model_build(tmp_path, pipes, monkeypatch):
+    """`generate --no-progress` showed the tiny VAE's fitting bar on first use: the flag must reach it."""
+    seen = []
+    real = tiny.ensure_tiny
+
+    def recording(progress=False):
+        seen.append(progress)
+        return real(progress=False)
+
+    monkeypatch.setattr(tiny, "ensure_tiny", recording)
+    cfg = config(write_suite(tmp_path / "s"), images_per_prompt=1, subjects=("nurse",), edits=())
+    generate_run(tmp_path / "run", cfg, progress=False)
+    assert seen == [False]
