@@ -83,8 +83,9 @@ answered, abstained = int(per_subject["n"].sum()), int(per_subject["abstained"].
 m4.metric("Abstained", f"{abstained / max(answered + abstained, 1):.1%}",
           help=f"{abstained} of {answered + abstained} images: the probe was not sure enough to label them.")
 if len(no_face) and no_face["images"].sum():
-    st.caption(f"No face or person detected in {int(no_face['no_face'].sum())} of {int(no_face['images'].sum())} "
-               "images of these occupations.")
+    st.caption(f"At least one probe found no face or no person in {int(no_face['no_face'].sum())} of "
+               f"{int(no_face['images'].sum())} images of these occupations (the face detector and CLIP's person "
+               "check can disagree; the abstention table below has each probe's reasons).")
 
 # -- largest gaps as text (readable, copyable) --------------------------------------------------------
 top = focus_rows.reindex([s for s in order if s in focus_rows.index]).reset_index()
