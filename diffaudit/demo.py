@@ -79,7 +79,10 @@ def summary(run, config: AuditConfig) -> list[str]:
 
     gens = run.read_table("generations")
     clip = run.read_table("probes/clip")
-    gender = clip[clip["attribute"] == "perceived_gender"]
+    from prompts.suites import EDIT_TEMPLATE
+
+    prompted = set(gens.loc[gens["template"] != EDIT_TEMPLATE, "image_id"])  # what the bias shares count
+    gender = clip[(clip["attribute"] == "perceived_gender") & clip["image_id"].isin(prompted)]
     faces = run.read_table("probes/faces")
     matches = run.read_table("memorization/matches")
     confirmed = matches[matches["verdict"] != "unconfirmed"]
@@ -91,7 +94,8 @@ def summary(run, config: AuditConfig) -> list[str]:
     modes = gens["mode"].value_counts()
     return [
         f"[summary] images: {len(gens)} ({', '.join(f'{m} {n}' for m, n in modes.items())})",
-        f"[summary] perceived gender: CLIP abstained on {gender['abstained'].mean():.0%} of images "
+        f"[summary] perceived gender: CLIP abstained on {gender['abstained'].mean():.0%} of the "
+        f"{len(prompted)} occupation images "
         f"({', '.join(sorted(gender['abstain_reason'].dropna().unique())) or 'no abstention'}); "
         f"faces found in {faces.loc[faces['face_index'] >= 0, 'image_id'].nunique()} image(s)",
         f"[summary] memorization: {matches['image_id'].nunique()} image(s) matched a training photo by hash, "

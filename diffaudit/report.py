@@ -340,11 +340,17 @@ def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None) -> None:
 def _abstention(doc: Doc, run: Run, pooled: pd.DataFrame) -> None:
     """Abstention per probe and attribute (the images each share above left out), with the reasons."""
     doc.h(3, "Abstention and face detection")
+    doc.p("Over the subject x template images the shares above count (edits of source photos are left out).")
+    from prompts.suites import EDIT_TEMPLATE
+
+    gens = run.read_table("generations")
+    counted = set(gens.loc[gens["template"] != EDIT_TEMPLATE, "image_id"])  # the images the shares count
     rows = []
     per_subject = pooled.drop_duplicates(["probe", "attribute", "subject"])
     for (probe, attribute), g in per_subject.groupby(["probe", "attribute"], sort=True):
         voted, abstained = int(g["n"].sum()), int(g["abstained"].sum())
         t = run.read_table(f"probes/{probe}") if f"probes/{probe}" in run.tables() else pd.DataFrame()
+        t = t[t["image_id"].isin(counted)] if len(t) else t
         reasons = (t.loc[t["abstained"] & (t["attribute"] == attribute), "abstain_reason"].fillna("unspecified")
                    .value_counts() if len(t) else pd.Series(dtype=int))
         rows.append({"probe": probe, "attribute": attribute, "images": voted + abstained,
@@ -353,6 +359,7 @@ def _abstention(doc: Doc, run: Run, pooled: pd.DataFrame) -> None:
     doc.table(pd.DataFrame(rows))
     if "probes/faces" in run.tables():
         t = run.read_table("probes/faces")
+        t = t[t["image_id"].isin(counted)]
         n_img = t["image_id"].nunique()
         if n_img:
             faces = t[t["face_index"] >= 0].groupby("image_id").size()

@@ -58,6 +58,12 @@ def test_report_sections_and_offline_html(demo):
     assert "perceived" in md and "tiny model" in md
     assert "Not every stage covers every image" not in md  # the demo's stages each saw all of its images
     assert "Invisible watermark (dwtDctSvd): embedded in 0 of" in md  # 64 px: too small, said so
+    # abstention over the images the shares count (edits of source photos left out), reasons included
+    gens = run.read_table("generations")
+    prompted = int((gens["template"] != "edit").sum())
+    row = next(x for x in md.splitlines() if x.startswith("| clip | perceived_gender |")).split("|")
+    reasons = sum(int(part.split("(")[1].rstrip(")")) for part in row[5].split(",") if "(" in part)
+    assert int(row[3]) == prompted < len(gens) and reasons <= prompted
     html = (run.root / "report.html").read_text()
     assert "data:image/png;base64," in html  # the memorization evidence pairs are embedded
     assert "src=\"http" not in html and "href=\"http" not in html and "<script" not in html
