@@ -62,7 +62,7 @@ def test_report_sections_and_offline_html(demo):
     gens = run.read_table("generations")
     prompted = int((gens["template"] != "edit").sum())
     row = next(x for x in md.splitlines() if x.startswith("| clip | perceived_gender |")).split("|")
-    reasons = sum(int(part.split("(")[1].rstrip(")")) for part in row[5].split(",") if "(" in part)
+    reasons = sum(int(part.split("(")[1].strip().rstrip(")")) for part in row[5].split(",") if "(" in part)
     assert int(row[3]) == prompted < len(gens) and reasons <= prompted
     html = (run.root / "report.html").read_text()
     assert "data:image/png;base64," in html  # the memorization evidence pairs are embedded
