@@ -474,6 +474,7 @@ def test_compiled_model_gets_full_batches_only(tmp_path, pipes, monkeypatch):
     sizes.clear()
     generate_run(tmp_path / "plain", cfg, progress=False, pipelines=pipes)
     assert 1 in sizes  # without compile the short batch is not padded
+    assert sizes == [4, 1]  # a full batch, then the short one as it is
     padded, plain = (Run.open(tmp_path / d).images().set_index("image_id")["file"] for d in ("padded", "plain"))
     assert sorted(padded.index) == sorted(plain.index) == sorted(expected_ids(cfg))
     for image_id in plain.index:
