@@ -344,13 +344,12 @@ def _speed_up_unet(unet, device: str, *, compile_: bool):
 def _fuse_qkv(model) -> None:
     """One matmul for attention's Q, K and V projections (K and V for cross-attention), where supported."""
     fuse = getattr(model, "fuse_qkv_projections", None)
-    if fuse is None or getattr(model, "_diffaudit_fused", False):
-        return
+    if fuse is None or any(getattr(m, "fused_projections", False) for m in model.modules()):
+        return  # not supported, or fused already (a pipeline wrapped twice)
     try:
         fuse()
     except ValueError:  # added-KV attention (some SDXL variants) cannot be fused
         return
-    model._diffaudit_fused = True
 
 
 def _hub_revision(repo_id: str) -> str | None:

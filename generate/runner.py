@@ -325,9 +325,6 @@ class HostPixels:
     def __getitem__(self, index: slice) -> HostPixels:
         return HostPixels(self.array[index], self.ready)
 
-    def __len__(self) -> int:
-        return len(self.array)
-
 
 def _write_png(path: Path, pixels: HostPixels, index: int) -> str:
     """Encode and write one image atomically; return its sha256 (runs in the writer pool)."""
