@@ -151,3 +151,17 @@ def fair_diffusion_sd15(suite: str = "occupations", *, alpha: float = 0.05) -> p
                          "excluded": c["except"], "n": n, "share_woman": c["woman"] / n, "ci_low": lo,
                          "ci_high": hi})
     return pd.DataFrame(rows)
+
+
+def beside_fair_diffusion(shares: pd.DataFrame, suite: str) -> pd.DataFrame:
+    """Perceived-women rows (subject, share, ci_low, ci_high, ...) of subjects Fair Diffusion published, with
+    their SD 1.5 share (``share_woman``), interval and n (suffix ``_fd``) and ``diff`` = |share - share_woman|,
+    largest difference first. Rows without a share are left out; empty when no subject matches."""
+    fd = fair_diffusion_sd15(suite)
+    if fd.empty:
+        return fd
+    fd = fd[["subject", "share_woman", "ci_low", "ci_high", "n"]].rename(
+        columns={"ci_low": "ci_low_fd", "ci_high": "ci_high_fd", "n": "n_fd"})
+    both = shares[shares["share"].notna()].merge(fd, on="subject")
+    both["diff"] = (both["share"] - both["share_woman"]).abs()
+    return both.sort_values("diff", ascending=False, kind="stable").reset_index(drop=True)

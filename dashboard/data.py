@@ -213,17 +213,12 @@ def no_face_rates(run: Run) -> pd.DataFrame:
     return _no_face_rates(str(run.root), table_stamp(run, "generations", *probe_tables(run)))
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _fair_diffusion(suite: str) -> pd.DataFrame:
-    from audit.reference import fair_diffusion_sd15
-
-    return fair_diffusion_sd15(suite)
-
-
-def fair_diffusion(run: Run) -> pd.DataFrame:
-    """Fair Diffusion's published SD 1.5 perceived-gender counts for the occupations of the run's suite.
-    Built-in suites only: a suite path in ``run.json`` would be a file outside the runs root."""
+def beside_fair_diffusion(run: Run, shares: pd.DataFrame) -> pd.DataFrame:
+    """``shares`` (perceived women per subject) beside Fair Diffusion's published SD 1.5 counts for the same
+    occupations (see ``audit.reference.beside_fair_diffusion``). Built-in suites only: a suite path in
+    ``run.json`` would be a file outside the runs root."""
+    from audit.reference import beside_fair_diffusion as beside
     from prompts.suites import list_suites
 
     suite = (run.info.get("generation") or {}).get("suite")
-    return _fair_diffusion(suite) if suite in list_suites() else pd.DataFrame()
+    return beside(shares, suite) if suite in list_suites() else pd.DataFrame()

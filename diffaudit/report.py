@@ -297,18 +297,14 @@ def _bias(doc: Doc, run: Run) -> None:
 def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None) -> None:
     """The run's perceived-women shares beside Fair Diffusion's published SD 1.5 counts for the same
     occupations: a second reference, from a model and a classifier, where BLS is a workforce."""
-    from audit.reference import fair_diffusion_sd15
+    from audit.reference import beside_fair_diffusion
 
     if not suite:
         return
     try:
-        fd = fair_diffusion_sd15(suite)
+        both = beside_fair_diffusion(gender, suite)
     except DiffauditError:  # the suite file has moved since generation: no subjects to match
         return
-    if fd.empty:
-        return
-    both = gender[gender["share"].notna()].merge(
-        fd[["subject", "share_woman", "ci_low", "ci_high", "n"]], on="subject", suffixes=("", "_fd"))
     if both.empty:
         return
     overlap = int(((both.ci_low <= both.ci_high_fd) & (both.ci_low_fd <= both.ci_high)).sum())
@@ -323,8 +319,7 @@ def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None) -> None:
         rho = spearmanr(both["share"], both["share_woman"]).statistic
         text += f" Rank correlation of the shares across occupations (Spearman): {rho:.2f}."
     doc.p(text)
-    diff = (both["share"] - both["share_woman"]).abs()
-    table = both.assign(diff=diff).sort_values("diff", ascending=False).head(TOP_N)
+    table = both.head(TOP_N)
     doc.p("Largest differences:")
     doc.table(pd.DataFrame({
         "occupation": table["subject"], "n": table["n"], "share": [_pct(v) for v in table["share"]],

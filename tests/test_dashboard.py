@@ -107,7 +107,7 @@ def test_bias_page_sets_the_run_beside_fair_diffusions_sd15_counts(app, runs_dir
     class PathSuite:
         info = {"generation": {"suite": "/etc/passwd"}}
 
-    assert data.fair_diffusion(PathSuite()).empty
+    assert data.beside_fair_diffusion(PathSuite(), rows.reset_index()).empty
 
 
 def test_bias_filters_significance_and_template(app, runs_dir):

@@ -110,3 +110,15 @@ def test_fair_diffusion_sd15_reference_line():
     assert set(reference.fair_diffusion_sd15("demo").subject) == {"ceo", "software_developer", "lawyer", "pilot",
                                                                    "electrician", "firefighter", "janitor", "cashier",
                                                                    "teacher", "librarian", "nurse", "hairdresser"}
+
+
+def test_beside_fair_diffusion_matches_sorts_and_drops_missing_shares():
+    import pandas as pd
+
+    shares = pd.DataFrame({"subject": ["ceo", "nurse", "pilot", "astronaut"], "share": [0.5, 0.9, None, 0.3],
+                           "ci_low": [0.4, 0.8, None, 0.2], "ci_high": [0.6, 0.95, None, 0.4]})
+    both = reference.beside_fair_diffusion(shares, "demo")
+    fd = reference.fair_diffusion_sd15("demo").set_index("subject")
+    assert both["subject"].tolist() == ["ceo", "nurse"]  # no share (pilot) and not published (astronaut): out
+    assert both.loc[0, "diff"] == pytest.approx(abs(0.5 - fd.loc["ceo", "share_woman"]))
+    assert both["diff"].is_monotonic_decreasing and both.loc[1, "n_fd"] == fd.loc["nurse", "n"]

@@ -130,15 +130,13 @@ if len(scatter):
                "amplify the workforce's imbalance.")
 
 # -- a second reference: Fair Diffusion's published SD 1.5 counts (another model and classifier) --------
-fd = data.fair_diffusion(run) if focus == "woman" and attribute in set(with_ref["attribute"]) else pd.DataFrame()
-both = (focus_rows.reset_index().merge(fd, on="subject", suffixes=("", "_fd")) if len(fd) else pd.DataFrame())
-both = both[both["share"].notna()] if len(both) else both
+gendered = focus == "woman" and attribute in set(with_ref["attribute"])
+both = data.beside_fair_diffusion(run, focus_rows.reset_index()) if gendered else pd.DataFrame()
 if len(both):
     with st.expander(f"Against Fair Diffusion's published Stable Diffusion 1.5 counts ({len(both)} occupations)"):
         st.caption("Fair Diffusion (Friedrich et al. 2023) counted perceived gender in SD 1.5 images of the same "
                    "occupations with the FairFace classifier: another model and another classifier, so compare "
                    "directions and sizes, not decimals.")
-        both = both.assign(diff=(both["share"] - both["share_woman"]).abs()).sort_values("diff", ascending=False)
         st.table(ui.md_table(pd.DataFrame({
             "occupation": both["subject"],
             "share": [ui.number(v) for v in both["share"]],
