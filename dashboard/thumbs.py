@@ -10,10 +10,10 @@ import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
 from dashboard import data
+from diffaudit.imaging import max_pixels
 from diffaudit.runs import Run
 
 THUMB = 192
-MAX_PIXELS = 64_000_000  # a larger image is a decompression bomb, not a generation
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)
@@ -21,7 +21,7 @@ def _thumbnail(path: str, mtime_ns: int, size: int) -> bytes:
     """A JPEG thumbnail of ``path``; the mtime argument makes a rewritten file a new cache entry."""
     del mtime_ns
     with Image.open(path) as img:
-        if img.width * img.height > MAX_PIXELS:
+        if img.width * img.height > max_pixels():  # the one pixel cap (diffaudit.imaging)
             raise UnidentifiedImageError(f"{img.width}x{img.height} is too large to preview")
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale
         img = img.convert("RGB")

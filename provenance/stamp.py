@@ -13,7 +13,6 @@ back once to record its validation state.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import time
@@ -25,8 +24,9 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from diffaudit import imaging
 from diffaudit.errors import InputError
 from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes, sha256_file
 from prompts.suites import BUILTIN_SOURCES, load_source
@@ -76,22 +76,14 @@ def encode_image(rgb: np.ndarray, fmt: str) -> bytes:
     return buf.tobytes()
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode to an RGB uint8 array, with OpenCV when it can (faster), else Pillow."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if bgr is None or bgr.dtype != np.uint8:
-        return np.asarray(decode_image(data))
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """RGB uint8 pixels, after the header passed the one pixel cap (``diffaudit.imaging``)."""
+    return imaging.decode_rgb(data, name=name)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode to RGB with Pillow; raises ``InputError`` with the reason on damaged or non-image data."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot decode image: {e}") from e
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode to RGB with Pillow under the pixel cap; raises ``InputError`` with the reason otherwise."""
+    return imaging.open_image(data, name=name, mode="RGB")
 
 
 @dataclass

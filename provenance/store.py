@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from diffaudit.errors import InputError
+from diffaudit.imaging import hamming, phash
+
+__all__ = ["PHASH_RADIUS", "ManifestStore", "Match", "default_store_path", "phash"]
 
 PHASH_RADIUS = 10  # bits out of 64; pHash of unrelated photos differ by ~32 on average
 
@@ -49,16 +51,8 @@ def default_store_path() -> Path:
     return (Path(home) if home else Path.home() / ".config" / "diffaudit") / "manifests.sqlite"
 
 
-def phash(img: Image.Image) -> int:
-    """64-bit pHash (imagehash.phash) as an unsigned int."""
-    import imagehash
-
-    bits = imagehash.phash(img).hash.flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
 def _hamming(a: int, b: int) -> int:
-    return ((a & (1 << 64) - 1) ^ (b & (1 << 64) - 1)).bit_count()
+    return hamming(a, b)
 
 
 def _signed(h: int) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from audit.memorization.sources import NoSuchImageFile, SkipImage, decode_image
+from diffaudit.imaging import pack_bits, phash_bits, phash_reduce
 
 LANCZOS = Image.Resampling.LANCZOS
 BATCH = 256
@@ -36,12 +37,6 @@ def square_crop(img: Image.Image) -> Image.Image:
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     return img.crop((left, top, left + s, top + s))
-
-
-def pack_bits(bits: np.ndarray) -> np.ndarray:
-    """(n, 64) booleans, most significant first -> (n,) uint64 codes."""
-    packed = np.packbits(bits.reshape(len(bits), 64).astype(np.uint8), axis=1)
-    return packed.view(">u8").ravel().astype(np.uint64)
 
 
 def unpack_bits(codes: np.ndarray) -> np.ndarray:
@@ -162,27 +157,18 @@ def get_hasher(name: str) -> Hasher:
     return HASHES.load(name)()
 
 
-def _dct_matrix(n: int, k: int) -> np.ndarray:
-    """The first ``k`` rows of scipy's unnormalized DCT-II of length ``n``: 2 cos(pi j (2i+1) / 2n)."""
-    j = np.arange(k)[:, None]
-    i = np.arange(n)[None, :]
-    return 2.0 * np.cos(np.pi * j * (2 * i + 1) / (2 * n))
-
-
 class PHash(Hasher):
-    """pHash (imagehash.phash): 32x32 grayscale, 2-D DCT-II, top-left 8x8 above their median."""
+    """pHash (imagehash.phash): 32x32 grayscale, 2-D DCT-II, top-left 8x8 above their median. The kernel
+    is ``diffaudit.imaging``'s, the one the manifest store uses too."""
 
     name = "phash"
     draft = (128, 128)
-    _D = _dct_matrix(32, 8)
 
     def reduce(self, img: Image.Image) -> np.ndarray:
-        return np.asarray(img.convert("L").resize((32, 32), LANCZOS), dtype=np.float64)
+        return phash_reduce(img)
 
     def bits(self, batch: np.ndarray) -> np.ndarray:
-        low = self._D @ batch @ self._D.T                      # (n, 8, 8): rows of DCT on axis 0, then 1
-        flat = low.reshape(len(batch), 64)
-        return flat > np.median(flat, axis=1, keepdims=True)
+        return phash_bits(batch)
 
 
 class DHash(Hasher):

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from diffaudit.errors import InputError
+from diffaudit.imaging import max_pixels
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-MAX_PIXELS = 64_000_000          # decompression-bomb guard, checked on the header before decoding
 MAX_MEMBER_BYTES = 64 << 20      # tar members larger than this are skipped unread
 FILES_PER_UNIT = 512
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -63,7 +63,7 @@ def decode_image(data: bytes | str | os.PathLike, *, draft: tuple[int, int] | No
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(src)
             w, h = img.size
-            if w * h > MAX_PIXELS or w <= 0 or h <= 0:
+            if w * h > max_pixels() or w <= 0 or h <= 0:  # the one pixel cap, from the header
                 raise SkipImage("too_large")
             if draft is not None and img.format == "JPEG":
                 img.draft("L", draft)
