@@ -84,6 +84,9 @@ class Detection:
     bits: np.ndarray        # the decoded bits (after correction), id then check
     corrected: int = 0      # bits flipped by Chase decoding to pass the check
     reason: str | None = None  # why nothing could be decoded (too small, not an image)
+    #: Upper bound on the chance that an unmarked image yields a payload passing the check in this
+    #: decode: candidate words tried (Chase patterns x geometric tries) / 2**crc_bits (union bound).
+    false_positive_bound: float = 0.0
 
 
 class Watermark:
@@ -152,8 +155,14 @@ class Watermark:
             if check == self.check_value(ident):
                 detected = confidence >= self.threshold
                 payload = f"{ident:0{self.id_bits // 4}x}" if detected else None
-                return Detection(self.name, detected, payload, confidence, True, bits, len(flips))
-        return Detection(self.name, False, None, confidence, False, hard)
+                return Detection(self.name, detected, payload, confidence, True, bits, len(flips),
+                                 false_positive_bound=self.false_positive_bound())
+        return Detection(self.name, False, None, confidence, False, hard,
+                         false_positive_bound=self.false_positive_bound())
+
+    def false_positive_bound(self, tries: int = 1) -> float:
+        """Union bound on a clean image passing the check: every candidate word of every try counts."""
+        return min(1.0, tries * (1 << self.chase_bits) / 2.0 ** self.crc_bits)
 
     def _candidates(self, p: np.ndarray) -> list[np.ndarray]:
         """Bit positions to flip, most likely pattern first: none, then subsets of the least reliable."""
