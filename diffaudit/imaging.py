@@ -65,6 +65,13 @@ def check_pixels(width: int, height: int, name: str = "image") -> None:
                             f"{cap:,}; set {MAX_PIXELS_ENV} to a larger number to accept it")
 
 
+def _defer_pillow(cap: int) -> None:
+    """Raise Pillow's own bomb limit to at least our cap (it refuses at twice its limit inside ``Image.open``),
+    so that ours decides and raising ``DIFFAUDIT_MAX_PIXELS`` above ~179 megapixels works."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < cap:
+        Image.MAX_IMAGE_PIXELS = cap
+
+
 def _source(data: bytes | str | os.PathLike) -> tuple[object, str]:
     if isinstance(data, bytes | bytearray | memoryview):
         return io.BytesIO(bytes(data)), "<bytes>"
@@ -75,18 +82,22 @@ def image_size(data: bytes | str | os.PathLike, name: str | None = None) -> tupl
     """(width, height) from the header only; ``UnreadableImage`` when it is not an image Pillow knows."""
     src, label = _source(data)
     label = name or label
+    _defer_pillow(max_pixels())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(src) as img:
                 return img.size
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{label}: more pixels than the cap of {max_pixels():,}; set {MAX_PIXELS_ENV} to a "
+                            "larger number to accept it") from None
     except FileNotFoundError:
         raise InputError(f"{label}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{label} is a folder, not an image file") from None
     except PermissionError:
         raise InputError(f"{label}: permission denied") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise UnreadableImage(f"{label}: not an image file this tool can read", "not_image") from None
 
 
@@ -99,6 +110,7 @@ def open_image(data: bytes | str | os.PathLike, *, name: str | None = None,
     """
     src, label = _source(data)
     label = name or label
+    _defer_pillow(max_pixels())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap decides, not Pillow's
@@ -119,7 +131,8 @@ def open_image(data: bytes | str | os.PathLike, *, name: str | None = None,
     except UnidentifiedImageError:
         raise UnreadableImage(f"{label}: not an image file this tool can read", "not_image") from None
     except Image.DecompressionBombError:
-        raise ImageTooLarge(f"{label}: over Pillow's decompression-bomb limit; set {MAX_PIXELS_ENV}") from None
+        raise ImageTooLarge(f"{label}: more pixels than the cap of {max_pixels():,}; set {MAX_PIXELS_ENV} to a "
+                            "larger number to accept it") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
         raise UnreadableImage(f"{label}: damaged image ({e})", "corrupt") from None
 
