@@ -113,11 +113,12 @@ def _inline(text: str) -> str:
     return re.sub(r"\*([^*]+)\*", r"<i>\1</i>", t)
 
 
-# Markdown's punctuation that can start markup (CommonMark lets a backslash make any of them literal).
-_MD_PUNCT = re.compile(r"([\\`*\[\]<>#|!~$&]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+# Markdown's punctuation that can start markup (CommonMark lets a backslash make any of them literal). A link,
+# image or reference needs an unescaped "[", so "]" may stay as it is: "[12, 34]" reads "\[12, 34]".
+_MD_PUNCT = re.compile(r"([\\`*\[<>#|!~$&]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
 # Paragraphs keep ` and * (the sections' own code and emphasis); these still go: raw HTML and autolinks
-# (<), links and images ([ ] !), entities (&), headings (#) and the escapes that could undo ours (\).
-_MD_STRUCTURE = re.compile(r"([\\\[\]<>#!&|])")
+# (<), links and images ([ !), entities (&), headings (#) and the escapes that could undo ours (\).
+_MD_STRUCTURE = re.compile(r"([\\\[<>#!&|])")
 _NEWLINES = re.compile(r"[\r\n\t\v\f\u2028\u2029]+")
 
 
