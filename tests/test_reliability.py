@@ -178,10 +178,24 @@ def _check(index: Path, capsys) -> tuple[int, dict, str]:
 
 def test_index_check_passes_a_sound_index_and_finds_damaged_shards(tmp_path, capsys):
     import shutil
+    import tarfile
+
+    from audit.memorization.build import build_index
 
     out = _two_shard_index(tmp_path)
     code, report, _ = _check(out, capsys)
     assert code == 0 and report["ok"] and report["problems"] == [] and report["rehashed"] == 3 * 8
+    # tar members are hashed again from their offsets; a hash parquet's own codes are taken as they are
+    sound = tmp_path / "sound"
+    shutil.copytree(out, sound)
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for p in noise_pngs(tmp_path / "t", 5, seed=12):
+            tar.add(p, arcname=f"{p.stem}.png")
+    pd.DataFrame({"key": ["k"], "phash": ["0123456789abcdef"],
+                  "uri": [str(tmp_path / "t" / "0000.png")]}).to_parquet(tmp_path / "h.parquet")
+    build_index([str(tmp_path / "shard.tar"), str(tmp_path / "h.parquet")], str(sound), progress=False)
+    code, report, _ = _check(sound, capsys)
+    assert code == 0 and report["ok"] and report["shards"] == 5 and report["rehashed"] == 3 * 8 + 5, report
 
     def damaged(name: str, copies: dict[str, str]) -> Path:
         bad = tmp_path / name
