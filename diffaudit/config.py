@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from diffaudit.errors import ConfigError
 
@@ -48,6 +48,20 @@ class GenerationConfig(Frozen):
     def _multiple_of_8(cls, v: int | None) -> int | None:
         if v is not None and v % 8:
             raise ValueError(f"must be a multiple of 8 (got {v})")
+        return v
+
+    @field_validator("height")
+    @classmethod
+    def _within_pixel_cap(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """Refuse, before anything is written or allocated, an image larger than the tool's own stages
+        read (``diffaudit.imaging``'s pixel cap): a 100000x100000 request would otherwise ask the device for
+        tens of gigabytes, and its images could not be audited."""
+        from diffaudit.imaging import MAX_PIXELS_ENV, max_pixels
+
+        width = info.data.get("width")
+        if v is not None and width is not None and width * v > max_pixels():
+            raise ValueError(f"{width * v:,} pixels (got {width}x{v}) is over the cap of {max_pixels():,} that "
+                             f"diffaudit reads images under; choose a smaller size or raise {MAX_PIXELS_ENV}")
         return v
 
 
@@ -117,6 +131,9 @@ def load_yaml(path: str | Path, error: type[ConfigError] = ConfigError) -> tuple
         text = path.read_text()
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not a YAML text file (byte {e.start} is not UTF-8); pass a .yaml suite or config")\
+            from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

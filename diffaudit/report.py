@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,18 +52,22 @@ class Doc:
         self.blocks.append(("images", pairs))
 
     def markdown(self) -> str:
+        """The Markdown report. Headings, table cells and captions come from data and are escaped whole
+        (``md_text``); paragraphs keep the little Markdown the sections write (`code`, *emphasis*) but lose
+        every way to HTML, links and images (``md_paragraph``): a key or prompt from a user's file renders
+        as the text it is."""
         out = []
         for b in self.blocks:
             if b[0] == "h":
-                out.append("#" * b[1] + " " + b[2])
+                out.append("#" * b[1] + " " + md_text(b[2]))
             elif b[0] == "p":
-                out.append(b[1])
+                out.append(md_paragraph(b[1]))
             elif b[0] == "table":
                 out.append(_md_table(b[1]))
             elif b[0] == "svg":
-                out.append(f"*(chart in report.html: {b[2]})*")
+                out.append(f"*(chart in report.html: {md_text(b[2])})*")
             elif b[0] == "images":
-                out.append("*(evidence images in report.html: " + ", ".join(c for c, _ in b[1]) + ")*")
+                out.append("*(evidence images in report.html: " + ", ".join(md_text(c) for c, _ in b[1]) + ")*")
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
@@ -102,22 +107,40 @@ code{background:#f3f3f3;padding:0 3px}
 
 def _inline(text: str) -> str:
     """Escape, then render the little Markdown we use in paragraphs: `code` and *emphasis*."""
-    import re
-
     t = html.escape(text)
     t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
     t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
     return re.sub(r"\*([^*]+)\*", r"<i>\1</i>", t)
 
 
+# Markdown's punctuation that can start markup (CommonMark lets a backslash make any of them literal). A link,
+# image or reference needs an unescaped "[", so "]" may stay as it is: "[12, 34]" reads "\[12, 34]".
+_MD_PUNCT = re.compile(r"([\\`*\[<>#|!~$&]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+# Paragraphs keep ` and * (the sections' own code and emphasis); these still go: raw HTML and autolinks
+# (<), links and images ([ !), entities (&), headings (#) and the escapes that could undo ours (\).
+_MD_STRUCTURE = re.compile(r"([\\\[<>#!&|])")
+_NEWLINES = re.compile(r"[\r\n\t\v\f\u2028\u2029]+")
+
+
+def md_text(value: object) -> str:
+    """A value from data as literal Markdown text, on one line: no HTML, links, images or emphasis."""
+    return _MD_PUNCT.sub(r"\\\1", _NEWLINES.sub(" ", str(value)))
+
+
+def md_paragraph(text: str) -> str:
+    """A section's paragraph (its prose with values from data in it) as one Markdown paragraph that keeps
+    `code` and *emphasis* but can hold no raw HTML, link, image, heading or block of another kind."""
+    return _MD_STRUCTURE.sub(r"\\\1", _NEWLINES.sub(" ", text).strip())
+
+
 def _md_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "*(none)*"
-    cols = [str(c) for c in df.columns]
-    rows = [["–" if (isinstance(v, float) and math.isnan(v)) or v is None else str(v) for v in r]
+    cols = [md_text(c) for c in df.columns]
+    rows = [["–" if (isinstance(v, float) and math.isnan(v)) or v is None else md_text(v) for v in r]
             for r in df.itertuples(index=False)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -394,17 +417,17 @@ def _memorization(doc: Doc, run: Run) -> None:
 
 
 def _thumb(path: Path, size: int = 160) -> bytes:
-    from PIL import Image
+    """A PNG thumbnail for the HTML report, decoded under the pixel cap (``diffaudit.imaging``); b"" if not."""
+    from diffaudit.imaging import open_image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            return buf.getvalue()
-    except OSError:
+        im = open_image(path, mode="RGB")
+    except DiffauditError:
         return b""
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _provenance(doc: Doc, run: Run) -> None:
