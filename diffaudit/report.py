@@ -230,6 +230,7 @@ def _what_was_audited(doc: Doc, info: dict, gen_cfg: dict, gens: pd.DataFrame, r
         facts["seeds"] = (f"{UNKNOWN} for every image" if seeds.isna().all() else
                           f"known for {int(seeds.notna().sum())} of {len(gens)} images (from the source)")
         status = col("c2pa_status").dropna().value_counts()
+        status = status.reindex(sorted(status.index, key=lambda k: (_C2PA_ORDER.index(k) if k in _C2PA_ORDER else 9, k)))
         facts["embedded C2PA credentials on import"] = (", ".join(f"{_C2PA.get(k, k)} {v}" for k, v in status.items())
                                                         if len(status) else "not read")
         if col("c2pa_manifest").fillna(False).astype(bool).any():
@@ -259,6 +260,7 @@ def _what_was_audited(doc: Doc, info: dict, gen_cfg: dict, gens: pd.DataFrame, r
 
 
 _C2PA = {"none": "no manifest"}
+_C2PA_ORDER = ["Trusted", "Valid", "Invalid", "none"]
 _MODEL_SOURCE = {"manifest": "the import manifest", "c2pa": "valid embedded credentials", "option": "--model"}
 
 
@@ -437,12 +439,13 @@ def _versus_reference(doc: Doc, run: Run) -> None:
     ref = str(t["reference_run"].iloc[0])
     doc.h(3, f"Against the reference run {ref}")
     pooled = t[t["template"] == "all"]
-    focus = pooled[(pooled["attribute"] == "perceived_gender") & (pooled["label"] == "woman")]
-    if focus.empty and len(pooled):
-        attribute, label = pooled.groupby(["attribute", "label"]).size().idxmax()
+    attribute, label = "perceived_gender", "woman"
+    focus = pooled[(pooled["attribute"] == attribute) & (pooled["label"] == label)]
+    if focus.empty and len(pooled):  # no gender probe: the label with the clearest difference
+        first = pooled.assign(d=pooled["delta"].abs()).sort_values(["q_value", "d"], ascending=[True, False],
+                                                                   na_position="last").iloc[0]
+        attribute, label = first["attribute"], first["label"]
         focus = pooled[(pooled["attribute"] == attribute) & (pooled["label"] == label)]
-    else:
-        attribute, label = "perceived_gender", "woman"
     tested = focus[focus["q_value"].notna()]
     more = tested[(tested["q_value"] < 0.05) & (tested["delta"] > 0)]
     fewer = tested[(tested["q_value"] < 0.05) & (tested["delta"] < 0)]
@@ -453,6 +456,12 @@ def _versus_reference(doc: Doc, run: Run) -> None:
             "subjects); delta = share here - reference share, with Newcombe's 95% interval. What the reference "
             "already holds is in the data; the difference is what this run adds or removes.")
     doc.p(text)
+    everywhere = pooled[pooled["q_value"] < 0.05]
+    doc.p(f"Over every probe, attribute and label: {len(everywhere)} of {int(pooled['q_value'].notna().sum())} "
+          "tested (subject, label) rows differ at q < 0.05"
+          + (": " + ", ".join(sorted({f'{a} = {lab}' for a, lab in zip(everywhere.attribute, everywhere.label,
+                                                                       strict=True)})[:8]) if len(everywhere) else "")
+          + ".")
     for note in stage.get("notes", []):
         doc.p(f"Not compared: {note}.")
     stale = []

@@ -512,6 +512,7 @@ class _Importer:
         self.next_index = Counter({p: int(i) + 1 for p, i in gens.groupby("prompt_id")["index"].max().items()})
         from tqdm.auto import tqdm
 
+        self._record_run_info()  # first: an interrupted first import is still known as an import
         imported = 0
         bar = tqdm(total=len(self.plan.items), unit="img", desc="import", disable=not self.progress)
         try:
@@ -533,7 +534,7 @@ class _Importer:
         finally:
             self._flush(force=True)
             bar.close()
-        self._record_run_info()
+            self._record_run_info()
         if self.kind == "reference" and self.generator_claims:
             self.notes.append(f"{self.generator_claims} image(s) of this reference carry credentials saying a "
                               "generator made them (digitalSourceType trainedAlgorithmicMedia)")

@@ -56,6 +56,8 @@ for name in ui.picked():
             f"{c} for {n} of {len(gens)}" for c, n in unknown.items()) or "nothing") + ". Never filled with defaults.")
         if "c2pa_status" in gens and gens["c2pa_status"].notna().any():
             counts = gens["c2pa_status"].value_counts()
+            order = ["Trusted", "Valid", "Invalid", "none"]
+            counts = counts.reindex(sorted(counts.index, key=lambda k: (order.index(k) if k in order else 9, k)))
             st.caption("embedded C2PA credentials on import: " + ", ".join(
                 f"{'no manifest' if k == 'none' else ui.md(k)} {v}" for k, v in counts.items()))
             signed = gens[gens["c2pa_manifest"].fillna(False).astype(bool)]
