@@ -114,7 +114,8 @@ class Plan:
 
     source: Path
     items: list[Item]
-    suite: str | None
+    suite: str | None                     # as given (a built-in name or a path): what stages load it by
+    suite_name: str | None                # the suite's own name, as generated rows record it
     ignored_columns: list[str] = field(default_factory=list)
 
 
@@ -212,7 +213,7 @@ def plan_import(source: str | os.PathLike, *, suite: str | None = None, subject_
         raise InputError(errors[0] + more)
     if not items:
         raise InputError(f"{source}: no files to import")
-    return Plan(src, items, names.name, ignored if not src.is_dir() else [])
+    return Plan(src, items, suite, names.name, ignored if not src.is_dir() else [])
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -570,7 +571,7 @@ class _Importer:
         index = self.next_index[prompt_id]
         self.next_index[prompt_id] += 1
         return dict(
-            image_id=f"{prompt_id}-{ins.original_sha256[:16]}", prompt_id=prompt_id, suite=self.plan.suite,
+            image_id=f"{prompt_id}-{ins.original_sha256[:16]}", prompt_id=prompt_id, suite=self.plan.suite_name,
             template=item.template, subject=item.subject,
             prompt=item.prompt if item.prompt is not None else _signed(signed, "prompt", str),
             negative_prompt=item.negative_prompt if item.negative_prompt is not None
