@@ -205,8 +205,8 @@ class MtcnnDetector:
             if x2 <= x1 or y2 <= y1:
                 continue
             marks = tuple((float(a) / factor, float(b) / factor) for a, b in zip(xs[i], ys[i], strict=True))
-            faces.append(Face((x1 / factor, y1 / factor, (x2 - x1) / factor, (y2 - y1) / factor),
-                              float(boxes[i, 4]), marks))
+            box = (float(x1 / factor), float(y1 / factor), float((x2 - x1) / factor), float((y2 - y1) / factor))
+            faces.append(Face(box, float(boxes[i, 4]), marks))
         return _sorted(faces)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
