@@ -15,8 +15,8 @@ from audit.probes import face_attributes as fa
 from audit.probes.base import LOW_MARGIN, NO_FACE, Face, ImageBatch, ImageRecord
 from audit.probes.face_attributes import (
     AGE_LABELS,
-    FairFace,
     FaceAttributeProbe,
+    FairFace,
     age_group_index,
     make_face_model,
 )
