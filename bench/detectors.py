@@ -2,9 +2,9 @@
 
 Prints one JSON line per detector (and the Haar baseline measured in the same run):
 - ``lfw_recall``: share of the 100 face crops of ``skimage.data.lfw_subset()`` with a detection whose
-  centre lies inside the face. Protocol: each 25x25 grey crop is upscaled 4x (bicubic) to 100x100 and
-  pasted in the middle of a 200x200 canvas filled with the crop's mean grey, so a detector sees the face
-  with some context (the crops are cut tight at forehead and chin);
+  centre lies inside the face. Protocol (``diffaudit.demo.lfw_canvases``): each 25x25 grey crop is upscaled
+  4x (bicubic) to 100x100 and pasted in the middle of a 200x200 canvas filled with the crop's mean grey, so
+  a detector sees the face with some context (the crops are cut tight at forehead and chin);
 - ``lfw_nonface_fp``: share of the 100 non-face crops, treated the same way, with any detection;
 - ``corpus_fp``: share of ``diffaudit.corpus`` held-out images (photos without people, documents,
   graphics, flat, textures, patterns at 256-768 px) with any detection, and detections per image;
@@ -26,22 +26,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def lfw_canvases() -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The lfw face and non-face crops on 200x200 canvases (see the module docstring), RGB uint8."""
-    import cv2
-    import skimage.data
-
-    crops = skimage.data.lfw_subset()
-    out = []
-    for crop in crops:
-        grey = np.round(crop * 255).astype(np.uint8)
-        big = cv2.resize(grey, (100, 100), interpolation=cv2.INTER_CUBIC)
-        canvas = np.full((200, 200), int(grey.mean()), dtype=np.uint8)
-        canvas[50:150, 50:150] = big
-        out.append(np.repeat(canvas[:, :, None], 3, axis=2))
-    return out[:100], out[100:]
 
 
 def inside(faces, lo: float = 50, hi: float = 150) -> bool:
@@ -84,6 +68,7 @@ def main() -> None:
 
     from audit.probes.faces import make_detector
     from diffaudit.corpus import corpus
+    from diffaudit.demo import lfw_canvases
     from diffaudit.errors import ModelError
 
     cv2.setNumThreads(1)

@@ -4,9 +4,6 @@ detector's name and version land in the probe rows; Haar is the fallback without
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from conftest import skimage_photo
@@ -14,10 +11,13 @@ from conftest import skimage_photo
 from audit.probes.base import ImageBatch, ImageRecord
 from audit.probes.detectors import BlazeFaceDetector, HogDetector, MtcnnDetector, _anchors, _nms
 from audit.probes.faces import FaceProbe, HaarDetector, make_detector
+from diffaudit.demo import lfw_canvases
 from diffaudit.errors import ModelError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from detectors import inside, lfw_canvases  # noqa: E402
+
+def inside(faces, lo: float = 50, hi: float = 150) -> bool:
+    """A detection centred on the lfw face of a canvas (the face spans 50-150 px)."""
+    return any(lo <= f.box[0] + f.box[2] / 2 <= hi and lo <= f.box[1] + f.box[3] / 2 <= hi for f in faces)
 
 
 @pytest.fixture(scope="module")
