@@ -11,8 +11,9 @@ Prints one JSON line per detector (and the Haar baseline measured in the same ru
 - ``astronaut`` / ``camera``: faces found in the two scikit-image photos of a person (512 px);
 - ``ms_per_512``: mean wall time per 512x512 image (corpus images resized to 512x512), one CPU thread.
 
-    python bench/detectors.py            # every shipped detector whose package is installed
-    python bench/detectors.py --quick    # 40 corpus images, 8 timed
+    python bench/detectors.py                    # every shipped detector whose package is installed
+    python bench/detectors.py --quick            # 40 corpus images, 8 timed
+    python bench/detectors.py --fit-dlib-frame   # MtcnnDetector.dlib_frame, fitted and checked (see there)
 """
 
 from __future__ import annotations
@@ -58,11 +59,47 @@ def measure(name: str, detector, faces, nonfaces, corpus, timed) -> dict:
             "ms_per_512": round(ms, 1)}
 
 
+def fit_dlib_frame() -> None:
+    """Fit MTCNN-box -> dlib-HOG-box offsets and scales on lfw faces 0-49 found by both detectors, and print the
+    landmark distance (as a share of the face width) to the HOG box's landmarks on faces 50-99, raw and mapped."""
+    from audit.probes import face_attributes as fa
+    from audit.probes.base import Face
+    from audit.probes.detectors import HogDetector, MtcnnDetector
+    from diffaudit.demo import lfw_canvases
+
+    mtcnn, hog = MtcnnDetector(), HogDetector(min_face=0)
+    both = []
+    for i, img in enumerate(lfw_canvases()[0]):
+        m, h = mtcnn.detect_one(img), hog.detect_one(img)
+        if m and h:
+            both.append((i, img, max(m, key=lambda f: f.box[2] * f.box[3]).box, max(h, key=lambda f: f.box[2] * f.box[3]).box))
+    fit = np.array([[(m[0] - h[0]) / m[2], (m[1] - h[1]) / m[2], h[2] / m[2], h[3] / m[3]]
+                    for i, _, m, h in both if i < 50]).mean(axis=0)
+
+    class Fitted:
+        dlib_frame = tuple(fit)
+
+    def marks(img, box, frame):
+        s = fa.landmarks(img, fa.dlib_box(Face(box, 1.0), frame))
+        return np.array([[s.part(k).x, s.part(k).y] for k in range(5)], dtype=float)
+
+    out = {"bench": "detectors", "what": "dlib_frame", "fitted_on": sum(i < 50 for i, *_ in both),
+           "dlib_frame": [round(float(v), 3) for v in fit]}
+    for name, frame in (("raw", None), ("mapped", Fitted())):
+        d = [np.abs(marks(img, m, frame) - marks(img, h, None)).mean() / h[2] for i, img, m, h in both if i >= 50]
+        out[f"landmark_gap_{name}"] = round(float(np.mean(d)), 4)
+    out["evaluated_on"] = sum(i >= 50 for i, *_ in both)
+    print(json.dumps(out), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--detectors", default="haar,mtcnn,blazeface-short,blazeface-full,hog")
+    ap.add_argument("--fit-dlib-frame", action="store_true")
     args = ap.parse_args()
+    if args.fit_dlib_frame:
+        return fit_dlib_frame()
 
     import cv2
 
