@@ -376,7 +376,7 @@ def _agreement(doc: Doc, run: Run) -> None:
         "kappa [95% CI]": [_kappa_text(k, lo, hi) for k, lo, hi in
                            zip(overall.kappa, overall.kappa_ci_low, overall.kappa_ci_high, strict=True)],
         "abstained (a / b)": [f"{a} / {b}" for a, b in zip(overall.abstained_a, overall.abstained_b, strict=True)]}))
-    if any(str(v) == "tiny" for v in [(run.info.get("stages", {}).get("bias") or {}).get("clip_model")]):
+    if ((run.info.get("stages") or {}).get("bias") or {}).get("clip_model") == "tiny":
         doc.p("CLIP here is the tiny model with random weights: its agreement with any real classifier is at "
               "chance, which is what the kappa above should show.")
     cells = run.read_table("bias/confusion")
