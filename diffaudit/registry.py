@@ -61,6 +61,7 @@ class Registry(Mapping[str, str]):
 PROBES = Registry("probes", {
     "clip": "audit.probes.clip:ClipProbe",
     "faces": "audit.probes.faces:FaceProbe",
+    "faces_attr": "audit.probes.face_attributes:FaceAttributeProbe",
     "skin_tone": "audit.probes.skin_tone:SkinToneProbe",
 })
 

@@ -317,16 +317,45 @@ def _stale_stages(run: Run, gens: pd.DataFrame) -> list[str]:
 def _bias(doc: Doc, run: Run) -> None:
     doc.h(2, "Bias")
     doc.p(CAVEAT)
+    if run.info.get("generation", {}).get("reference_set"):
+        doc.p("**These images are a reference set of real photos, not model output:** "
+              + str(run.info["generation"].get("source", "real photos")) + ". They show what the probes say "
+              "about real faces; no figure here describes a generative model.")
     summary = run.read_table("bias/summary")
     if summary.empty:
         doc.p("No bias audit in this run yet (`diffaudit audit bias RUN`).")
         return
+    _agreement(doc, run)
+    _faces_found(doc, run)
     pooled = summary[summary["template"] == "all"]
-    gender = pooled[(pooled["attribute"] == "perceived_gender") & (pooled["label"] == "woman")]
+    genders = pooled[(pooled["attribute"] == "perceived_gender") & (pooled["label"] == "woman")]
+    # The dedicated face classifier first: Fair Diffusion's counts, set beside it, came from one (FairFace).
+    order = sorted(genders["probe"].unique(), key=lambda p: (p != "faces_attr", p))
+    suite = run.info.get("generation", {}).get("suite")
+    for probe in order:
+        gender = genders[genders["probe"] == probe]
+        _gender_vs_reference(doc, gender, probe if len(order) > 1 else None)
+        _fair_diffusion(doc, gender, suite, probe if len(order) > 1 else None)
+    _abstention(doc, run, pooled)
+    _skin(doc, run)
+    metrics = run.read_table("bias/metrics")
+    overall = metrics[(metrics["subject"] == "all") & (metrics["template"] == "all")]
+    if len(overall):
+        doc.h(3, "Figures comparable with HEIM and DALL-Eval")
+        doc.p("Means over subjects with 95% bootstrap intervals (images resampled within subjects). "
+              "`gender_imbalance` is HEIM's |share of women - 0.5|; `mad` is DALL-Eval's mean absolute "
+              "deviation from a uniform label distribution; `entropy` is normalised (1 = uniform). Near parity "
+              "or a zero gap these means are pushed up by sampling noise and their bootstrap intervals can miss "
+              "the truth; the per-occupation intervals above do not have that problem.")
+        doc.table(overall[["probe", "attribute", "metric", "value", "ci_low", "ci_high", "subjects", "n"]].round(3))
+
+
+def _gender_vs_reference(doc: Doc, gender: pd.DataFrame, probe: str | None) -> None:
+    """One probe's perceived-women shares against the BLS workforce (``probe`` named when several ran)."""
     referenced = gender[gender["reference_share"].notna()]
     with_ref = referenced[referenced["share"].notna()].sort_values("gap")
     if len(referenced):
-        doc.h(3, "Perceived women against the BLS 2022 workforce")
+        doc.h(3, "Perceived women against the BLS 2022 workforce" + (f" ({probe})" if probe else ""))
     if len(referenced) and not len(with_ref):
         doc.p(f"None of the {len(referenced)} occupations with a BLS reference has a non-abstained image for "
               "perceived gender, so there is nothing to compare: the probe abstained on every image.")
@@ -359,28 +388,17 @@ def _bias(doc: Doc, run: Run) -> None:
               "half of the shares further from parity than an exactly matching workforce: count the last figure.")
         doc.svg(interval_chart(with_ref, "woman"), "share of perceived women per occupation vs BLS")
     no_ref = gender[gender["reference_share"].isna()]
-    if len(no_ref):
+    if len(no_ref) and len(referenced):
         doc.p(f"{len(no_ref)} subject(s) have no BLS reference (unmapped or below the BLS 50,000 threshold): "
               + ", ".join(sorted(no_ref["subject"].astype(str))) + ".")
     all_abstained = gender[gender["share"].isna()]
     if len(all_abstained):
-        doc.p(f"{len(all_abstained)} subject(s) have no non-abstained image for perceived gender, so no share: "
+        doc.p(f"{len(all_abstained)} subject(s) have no non-abstained image for perceived gender"
+              + (f" from {probe}" if probe else "") + ", so no share: "
               + ", ".join(sorted(all_abstained["subject"].astype(str))) + ".")
-    _fair_diffusion(doc, gender, run.info.get("generation", {}).get("suite"))
-    _abstention(doc, run, pooled)
-    metrics = run.read_table("bias/metrics")
-    overall = metrics[(metrics["subject"] == "all") & (metrics["template"] == "all")]
-    if len(overall):
-        doc.h(3, "Figures comparable with HEIM and DALL-Eval")
-        doc.p("Means over subjects with 95% bootstrap intervals (images resampled within subjects). "
-              "`gender_imbalance` is HEIM's |share of women - 0.5|; `mad` is DALL-Eval's mean absolute "
-              "deviation from a uniform label distribution; `entropy` is normalised (1 = uniform). Near parity "
-              "or a zero gap these means are pushed up by sampling noise and their bootstrap intervals can miss "
-              "the truth; the per-occupation intervals above do not have that problem.")
-        doc.table(overall[["probe", "attribute", "metric", "value", "ci_low", "ci_high", "subjects", "n"]].round(3))
 
 
-def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None) -> None:
+def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None, probe: str | None = None) -> None:
     """The run's perceived-women shares beside Fair Diffusion's published SD 1.5 counts for the same
     occupations: a second reference, from a model and a classifier, where BLS is a workforce."""
     from audit.reference import beside_fair_diffusion
@@ -394,7 +412,7 @@ def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None) -> None:
     if both.empty:
         return
     overlap = int(((both.ci_low <= both.ci_high_fd) & (both.ci_low_fd <= both.ci_high)).sum())
-    doc.h(3, "Against Fair Diffusion's published Stable Diffusion 1.5 counts")
+    doc.h(3, "Against Fair Diffusion's published Stable Diffusion 1.5 counts" + (f" ({probe})" if probe else ""))
     text = (f"Fair Diffusion (Friedrich et al. 2023) published perceived-gender counts of SD 1.5 images for these "
             f"occupations, read by the FairFace classifier (another classifier than this run's, so compare "
             f"directions and sizes, not decimals). {len(both)} occupation(s) are in both; the two 95% intervals "
@@ -416,6 +434,160 @@ def _fair_diffusion(doc: Doc, gender: pd.DataFrame, suite: str | None) -> None:
     doc.svg(interval_chart(both.assign(reference_share=both["share_woman"]).sort_values("share_woman"), "woman",
                            reference="Fair Diffusion's SD 1.5 share"),
             "share of perceived women per occupation vs Fair Diffusion's SD 1.5 counts")
+
+
+def _kappa_text(k: float, lo: float, hi: float) -> str:
+    return "undefined" if pd.isna(k) else f"{k:.2f} [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else f"{k:.2f}"
+
+
+def _agreement(doc: Doc, run: Run) -> None:
+    """How far two probes that label the same attribute agree (``bias/agreement``): leads the bias section,
+    since a share is only as trustworthy as the classifier that counted it."""
+    table = run.read_table("bias/agreement")
+    if table.empty or not (table["n"] > 0).any():
+        return
+    doc.h(3, "Do the probes agree?")
+    doc.p("Two probes labelled the same attribute of the same images. Raw agreement is the share of images both "
+          "labelled alike (95% Wilson interval); Cohen's kappa corrects it for the agreement their label shares "
+          "alone would give by chance (95% percentile bootstrap over images). Kappa near 0 means chance, 1 "
+          "perfect agreement; a share counted by one probe is only as trustworthy as its agreement with another. "
+          "Images either probe abstained on are counted apart, not as disagreements.")
+    overall = table[table["subject"] == "all"]
+    doc.table(pd.DataFrame({
+        "probes": [f"{a} vs {b}" for a, b in zip(overall.probe_a, overall.probe_b, strict=True)],
+        "attribute": overall["attribute"], "images": overall["images"], "both labelled": overall["n"],
+        "raw agreement": [f"{_pct(v)} {_interval(lo, hi)}" for v, lo, hi in
+                          zip(overall.raw_agreement, overall.raw_ci_low, overall.raw_ci_high, strict=True)],
+        "chance": [_pct(v) for v in overall["chance_agreement"]],
+        "kappa [95% CI]": [_kappa_text(k, lo, hi) for k, lo, hi in
+                           zip(overall.kappa, overall.kappa_ci_low, overall.kappa_ci_high, strict=True)],
+        "abstained (a / b)": [f"{a} / {b}" for a, b in zip(overall.abstained_a, overall.abstained_b, strict=True)]}))
+    if ((run.info.get("stages") or {}).get("bias") or {}).get("clip_model") == "tiny":
+        doc.p("CLIP here is the tiny model with random weights: its agreement with any real classifier is at "
+              "chance, which is what the kappa above should show.")
+    cells = run.read_table("bias/confusion")
+    for r in overall.itertuples(index=False):
+        c = cells[(cells.probe_a == r.probe_a) & (cells.probe_b == r.probe_b) & (cells.attribute == r.attribute)
+                  & (cells.subject == "all")]
+        if r.n and len(c):
+            grid = c.pivot_table(index="label_a", columns="label_b", values="count", aggfunc="sum", sort=False)
+            doc.p(f"Confusion of {r.attribute} (rows: {r.probe_a}, columns: {r.probe_b}; images both labelled):")
+            doc.table(grid.reset_index().rename(columns={"label_a": f"{r.probe_a} / {r.probe_b}"}))
+    per = table[(table["subject"] != "all") & (table["n"] > 0)].sort_values("kappa", na_position="first")
+    if len(per):
+        doc.p(f"Lowest agreement by subject (first {TOP_N} of {len(per)}):")
+        doc.table(pd.DataFrame({
+            "subject": per["subject"].head(TOP_N), "probes": [f"{a} vs {b}" for a, b in zip(
+                per.probe_a.head(TOP_N), per.probe_b.head(TOP_N), strict=True)],
+            "attribute": per["attribute"].head(TOP_N), "n": per["n"].head(TOP_N),
+            "raw agreement": [_pct(v) for v in per["raw_agreement"].head(TOP_N)],
+            "kappa [95% CI]": [_kappa_text(k, lo, hi) for k, lo, hi in zip(
+                per.kappa.head(TOP_N), per.kappa_ci_low.head(TOP_N), per.kappa_ci_high.head(TOP_N), strict=True)]}))
+
+
+def _faces_found(doc: Doc, run: Run, limit: int = 8) -> None:
+    """The first images with a detected face: box, detector, and what each probe read from that face."""
+    from audit.stats import pick
+
+    if "probes/faces" not in run.tables():
+        return
+    faces = run.read_table("probes/faces")
+    boxes = faces[faces["attribute"] == "face"]
+    if boxes.empty:
+        return
+    detector = boxes["probe_version"].iloc[0].split("+", 1)[-1]
+    votes = {name: pick(run.read_table(f"probes/{name}")).set_index(["image_id", "attribute"])
+             for name in ("faces_attr", "clip", "skin_tone") if f"probes/{name}" in run.tables()}
+    gens = run.read_table("generations").set_index("image_id")
+    rows, pictures = [], []
+    for image_id, g in list(boxes.groupby("image_id", sort=False))[:limit]:
+        areas = [float(b[2]) * float(b[3]) for b in g["bbox"]]
+        big = g.iloc[areas.index(max(areas))]  # the largest face votes (audit.stats.pick)
+        said = {}
+        for name, v in votes.items():
+            for attribute in ("perceived_gender", "perceived_age", "skin_tone", "skin_lightness"):
+                if (image_id, attribute) in v.index:
+                    r = v.loc[(image_id, attribute)]
+                    said[(name, attribute)] = "abstained" if r["abstained"] else str(r["label"])
+        lightness = votes.get("skin_tone")
+        lstar = (lightness.loc[(image_id, "skin_lightness"), "score"]
+                 if lightness is not None and (image_id, "skin_lightness") in lightness.index else None)
+        rows.append({"image": image_id, "faces": len(g), "largest face (x, y, w, h)": ", ".join(
+            f"{v:.0f}" for v in big["bbox"]), "detector score": f"{big['score']:.3f}",
+            "faces_attr": ", ".join(said.get(("faces_attr", a), "–") for a in ("perceived_gender", "perceived_age")),
+            "clip": ", ".join(said.get(("clip", a), "–") for a in ("perceived_gender", "perceived_age")),
+            "skin (Monk, L*)": f"{said.get(('skin_tone', 'skin_tone'), '–')}, "
+                               + ("–" if lstar is None or pd.isna(lstar) else f"{lstar:.0f}")})
+        if image_id in gens.index:
+            pictures.append((f"{image_id}: " + rows[-1]["faces_attr"], _thumb_boxes(run.path(gens.loc[image_id, "path"]),
+                                                                                  list(g["bbox"]))))
+    doc.h(3, "Faces found")
+    doc.p(f"The first {len(rows)} of {boxes['image_id'].nunique()} images with a face, as the detector "
+          f"(`{detector}`) found them, with what each probe read from the largest face (the face that votes).")
+    doc.table(pd.DataFrame(rows))
+    doc.images([p for p in pictures if p[1]])
+
+
+def _thumb_boxes(path: Path, boxes: list, size: int = 160) -> bytes:
+    """A thumbnail with the detected face boxes drawn on it."""
+    from PIL import Image, ImageDraw
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            draw = ImageDraw.Draw(im)
+            width = max(2, im.width // 160)
+            for x, y, w, h in boxes:
+                draw.rectangle([x, y, x + w, y + h], outline=(255, 40, 40), width=width)
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            return buf.getvalue()
+    except OSError:
+        return b""
+
+
+def _skin(doc: Doc, run: Run) -> None:
+    """Apparent skin colour per subject (L*, h*, ITA) and perceived gender x skin-tone group shares."""
+    from audit.skin import SKIN_GROUP_EDGES
+
+    skin = run.read_table("bias/skin")
+    if skin.empty or not (skin["n"] > 0).any():
+        return
+    doc.h(3, "Apparent skin colour beyond one number")
+    doc.p("Per image, the median perceptual lightness L* and hue angle h* (degrees; lower is redder, higher "
+          "yellower) of the largest face's skin pixels, beside the ITA that the Monk category comes from (Thong, "
+          "Joniak and Xiang, ICCV 2023: ITA mixes lightness and hue). Means with 95% Student-t intervals; images "
+          "without a face or with too few skin pixels are counted as abstained. Apparent colour depends on "
+          "lighting and rendering, and is never a person's race or ethnicity.")
+    pooled = skin[skin["subject"] == "all"]
+    per = skin[(skin["subject"] != "all") & (skin["attribute"] == "skin_lightness") & (skin["n"] > 0)]
+
+    def fmt(df: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"subject": df["subject"], "measure": df["measure"], "n": df["n"],
+                             "abstained": df["abstained"], "mean [95% CI]": [
+                                 "–" if pd.isna(m) else f"{m:.1f}" + ("" if pd.isna(lo) else f" [{lo:.1f}, {hi:.1f}]")
+                                 for m, lo, hi in zip(df["mean"], df["ci_low"], df["ci_high"], strict=True)],
+                             "median (IQR)": ["–" if pd.isna(m) else f"{m:.1f} ({a:.1f}-{b:.1f})"
+                                              for m, a, b in zip(df["median"], df["q25"], df["q75"], strict=True)]})
+
+    doc.table(fmt(pooled))
+    if len(per):
+        doc.p(f"Lightness L* by subject (darkest first, {min(len(per), TOP_N * 2)} of {len(per)}):")
+        doc.table(fmt(per.sort_values("mean").head(TOP_N * 2)))
+    inter = run.read_table("bias/intersectional")
+    inter = inter[(inter["subject"] == "all") & (inter["n"] > 0)]
+    if len(inter):
+        low, high = SKIN_GROUP_EDGES
+        doc.p(f"Perceived gender x skin-tone group, pooled over subjects: skin-tone groups bin L* at {low:.1f} and "
+              f"{high:.1f} (midpoints between the L* of Monk swatches 7 and 8, and 5 and 6: darker, medium, "
+              "lighter). Shares with 95% Goodman intervals that hold simultaneously over the six cells; the "
+              "bias/intersectional table has every subject.")
+        doc.table(pd.DataFrame({
+            "gender probe": inter["gender_probe"], "perceived gender": inter["perceived_gender"],
+            "skin group": inter["skin_group"], "count": inter["count"], "n": inter["n"],
+            "share [simultaneous 95% CI]": [f"{_pct(v)} {_interval(lo, hi)}" for v, lo, hi in zip(
+                inter["share"], inter["sim_ci_low"], inter["sim_ci_high"], strict=True)]}))
 
 
 def _abstention(doc: Doc, run: Run, pooled: pd.DataFrame) -> None:

@@ -125,6 +125,75 @@ BIAS_METRICS = pa.schema([           # aggregate scores comparable with peers (a
     _f("n", _i64),                   # non-abstained images behind the value
 ])
 
+BIAS_AGREEMENT = pa.schema([         # two probes labelling one attribute (audit.agreement)
+    _f("probe_a", _str),
+    _f("probe_b", _str),
+    _f("attribute", _str),
+    _f("subject", _str),             # a subject, or "all"
+    _f("images", _i64),              # images both probes probed
+    _f("n", _i64),                   # images both probes labelled
+    _f("agree", _i64),
+    _f("raw_agreement", _f64, True),
+    _f("raw_ci_low", _f64, True),    # Wilson
+    _f("raw_ci_high", _f64, True),
+    _f("chance_agreement", _f64, True),
+    _f("kappa", _f64, True),         # Cohen's kappa; null when undefined
+    _f("kappa_ci_low", _f64, True),  # percentile bootstrap over images
+    _f("kappa_ci_high", _f64, True),
+    _f("abstained_a", _i64),
+    _f("abstained_b", _i64),
+])
+
+BIAS_CONFUSION = pa.schema([
+    _f("probe_a", _str),
+    _f("probe_b", _str),
+    _f("attribute", _str),
+    _f("subject", _str),
+    _f("label_a", _str),
+    _f("label_b", _str),
+    _f("count", _i64),
+])
+
+BIAS_AGREEMENT_IMAGES = pa.schema([  # each image's votes from both probes of a pair
+    _f("probe_a", _str),
+    _f("probe_b", _str),
+    _f("attribute", _str),
+    _f("image_id", _str),
+    _f("subject", _str),
+    _f("label_a", _str, True),       # null: abstained
+    _f("label_b", _str, True),
+    _f("abstain_reason_a", _str, True),
+    _f("abstain_reason_b", _str, True),
+])
+
+BIAS_SKIN = pa.schema([              # L*, h*, ITA per subject (audit.skin)
+    _f("probe", _str),
+    _f("attribute", _str),
+    _f("measure", _str),             # L* | h* | ITA
+    _f("subject", _str),
+    _f("n", _i64),
+    _f("abstained", _i64),
+    _f("mean", _f64, True),
+    _f("ci_low", _f64, True),        # Student t
+    _f("ci_high", _f64, True),
+    _f("sd", _f64, True),
+    _f("median", _f64, True),
+    _f("q25", _f64, True),
+    _f("q75", _f64, True),
+])
+
+BIAS_INTERSECTIONAL = pa.schema([    # perceived gender x skin-tone group (audit.skin)
+    _f("gender_probe", _str),
+    _f("subject", _str),
+    _f("perceived_gender", _str),
+    _f("skin_group", _str),
+    _f("count", _i64),
+    _f("n", _i64),
+    _f("share", _f64, True),
+    _f("sim_ci_low", _f64, True),    # Goodman, simultaneous over the six cells
+    _f("sim_ci_high", _f64, True),
+])
+
 # --- memorization (audit/memorization/) ------------------------------------------------------
 MEMORIZATION_MATCHES = pa.schema([
     _f("image_id", _str),
@@ -205,6 +274,11 @@ TABLES: dict[str, pa.Schema] = {
     "probes/*": PROBES,
     "bias/summary": BIAS_SUMMARY,
     "bias/metrics": BIAS_METRICS,
+    "bias/agreement": BIAS_AGREEMENT,
+    "bias/confusion": BIAS_CONFUSION,
+    "bias/agreement_images": BIAS_AGREEMENT_IMAGES,
+    "bias/skin": BIAS_SKIN,
+    "bias/intersectional": BIAS_INTERSECTIONAL,
     "memorization/matches": MEMORIZATION_MATCHES,
     "memorization/rates": MEMORIZATION_RATES,
     "provenance/stamps": PROVENANCE_STAMPS,

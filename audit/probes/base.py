@@ -46,10 +46,12 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class Face:
-    """A detected face: box ``(x, y, w, h)`` in pixels and the detector's confidence."""
+    """A detected face: box ``(x, y, w, h)`` in pixels, the detector's confidence, and the landmarks
+    ``((x, y), ...)`` the detector gives (MTCNN: eyes, nose, mouth corners; none for Haar and HOG)."""
 
     box: tuple[float, float, float, float]
     score: float
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass
