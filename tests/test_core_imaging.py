@@ -62,3 +62,13 @@ def test_corpus_splits_are_reproducible_and_hold_disjoint_photos():
     cal = {s.source for s in corpus.corpus(80, split="calibration", max_side=300) if s.kind == "photo"}
     assert held <= set(corpus.PHOTOS_HELDOUT) and cal <= set(corpus.PHOTOS_CALIBRATION) and held and cal
     assert {s.kind for s in corpus.corpus(40, split="test", max_side=300)} <= set(corpus.KINDS) - {"photo"}
+
+
+def test_probe_decoding_refuses_a_bomb_from_its_header(tmp_path):
+    """An imported run may hold any file: the probes decode under the same cap as every other stage."""
+    from audit.probes.base import decode
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(20000, 20000))
+    with pytest.raises(imaging.ImageTooLarge, match="cannot read image x at .*the cap of"):
+        decode("x", str(path))
