@@ -36,7 +36,7 @@ def test_report_shows_real_detections_and_agreement(reference):
     assert bias.index("### Do the probes agree?") < bias.index("### Faces found")  # agreement leads
     assert "| clip vs faces_attr | perceived_gender | 18 |" in md and "Cohen's kappa" in md
     assert "| photo-astronaut-0 | 1 |" in md and "woman, young_adult" in md and "man, young_adult" in md
-    assert "mtcnn:" in md and "### Apparent skin colour beyond one number" in md and "| all | L* | 1 |" in md
+    assert "mtcnn:" in md and "### Apparent skin colour beyond one number" in md and "| all | L\\* | 1 |" in md  # Markdown-escaped
     assert html.count("data:image/png;base64") >= 8  # the detections drawn on the photos
 
 
