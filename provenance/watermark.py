@@ -583,7 +583,7 @@ class SpreadTile(Watermark):
         e = y - cv2.GaussianBlur(y, (0, 0), 4.0)
         hp = y - cv2.GaussianBlur(y, (0, 0), 2.0)
         e = e / (cv2.GaussianBlur(hp * hp, (0, 0), 4.0) + self.noise_floor ** 2)
-        c = 3.0 * 1.4826 * float(np.median(np.abs(e))) + 1e-12
+        c = 3.0 * 1.4826 * float(np.median(np.abs(e[::2, ::2]))) + 1e-12
         return np.clip(e, -c, c)
 
     def _fold(self, e: np.ndarray) -> np.ndarray:
@@ -681,8 +681,9 @@ class SpreadTile(Watermark):
             for w, h in rescales:
                 inter = cv2.INTER_AREA if w * h < y.size else cv2.INTER_CUBIC
                 yield self._fold(self._residual(cv2.resize(y, (w, h), interpolation=inter))), f"rescaled to {w}x{h}"
-            for scale, angle in self._sync_search(y):
-                yield self._fold(self._rectify(y, scale, angle)), f"scale {scale:.3f}, rotation {angle:+.2f} deg"
+            e = self._residual(y)
+            for scale, angle in self._sync_search(e):
+                yield self._fold(self._rectify(e, scale, angle)), f"scale {scale:.3f}, rotation {angle:+.2f} deg"
 
         for fold, geometry in stages():
             det = attempt(fold, geometry)
@@ -694,10 +695,9 @@ class SpreadTile(Watermark):
         return _with(best, tries=tries, geometry="none found")
 
     # -- synchronisation: the repeated tile's lattice of spectral peaks -------------------------------
-    def _spectrum(self, y: np.ndarray, side: int = 512) -> tuple[np.ndarray, int]:
-        """Whitened power spectrum of the (windowed, central, at most ``side``-square) residual, zero-padded
-        to a square ``m`` so that bins are isotropic; fftshifted (DC at ``m // 2``)."""
-        e = self._residual(y)
+    def _spectrum(self, e: np.ndarray, side: int = 512) -> tuple[np.ndarray, int]:
+        """Whitened power spectrum of the (windowed, central, at most ``side``-square) residual ``e``,
+        zero-padded to a square ``m`` so that bins are isotropic; fftshifted (DC at ``m // 2``)."""
         h, w = min(side, e.shape[0]), min(side, e.shape[1])
         y0, x0 = (e.shape[0] - h) // 2, (e.shape[1] - w) // 2
         c = e[y0:y0 + h, x0:x0 + w].astype(np.float32)
@@ -719,11 +719,11 @@ class SpreadTile(Watermark):
         count = ok.sum(axis=1)
         return np.where(count >= 24, vals.sum(axis=1) / np.maximum(count, 1), 0.0)
 
-    def _sync_search(self, y: np.ndarray) -> list[tuple[float, float]]:
-        """The ``sync_candidates`` best (scale, angle in degrees) hypotheses, coarse grid then refined."""
-        if min(y.shape) < 48:
+    def _sync_search(self, e: np.ndarray) -> list[tuple[float, float]]:
+        """The ``sync_candidates`` best (scale, angle in degrees) hypotheses for the residual ``e``."""
+        if min(e.shape) < 48:
             return []
-        power, m = self._spectrum(y)
+        power, m = self._spectrum(e)
         coarse = cv2.dilate(power, np.ones((3, 3), np.uint8))
         scales = np.exp(np.arange(np.log(0.3), np.log(2.2), 0.01))
         grid = [(float(s), float(a), float(v)) for a in np.arange(-10.0, 10.01, 0.5)
@@ -748,16 +748,17 @@ class SpreadTile(Watermark):
             value, scale, angle = max(cands)
         return float(scale), float(angle), float(value)
 
-    def _rectify(self, y: np.ndarray, scale: float, angle: float) -> np.ndarray:
-        """The residual of ``y`` undone by ``scale`` and ``angle``, zero outside the image (and near its edge)."""
-        h, w = y.shape
+    @staticmethod
+    def _rectify(e: np.ndarray, scale: float, angle: float) -> np.ndarray:
+        """The residual ``e`` with ``scale`` and ``angle`` undone (warped back onto the tile's grid), zero
+        outside the image and near its edge."""
+        h, w = e.shape
         wo, ho = int(np.ceil(w / scale)) + 2, int(np.ceil(h / scale)) + 2
         a = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0 / scale)
         a[:, 2] += (wo / 2 - w / 2, ho / 2 - h / 2)
-        out = cv2.warpAffine(y, a, (wo, ho), flags=cv2.INTER_CUBIC)
-        inside = cv2.warpAffine(np.ones_like(y), a, (wo, ho), flags=cv2.INTER_LINEAR)
-        inside = cv2.erode(inside, np.ones((9, 9), np.uint8)) > 0.99
-        return self._residual(out) * inside
+        out = cv2.warpAffine(e.astype(np.float32), a, (wo, ho), flags=cv2.INTER_CUBIC)
+        inside = cv2.warpAffine(np.ones_like(e, dtype=np.float32), a, (wo, ho), flags=cv2.INTER_LINEAR)
+        return out * (cv2.erode(inside, np.ones((5, 5), np.uint8)) > 0.99)
 
 
 # --- RivaGAN -----------------------------------------------------------------------------------
