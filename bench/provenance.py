@@ -151,7 +151,7 @@ def _upper(k: int, n: int) -> float:
     return wilson(k, n)[1]
 
 
-def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int) -> None:
+def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int, skip_fp: bool = False) -> None:
     from diffaudit.corpus import corpus
     from provenance.attacks import ATTACKS, robustness
 
@@ -174,6 +174,8 @@ def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int) ->
         print(json.dumps({"bench": "provenance.robustness_seconds", "method": method, "images": count,
                           "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
         tables[method] = table.set_index("attack")
+    if skip_fp:
+        return
     fps = false_positives(fp_n, methods, riva_fp)
     # the README table
     head = "| attack | " + " | ".join(f"{m} decoded (95% CI) | bits" for m in methods) + " |"
@@ -209,6 +211,7 @@ def main() -> None:
     ap.add_argument("--false-positives", type=int, default=0, metavar="N")
     ap.add_argument("--heldout", action="store_true", help="the held-out robustness benchmark")
     ap.add_argument("--quick", action="store_true", help="with --heldout: a small sample")
+    ap.add_argument("--skip-false-positives", action="store_true", help="with --heldout: robustness only")
     ap.add_argument("--methods", default="ssTile,dwtDctSvd")
     ap.add_argument("--riva-images", type=int, default=None)
     ap.add_argument("--riva-false-positives", type=int, default=None)
@@ -219,7 +222,7 @@ def main() -> None:
         n = args.images if "--images" in sys.argv else (40 if quick else 300)
         fp = args.false_positives or (200 if quick else 1000)
         heldout(n, methods, args.riva_images or (8 if quick else 20), fp,
-                args.riva_false_positives or (40 if quick else 100))
+                args.riva_false_positives or (40 if quick else 100), args.skip_false_positives)
     elif args.false_positives:
         false_positives(args.false_positives, methods, args.riva_false_positives or 100)
     else:

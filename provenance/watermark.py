@@ -514,6 +514,8 @@ class SpreadTile(Watermark):
     tile = 64
     band = (5.0, 14.0)       # periods in pixels
     pilot_share = 0.3        # of the dimensions (and of the energy)
+    pilot_shares = (0.45, 0.6)   # raised to, in turn, while the stamped copy's sync is below pilot_sync
+    pilot_sync = 8.0
     target_psnr = 40.0       # at strength 1.0; each strength step costs 1 dB
     strengths = (1.0, 10 ** 0.05, 10 ** 0.1)   # 40, 39 and 38 dB
     min_side = 64            # decoding needs one tile's worth of pixels at the tile's own scale
@@ -529,24 +531,25 @@ class SpreadTile(Watermark):
             rgb.shape[0] * rgb.shape[1] < MIN_PIXELS)
 
     # -- embedding -------------------------------------------------------------------------------
-    def _tile(self, bits: np.ndarray, amp: np.ndarray) -> np.ndarray:
-        """The N x N pattern (unit RMS): pilot at its share of the energy, each bit at amplitude ``amp``."""
+    def _tile(self, bits: np.ndarray, amp: np.ndarray, share: float) -> np.ndarray:
+        """The N x N pattern (unit RMS): the pilot at ``share`` of the energy, each bit at amplitude ``amp``."""
         lay = self.layout
         n = lay.n
         per = lay.bits.shape[1]
         vals = np.zeros(len(lay.rows))
-        vals[lay.pilot] = lay.sign[lay.pilot] * np.sqrt(self.pilot_share / len(lay.pilot))
-        scale = np.sqrt((1 - self.pilot_share) / (per * np.sum(amp ** 2)))
+        vals[lay.pilot] = lay.sign[lay.pilot] * np.sqrt(share / len(lay.pilot))
+        scale = np.sqrt((1 - share) / (per * np.sum(amp ** 2)))
         vals[lay.bits] = lay.sign[lay.bits] * ((2.0 * bits - 1.0) * amp * scale)[:, None]
         spec = np.zeros((n, n // 2 + 1), np.complex128)
         np.add.at(spec, (lay.rows, lay.cols), np.where(lay.imag, 1j * vals, vals))
         t = np.fft.irfft2(spec, s=(n, n))
         return (t / np.sqrt(np.mean(t ** 2))).astype(np.float32)
 
-    def _render(self, x: np.ndarray, bits: np.ndarray, amp: np.ndarray, target_psnr: float) -> np.ndarray:
+    def _render(self, x: np.ndarray, bits: np.ndarray, amp: np.ndarray, target_psnr: float,
+                share: float) -> np.ndarray:
         h, w = x.shape[:2]
         n = self.tile
-        pattern = np.tile(self._tile(bits, amp), (h // n + 1, w // n + 1))[:h, :w, None]
+        pattern = np.tile(self._tile(bits, amp, share), (h // n + 1, w // n + 1))[:h, :w, None]
         target = 255.0 ** 2 / 10 ** (target_psnr / 10)
         gain = np.sqrt(target)
         for _ in range(4):  # clipping at 0/255 removes part of the change: scale up to the target MSE
@@ -561,10 +564,11 @@ class SpreadTile(Watermark):
         target = self.target_psnr - 20 * np.log10(strength)
         x = rgb.astype(np.float32)
         sgn = 2.0 * bits - 1.0
-        host = self._raw(rgb) * sgn  # what the image adds to each bit, in the decoder's units
+        host = self._raw(rgb)[0] * sgn  # what the image adds to each bit, in the decoder's units
         amp = np.ones(len(bits))
-        out = self._render(x, bits, amp, target)
-        gain = self._raw(out) * sgn - host
+        share = self.pilot_share
+        out = self._render(x, bits, amp, target, share)
+        gain = self._raw(out)[0] * sgn - host
         if np.median(gain) > 0:  # informed: spend the budget where the image works against a bit
             gain = np.maximum(gain, 0.2 * np.median(gain))
             lo, hi = float(np.min(host)), float(np.max(host + 4 * gain))
@@ -573,7 +577,13 @@ class SpreadTile(Watermark):
                 a = np.maximum(0.3, (tau - host) / gain)
                 lo, hi = (tau, hi) if np.sum(a * a) <= len(bits) else (lo, tau)
             amp = np.maximum(0.3, (lo - host) / gain)
-            out = self._render(x, bits, amp, target)
+            out = self._render(x, bits, amp, target, share)
+        # an image whose own content hides the pilot (sharp periodic patterns) gets a larger pilot share:
+        # without a clear pilot a crop or rescale cannot be undone, whatever the bits' margins
+        for share in self.pilot_shares:
+            if self._raw(out)[1] >= self.pilot_sync:
+                break
+            out = self._render(x, bits, amp, target, share)
         return out
 
     # -- decoding --------------------------------------------------------------------------------
@@ -598,13 +608,15 @@ class SpreadTile(Watermark):
     def _luma(rgb: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(rgb, dtype=np.float32) @ _LUMA
 
-    def _raw(self, rgb: np.ndarray) -> np.ndarray:
-        """Per-bit sums at the tile's own alignment (no shift search): the embedder's view of the decoder."""
+    def _raw(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        """Per-bit sums at the tile's own alignment (no shift search), and the pilot's sync: the embedder's
+        view of the decoder."""
         lay = self.layout
-        spec = np.fft.rfft2(self._fold(self._residual(self._luma(rgb))))
+        fold = self._fold(self._residual(self._luma(rgb)))
+        spec = np.fft.rfft2(fold)
         v = spec[lay.rows, lay.cols]
         v = np.where(lay.imag, v.imag, v.real) * lay.sign
-        return v[lay.bits].sum(axis=1)
+        return v[lay.bits].sum(axis=1), self._read(fold)[0]
 
     def _read(self, fold: np.ndarray) -> tuple[float, np.ndarray]:
         """(sync, p) from a folded tile: the pilot's correlation peak in robust noise units (its position
