@@ -679,8 +679,8 @@ class SpreadTile(Watermark):
             for flip in flips:
                 tries += 1
                 sync, p = self._read(fold[:, ::-1] if flip else fold)
-                det = self._decide(p, self.chase_bits, sync=round(sync, 2), tries=tries, bound=bound,
-                                   geometry=geometry + (", mirrored" if flip else ""))
+                where = ("mirrored" if geometry == "as is" else geometry + ", mirrored") if flip else geometry
+                det = self._decide(p, self.chase_bits, sync=round(sync, 2), tries=tries, bound=bound, geometry=where)
                 if det.detected:
                     return det
                 if best is None or (det.sync or 0) > (best.sync or 0):
