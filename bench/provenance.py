@@ -153,7 +153,7 @@ def _upper(k: int, n: int) -> float:
 
 def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int, skip_fp: bool = False) -> None:
     from diffaudit.corpus import corpus
-    from provenance.attacks import ATTACKS, robustness
+    from provenance.attacks import robustness
 
     tables = {}
     for method in methods:
@@ -177,7 +177,13 @@ def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int, sk
     if skip_fp:
         return
     fps = false_positives(fp_n, methods, riva_fp)
-    # the README table
+    print_table(tables, fps, methods)
+
+
+def print_table(tables: dict, fps: dict, methods: list[str]) -> None:
+    """The README's Markdown table from per-method robustness tables (indexed by attack) and FP rows."""
+    from provenance.attacks import ATTACKS
+
     head = "| attack | " + " | ".join(f"{m} decoded (95% CI) | bits" for m in methods) + " |"
     print("\n" + head + "\n|---|" + "---|---|" * len(methods))
     for a in ATTACKS:
@@ -193,15 +199,35 @@ def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int, sk
     print("| seconds per stamp / per robust decode (1 CPU core) | " + " | ".join(
         f"{none[m].embed_seconds:.2f} / {tables[m]['decode_seconds'].mean():.2f} | " for m in methods) + " |")
     print("| false payloads on clean images (95% upper) | " + " | ".join(
-        f"{fps[m]['false_payloads']}/{fps[m]['images']} ({fps[m]['rate_95_upper']:.1e}) | " for m in methods) + " |")
+        (f"{fps[m]['false_payloads']}/{fps[m]['images']} ({fps[m]['rate_95_upper']:.1e}) | " if m in fps else "- | ")
+        for m in methods) + " |")
     print("| false-positive bound per image (union over tries) | " + " | ".join(
-        f"{fps[m]['bound_per_image']:.1e} | " for m in methods) + " |")
+        (f"{fps[m]['bound_per_image']:.1e} | " if m in fps else "- | ") for m in methods) + " |")
     kinds = sorted({k.split("/")[0] for k in tables[methods[0]].index if "/" in k})
     print("\nper kind (decoded), " + methods[0] + ": | attack | " + " | ".join(kinds) + " |")
     for a in ATTACKS:
         t = tables[methods[0]]
         print(f"| {a} | " + " | ".join(f"{t.loc[f'{k}/{a}'].detection_rate:.0%} ({int(t.loc[f'{k}/{a}'].images)})"
                                       for k in kinds) + " |")
+
+
+def from_jsonl(paths: list[str]) -> None:
+    """Print the table from JSON lines saved by separate runs (one method per process, say)."""
+    import pandas as pd
+
+    rows, fps = [], {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            if r.get("bench") == "provenance.robustness":
+                rows.append(r)
+            elif r.get("bench") == "provenance.watermark_false_positives":
+                fps[r["method"]] = r
+    table = pd.DataFrame(rows)
+    methods = list(dict.fromkeys(table["method"]))
+    print_table({m: table[table["method"] == m].set_index("attack") for m in methods}, fps, methods)
 
 
 def main() -> None:
@@ -212,12 +238,15 @@ def main() -> None:
     ap.add_argument("--heldout", action="store_true", help="the held-out robustness benchmark")
     ap.add_argument("--quick", action="store_true", help="with --heldout: a small sample")
     ap.add_argument("--skip-false-positives", action="store_true", help="with --heldout: robustness only")
+    ap.add_argument("--table", nargs="+", metavar="JSONL", help="print the README table from saved output")
     ap.add_argument("--methods", default="ssTile,dwtDctSvd")
     ap.add_argument("--riva-images", type=int, default=None)
     ap.add_argument("--riva-false-positives", type=int, default=None)
     args = ap.parse_args()
     methods = args.methods.split(",")
-    if args.heldout:
+    if args.table:
+        from_jsonl(args.table)
+    elif args.heldout:
         quick = args.quick
         n = args.images if "--images" in sys.argv else (40 if quick else 300)
         fp = args.false_positives or (200 if quick else 1000)
