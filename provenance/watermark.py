@@ -862,7 +862,7 @@ class RivaGan(Watermark):
         step = 16 if self.work_size else 1
         logits = [decoder.run(None, {"frame": self._frames(work[i:i + step])})[0]
                   for i in range(0, len(work), step)]
-        return 1.0 / (1.0 + np.exp(-np.concatenate(logits).astype(np.float64)))
+        return 1.0 / (1.0 + np.exp(-np.clip(np.concatenate(logits).astype(np.float64), -50, 50)))
 
     def _embed_bits(self, rgb: np.ndarray, bits: np.ndarray) -> np.ndarray:
         encoder, _ = _riva_sessions()
