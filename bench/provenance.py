@@ -151,7 +151,8 @@ def _upper(k: int, n: int) -> float:
     return wilson(k, n)[1]
 
 
-def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int, skip_fp: bool = False) -> None:
+def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int, skip_fp: bool = False,
+            known_size: bool = True, attacks: list[str] | None = None) -> None:
     from diffaudit.corpus import corpus
     from provenance.attacks import robustness
 
@@ -165,7 +166,8 @@ def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int, sk
             Image.fromarray(s.rgb).save(buf, "PNG", compress_level=1)
             images.append(buf.getvalue())
         t0 = time.perf_counter()
-        table = robustness(images, methods=[method], c2pa=False, progress=False, kinds=[s.kind for s in samples])
+        table = robustness(images, methods=[method], c2pa=False, progress=False, kinds=[s.kind for s in samples],
+                           known_size=known_size, attacks=attacks)
         for r in table.to_dict("records"):
             print(json.dumps({"bench": "provenance.robustness", **{k: (round(v, 4) if isinstance(v, float) else v)
                                                                    for k, v in r.items()
@@ -238,6 +240,8 @@ def main() -> None:
     ap.add_argument("--heldout", action="store_true", help="the held-out robustness benchmark")
     ap.add_argument("--quick", action="store_true", help="with --heldout: a small sample")
     ap.add_argument("--skip-false-positives", action="store_true", help="with --heldout: robustness only")
+    ap.add_argument("--no-size-hint", action="store_true", help="with --heldout: decode without the stamped size")
+    ap.add_argument("--attacks", default=None, help="with --heldout: a comma-separated subset of the grid")
     ap.add_argument("--table", nargs="+", metavar="JSONL", help="print the README table from saved output")
     ap.add_argument("--methods", default="ssTile,dwtDctSvd")
     ap.add_argument("--riva-images", type=int, default=None)
@@ -251,7 +255,8 @@ def main() -> None:
         n = args.images if "--images" in sys.argv else (40 if quick else 300)
         fp = args.false_positives or (200 if quick else 1000)
         heldout(n, methods, args.riva_images or (8 if quick else 20), fp,
-                args.riva_false_positives or (40 if quick else 100), args.skip_false_positives)
+                args.riva_false_positives or (40 if quick else 100), args.skip_false_positives,
+                not args.no_size_hint, args.attacks.split(",") if args.attacks else None)
     elif args.false_positives:
         false_positives(args.false_positives, methods, args.riva_false_positives or 100)
     else:

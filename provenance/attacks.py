@@ -105,10 +105,12 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("ssTile", "dwtDctSvd"),
                identity: Identity | None = None, attacks: Iterable[str] | None = None,
-               progress: bool = True, c2pa: bool = True, kinds: Iterable[str] | None = None) -> pd.DataFrame:
+               progress: bool = True, c2pa: bool = True, kinds: Iterable[str] | None = None,
+               known_size: bool = True) -> pd.DataFrame:
     """One row per (method, attack); see the module docstring. ``c2pa=False`` measures the watermark alone
     (``embed_verified``, no manifest or store: C2PA columns are left empty). ``kinds``: a label per image
-    (e.g. the corpus kind); when given, rows per (method, kind, attack) follow under attack ``kind/attack``."""
+    (e.g. the corpus kind); when given, rows per (method, kind, attack) follow under attack ``kind/attack``.
+    ``known_size=False``: the decoder is not told the stamped size (what ``verify`` faces without a store)."""
     from provenance.stamp import progress_bar
     from provenance.watermark import embed_verified, get
 
@@ -156,7 +158,7 @@ def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("ssTile", "
                     if payload is not None:
                         psnrs.append(_psnr(original, marked))
                     truth = wm.payload_to_bits(payload) if payload else None
-                    size = [(original.shape[1], original.shape[0])]
+                    size = [(original.shape[1], original.shape[0])] if known_size else []
                     for a in names:
                         attacked = ATTACKS[a](stamped)
                         img = _open(attacked)
