@@ -188,13 +188,14 @@ def print_table(tables: dict, fps: dict, methods: list[str]) -> None:
 
     head = "| attack | " + " | ".join(f"{m} decoded (95% CI) | bits" for m in methods) + " |"
     print("\n" + head + "\n|---|" + "---|---|" * len(methods))
-    for a in ATTACKS:
+    present = [a for a in ATTACKS if all(a in tables[m].index for m in methods)]
+    for a in present:
         cells = []
         for m in methods:
             r = tables[m].loc[a]
             cells += [f"{r.detection_rate:.1%} ({r.detection_low:.0%}-{r.detection_high:.0%})", f"{r.bit_accuracy:.3f}"]
         print(f"| {a} | " + " | ".join(cells) + " |")
-    none = {m: tables[m].loc["none"] for m in methods}
+    none = {m: tables[m].loc[present[0]] for m in methods}
     print("| images stamped (unreadable at stamp time) | " + " | ".join(
         f"{int(none[m].images)} ({int(none[m].unreadable)}) | " for m in methods) + " |")
     print("| PSNR of the stamps, dB (mean) | " + " | ".join(f"{none[m].psnr:.1f} | " for m in methods) + " |")
@@ -207,7 +208,7 @@ def print_table(tables: dict, fps: dict, methods: list[str]) -> None:
         (f"{fps[m]['bound_per_image']:.1e} | " if m in fps else "- | ") for m in methods) + " |")
     kinds = sorted({k.split("/")[0] for k in tables[methods[0]].index if "/" in k})
     print("\nper kind (decoded), " + methods[0] + ": | attack | " + " | ".join(kinds) + " |")
-    for a in ATTACKS:
+    for a in present:
         t = tables[methods[0]]
         print(f"| {a} | " + " | ".join(f"{t.loc[f'{k}/{a}'].detection_rate:.0%} ({int(t.loc[f'{k}/{a}'].images)})"
                                       for k in kinds) + " |")
