@@ -228,7 +228,7 @@ def from_jsonl(paths: list[str]) -> None:
                 rows.append(r)
             elif r.get("bench") == "provenance.watermark_false_positives":
                 fps[r["method"]] = r
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).drop_duplicates(["method", "attack"], keep="first")  # the first run of each
     methods = list(dict.fromkeys(table["method"]))
     print_table({m: table[table["method"] == m].set_index("attack") for m in methods}, fps, methods)
 
