@@ -72,6 +72,7 @@ HASHES = Registry("hashes", {
 })
 
 WATERMARKS = Registry("watermarks", {
+    "ssTile": "provenance.watermark:SpreadTile",
     "dwtDctSvd": "provenance.watermark:DwtDctSvd",
     "dwtDct": "provenance.watermark:DwtDct",
     "rivaGan": "provenance.watermark:RivaGan",

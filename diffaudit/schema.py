@@ -242,6 +242,13 @@ PROVENANCE_ROBUSTNESS = pa.schema([
     _f("detection_rate", _f64),
     _f("c2pa_survives", _f64, True),
     _f("credentials_recovered", _f64, True),  # embedded and valid, or found in the manifest store
+    _f("detection_low", _f64, True),          # 95% Wilson interval of detection_rate
+    _f("detection_high", _f64, True),
+    _f("psnr", _f64, True),                   # mean PSNR (dB) of the stamped copies
+    _f("decode_seconds", _f64, True),         # mean seconds per robust decode of an attacked copy
+    _f("embed_seconds", _f64, True),          # mean seconds per stamp (embedding and its read-back)
+    _f("false_positive_bound", _f64, True),   # largest per-image union bound over the decode's tries
+    _f("unreadable", _i64, True),             # stamps whose mark did not read back (counted as misses)
 ])
 
 # --- a run against a reference run (audit/compare.py): e.g. a model's images vs real photos -----
