@@ -412,7 +412,8 @@ def test_reference_run_compares_with_a_model_run(audited):
     from audit.compare import versus
 
     table = Run.open(audited["model"]).read_table("compare/reference")
-    skin = table[(table["probe"] == "skin_tone") & (table["template"] == "all") & (table["q_value"] < 0.05)]
+    skin = table[(table["probe"] == "skin_tone") & (table["attribute"] == "skin_tone") & (table["template"] == "all")
+                 & (table["q_value"] < 0.05)]
     assert len(skin) == 2 and set(skin["reference_run"]) == {"photos"}
     darker, lighter = skin.sort_values("label", ascending=False).itertuples(index=False)
     assert darker.delta > 0 > lighter.delta  # the darkened images read darker than the real photos
@@ -420,7 +421,8 @@ def test_reference_run_compares_with_a_model_run(audited):
     # the stored table is what versus() gives on the two summaries (the dashboard calls the same function)
     again = versus(Run.open(audited["model"]).read_table("bias/summary"),
                    Run.open(audited["reference"]).read_table("bias/summary"))
-    row = again[(again["probe"] == "skin_tone") & (again["label"] == darker.label) & (again["template"] == "all")]
+    row = again[(again["probe"] == "skin_tone") & (again["attribute"] == "skin_tone") & (again["label"] == darker.label)
+                & (again["template"] == "all")]
     assert row["delta"].iloc[0] == pytest.approx(darker.delta)
 
 
