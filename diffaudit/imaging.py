@@ -127,6 +127,7 @@ def open_image(data: bytes | str | os.PathLike, *, name: str | None = None,
             if draft is not None and img.format == "JPEG":
                 img.draft("L", draft)
             img.load()
+            img = to_8bit(img)
             return img.convert(mode) if mode and img.mode != mode else img
     except InputError:
         raise
@@ -142,6 +143,27 @@ def open_image(data: bytes | str | os.PathLike, *, name: str | None = None,
         raise _too_large(label) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
         raise UnreadableImage(f"{label}: damaged image ({e})", "corrupt") from None
+
+
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """An 8-bit grey ``L`` image from a deep one (16-bit grey PNG/TIFF as ``I;16``, 32-bit ``I``, float
+    ``F``), scaled as viewers show it; other images are returned as they are. Pillow's own ``convert``
+    clips these to 0..255, so a 16-bit picture turned white and a float one in [0, 1] black.
+
+    ``I;16`` is on the 16-bit scale; ``I`` too when a value exceeds 255 (else it holds 8-bit values);
+    ``F`` holds fractions when no value exceeds 1.0, else 8-bit values."""
+    if img.mode not in _DEEP_MODES:
+        return img
+    arr = np.asarray(img).astype(np.float64)
+    top = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if img.mode.startswith("I;16") or top > 255 else 1.0
+    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))
 
 
 def decode_rgb(data: bytes, *, name: str = "<bytes>") -> np.ndarray:

@@ -27,7 +27,9 @@ import json
 import math
 import os
 import re
+import shutil
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -122,9 +124,25 @@ class Plan:
 # -- names -------------------------------------------------------------------------------------------
 
 def slug(value: str) -> str:
-    """A safe id from free text: lower case, runs of other characters become '_' ("Nurse Practitioner" ->
-    "nurse_practitioner")."""
-    return re.sub(r"[^a-z0-9]+", "_", value.strip().lower()).strip("_")
+    """A safe id from free text: lower case ASCII, accents dropped, runs of other characters become '_'
+    ("Nurse Practitioner" -> "nurse_practitioner", "Café owner" -> "cafe_owner"). Letters or digits that
+    have no ASCII form ("看護師") add a digest of the whole text, so two such names never share an id;
+    text with no letter or digit at all gives ''."""
+    text = unicodedata.normalize("NFKD", value.strip().casefold())
+    out = re.sub(r"[^a-z0-9]+", "_", text.encode("ascii", "ignore").decode()).strip("_")
+    if not any(not c.isascii() and unicodedata.category(c)[0] in "LN" for c in text):
+        return out
+    digest = "u" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{out}_{digest}" if out else digest
+
+
+def shown(text: str) -> str:
+    """``text`` as UTF-8 can store it: a file name's undecodable bytes (which Python holds as lone
+    surrogates) become ``\\xff`` escapes, so a table or run.json can record where a file came from."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Suite:
@@ -230,7 +248,7 @@ def _folder_rows(root: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
         elif entry.is_dir():
             files = sorted(f for f in entry.rglob("*") if f.is_file() and not _hidden(f, root))
             for f in files:
-                yield f"folder {entry.name!r}", {"path": str(f), "subject": entry.name}, root
+                yield f"folder {entry.name!r}", {"path": str(f), "subject": shown(entry.name)}, root
 
 
 def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dict[str, Any], Path]], list[str]]:
@@ -244,6 +262,7 @@ def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dic
                 reader = csv.DictReader(f)
                 if not reader.fieldnames:
                     raise InputError(f"{path.name}: empty manifest (no header line)")
+                _unique_columns(reader.fieldnames, f"{path.name} line 1")
                 for row in reader:
                     where = f"{path.name} line {reader.line_num}"
                     if None in row:
@@ -255,7 +274,7 @@ def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dic
                     if not line.strip():
                         continue
                     try:
-                        obj = json.loads(line)
+                        obj = json.loads(line, object_pairs_hook=lambda pairs, n=n: _unique_keys(pairs, f"{path.name} line {n}"))
                     except json.JSONDecodeError as e:
                         raise InputError(f"{path.name} line {n}: not JSON ({e.msg})") from None
                     if not isinstance(obj, dict):
@@ -267,6 +286,7 @@ def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dic
                 df = pd.read_parquet(path)
             except Exception as e:  # pyarrow raises several unrelated types for a bad file
                 raise InputError(f"{path.name}: not a readable parquet file ({e})") from None
+            _unique_columns([str(c) for c in df.columns], path.name)
             raw = [(f"{path.name} row {n}", rec) for n, rec in enumerate(df.to_dict("records"), 1)]
     except UnicodeDecodeError as e:
         raise InputError(f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -297,12 +317,39 @@ def _column(name: str) -> str:
     return re.sub(r"[\s-]+", "_", name.strip().lower())
 
 
-def _text(values: dict[str, Any], key: str) -> str | None:
+def _unique_columns(names: list[str], where: str) -> None:
+    """Refuse a manifest that names one column twice ("path" and "Path"): which value wins would be a guess."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = _column(str(name))
+        if key in seen:
+            raise InputError(f"{where}: the column {name!r} is named more than once"
+                             + (f" (as {seen[key]!r} too)" if seen[key] != name else "") + "; keep one")
+        seen[key] = name
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    _unique_columns([k for k, _ in pairs], where)
+    return dict(pairs)
+
+
+def _text(values: dict[str, Any], key: str, where: str = "") -> str | None:
     v = values.get(key)
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     text = str(v).strip()
+    if key != "path" and key != "source_image" and not _storable(text):
+        raise InputError(f"{where}: {key} {shown(text)!r} holds a lone surrogate, which no table can store; "
+                         "fix the text (JSON \\u escapes must pair up)")
     return text or None
+
+
+def _storable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _seed(value: Any, where: str) -> int | None:
@@ -340,9 +387,9 @@ def _item(where: str, values: dict[str, Any], base: Path, names: _Suite, *, temp
           subject: str | None, model: str | None) -> Item:
     path = _file(_text(values, "path"), base, where, "path")
     where = where if not where.startswith("folder") else f"{where} ({path.name})"
-    subj = names.subject(_text(values, "subject"), where, subject)
-    prompt = _text(values, "prompt")
-    tmpl = _text(values, "template") or template
+    subj = names.subject(_text(values, "subject", where), where, subject)
+    prompt = _text(values, "prompt", where)
+    tmpl = _text(values, "template", where) or template
     if tmpl is not None and not slug(tmpl):
         raise InputError(f"{where}: template {tmpl!r} has no letters or digits to name it by")
     tmpl = slug(tmpl) if tmpl is not None else names.template_for(subj, prompt)
@@ -350,7 +397,7 @@ def _item(where: str, values: dict[str, Any], base: Path, names: _Suite, *, temp
     custom = prompt is not None and (suite_prompt is None or _norm(prompt) != _norm(suite_prompt))
     if prompt is None:
         prompt = suite_prompt
-    mode = _text(values, "mode")
+    mode = _text(values, "mode", where)
     if mode is not None and mode.lower() not in MODES:
         raise InputError(f"{where}: mode {mode!r} is not one of {', '.join(MODES)}")
     src_value = _text(values, "source_image")
@@ -361,8 +408,8 @@ def _item(where: str, values: dict[str, Any], base: Path, names: _Suite, *, temp
         except InputError as e:
             raise InputError(f"{where}: source_image: {e}") from None
     mode = mode.lower() if mode is not None else ("img2img" if source is not None else None)
-    return Item(path, where, subj, tmpl or IMPORTED, prompt, _text(values, "negative_prompt"),
-                _text(values, "model") or None, _seed(values.get("seed"), where), mode, source, custom)
+    return Item(path, where, subj, tmpl or IMPORTED, prompt, _text(values, "negative_prompt", where),
+                _text(values, "model", where) or None, _seed(values.get("seed"), where), mode, source, custom)
 
 
 # -- importing ---------------------------------------------------------------------------------------
@@ -477,10 +524,17 @@ def import_run(run_dir: str | os.PathLike, source: str | os.PathLike, *, kind: s
     plan = plan_import(source, suite=suite, subject_column=subject_column, template=template, subject=subject,
                        model=model)
     check_target(run_dir, plan.source, kind=kind, suite=plan.suite)
+    made_folder, made_run = not Path(run_dir).exists(), not Run.is_run(run_dir)
     run = Run.create(run_dir)
     with run.lock():
         summary = _Importer(run, plan, kind=kind, model=model, link=link, credentials=credentials,
                             progress=progress, workers=workers or max(1, min(4, (os.cpu_count() or 2) - 1))).execute()
+        if made_run and not summary["imported"]:  # bad input: leave no empty run behind
+            (run.root / "run.json").unlink(missing_ok=True)
+            if made_folder:
+                shutil.rmtree(run.root, ignore_errors=True)
+            raise InputError(f"{source}: none of the {summary['found']} file(s) could be imported "
+                             f"({describe_skips(summary['skipped'])}); nothing was written")
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     run.record_stage("import", seconds=summary["seconds"], **{k: v for k, v in summary.items()
                                                             if k not in ("run", "seconds")})
@@ -583,7 +637,7 @@ class _Importer:
             scheduler=_signed(signed, "scheduler", str), steps=_signed(signed, "steps", int),
             guidance=_signed(signed, "guidance", float), width=ins.width, height=ins.height, path=rel,
             sha256=sha256_bytes(ins.stored), seconds=None, nsfw=None, origin=IMPORTED,
-            original_path=str(item.file.resolve()), original_sha256=ins.original_sha256, model_source=model_source,
+            original_path=shown(str(item.file.resolve())), original_sha256=ins.original_sha256, model_source=model_source,
             c2pa_manifest=None if creds is None else creds.carried,
             c2pa_status=None if creds is None else creds.status,
             c2pa_claim_generator=None if creds is None else creds.claim_generator,
@@ -619,7 +673,7 @@ class _Importer:
     def _record_run_info(self) -> None:
         gens = self.run.read_table("generations")
         old = self.run.info.get("generation") or {}
-        sources = list(dict.fromkeys([*old.get("sources", []), str(self.plan.source.resolve())]))
+        sources = list(dict.fromkeys([*old.get("sources", []), shown(str(self.plan.source.resolve()))]))
         info: dict[str, Any] = {"imported": True, "kind": self.kind, "sources": sources,
                                 "suite": self.plan.suite, "images": len(gens)}
         if self.plan.suite is not None:

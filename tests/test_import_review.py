@@ -1,0 +1,143 @@
+"""Defects a review of ``diffaudit import`` found with inputs the first tests did not use: deep-bit images
+(16-bit grey PNG, 16-bit and float TIFF), text that is not UTF-8 encodable, sources with nothing importable,
+manifest columns named twice, subject names outside ASCII. Images are purpose-made or from the corpus's
+``test`` split (no threshold is tuned here)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffaudit import imaging
+from diffaudit.corpus import corpus
+from diffaudit.errors import InputError
+from diffaudit.runs import Run
+from generate.importer import import_run, plan_import
+
+
+def cli(*args: str) -> None:
+    from diffaudit.cli import main
+
+    try:
+        main([*map(str, args)])
+    except SystemExit as e:
+        if e.code:
+            raise
+
+
+def grey8() -> np.ndarray:
+    """A textured 8-bit grey image (the corpus's test split), the reference the deep versions must match."""
+    sample = next(corpus(1, split="test", seed=5, min_side=96, max_side=96, kinds=["texture"]))
+    return np.asarray(Image.fromarray(sample.rgb).convert("L"))
+
+
+def deep_files(folder) -> dict[str, np.ndarray]:
+    """The same picture as a 16-bit grey PNG, a 16-bit grey TIFF and a float TIFF in [0, 1]."""
+    g = grey8()
+    folder.mkdir()
+    Image.fromarray(g.astype(np.uint16) * 257).save(folder / "grey16.png")
+    Image.fromarray(g.astype(np.uint16) * 257).save(folder / "grey16.tif")
+    Image.fromarray(g.astype(np.float32) / 255, mode="F").save(folder / "float.tif")
+    for name in ("grey16.png", "grey16.tif"):
+        assert Image.open(folder / name).mode.startswith("I;16")
+    assert Image.open(folder / "float.tif").mode == "F"
+    return {"grey16.png": g, "grey16.tif": g, "float.tif": g}
+
+
+def test_deep_bit_images_decode_to_their_picture_not_to_white_or_black(tmp_path):
+    for name, want in deep_files(tmp_path / "deep").items():
+        got = np.asarray(imaging.open_image(tmp_path / "deep" / name, mode="RGB")).astype(int)
+        assert got.shape == (*want.shape, 3)
+        assert np.abs(got - want[..., None]).max() <= 1, name   # was 255 everywhere (16-bit) or 0 (float)
+        assert imaging.phash(imaging.open_image(tmp_path / "deep" / name)) == imaging.phash(Image.fromarray(want))
+
+
+def test_deep_bit_images_are_imported_as_8_bit_pngs_every_stage_reads_alike(tmp_path):
+    want = deep_files(tmp_path / "deep")
+    s = import_run(tmp_path / "run", tmp_path / "deep", progress=False)
+    assert s["imported"] == 3 and s["converted"] == 3   # the 16-bit PNG too: probes decode it with Pillow
+    run = Run.open(tmp_path / "run")
+    for row in run.read_table("generations").itertuples():
+        name = row.original_path.rsplit("/", 1)[1]
+        stored = Image.open(run.path(row.path))
+        assert stored.format == "PNG" and stored.mode in ("L", "RGB"), name
+        assert np.abs(np.asarray(stored.convert("RGB")).astype(int) - want[name][..., None]).max() <= 1, name
+
+
+def test_text_that_utf8_cannot_hold_is_a_one_line_error_naming_the_row(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.fromarray(grey8()).save(img)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "a.png"}) + "\n" + '{"path": "a.png", "prompt": "a \\ud800 nurse"}\n')
+    with pytest.raises(SystemExit) as e:
+        cli("import", manifest, "--out", tmp_path / "run", "--no-progress")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: m.jsonl line 2: prompt") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_source_with_nothing_importable_is_an_error_and_leaves_no_run(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_text("not an image")
+    (src / "b.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        cli("import", src, "--out", tmp_path / "run", "--no-progress")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 file(s)" in err and "2 not an image" in err
+    assert not (tmp_path / "run").exists()
+    # a rerun of a run that exists and has nothing new is no error
+    Image.fromarray(grey8()).save(src / "c.png")
+    cli("import", src, "--out", tmp_path / "run", "--no-progress")
+    cli("import", src, "--out", tmp_path / "run", "--no-progress")
+    assert len(Run.open(tmp_path / "run").read_table("generations")) == 1
+
+
+@pytest.mark.parametrize("header", ["path,seed,path", "path,seed,Path", "path,Seed,seed "])
+def test_a_column_named_twice_is_an_error_not_a_silent_pick(tmp_path, header):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(grey8()).save(tmp_path / name)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(header + "\na.png,1,b.png\n" if header != "path,Seed,seed " else header + "\na.png,1,2\n")
+    with pytest.raises(InputError, match="more than once"):
+        plan_import(manifest)
+
+
+def test_subjects_outside_ascii_keep_a_name(tmp_path):
+    src = tmp_path / "src"
+    for i, subject in enumerate(["Café owner", "看護師", "Ärztin", "cafe owner"]):
+        (src / subject).mkdir(parents=True)
+        buf = io.BytesIO()
+        Image.fromarray(np.roll(grey8(), 7 * i, axis=1)).save(buf, format="PNG")
+        (src / subject / "x.png").write_bytes(buf.getvalue())
+    plan = plan_import(src)
+    subjects = {item.file.parent.name: item.subject for item in plan.items}
+    assert subjects["Café owner"] == subjects["cafe owner"] == "cafe_owner"   # was caf_owner
+    assert subjects["Ärztin"] == "arztin"
+    assert subjects["看護師"] and list(subjects.values()).count(subjects["看護師"]) == 1
+    s = import_run(tmp_path / "run", src, progress=False)   # was refused: "has no letters or digits"
+    assert s["imported"] == 4
+
+
+def test_file_and_folder_names_that_are_not_utf8_are_imported_and_recorded(tmp_path):
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [os.fsdecode(b"\xff\xfe.png"), "ok.png", os.path.join(os.fsdecode(b"sub\xff"), "x.png"),
+             os.path.join(os.fsdecode(b"sub\xfe"), "y.png")]
+    for i, name in enumerate(names):
+        (src / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.roll(grey8(), 11 * i, axis=0)).save(src / name, format="PNG")
+    s = import_run(tmp_path / "run", src, progress=False)   # was a UnicodeEncodeError after copying files
+    assert s["imported"] == 4
+    g = Run.open(tmp_path / "run").read_table("generations")
+    assert any(p.endswith("\\xff\\xfe.png") for p in g["original_path"])
+    assert len(set(g["subject"])) == 3   # the two undecodable folders stay two subjects
+    assert import_run(tmp_path / "run", src, progress=False)["skipped"] == {"already_imported": 4}
