@@ -53,6 +53,7 @@ _VERBATIM = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # formats every st
 _INT64 = (-(2**63), 2**63 - 1)
 _FLUSH_SECONDS = 2.0
 _CHUNK = 32
+MAX_ID = 64                    # longest subject or template id
 
 
 @dataclass(frozen=True)
@@ -126,14 +127,16 @@ class Plan:
 def slug(value: str) -> str:
     """A safe id from free text: lower case ASCII, accents dropped, runs of other characters become '_'
     ("Nurse Practitioner" -> "nurse_practitioner", "Café owner" -> "cafe_owner"). Letters or digits that
-    have no ASCII form ("看護師") add a digest of the whole text, so two such names never share an id;
-    text with no letter or digit at all gives ''."""
+    have no ASCII form ("看護師") add a digest of the whole text, so two such names never share an id, and
+    so does cutting a long one to ``MAX_ID`` characters; text with no letter or digit at all gives ''."""
     text = unicodedata.normalize("NFKD", value.strip().casefold())
     out = re.sub(r"[^a-z0-9]+", "_", text.encode("ascii", "ignore").decode()).strip("_")
-    if not any(not c.isascii() and unicodedata.category(c)[0] in "LN" for c in text):
-        return out
     digest = "u" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    return f"{out}_{digest}" if out else digest
+    if any(not c.isascii() and unicodedata.category(c)[0] in "LN" for c in text):
+        out = f"{out}_{digest}" if out else digest
+    if len(out) > MAX_ID:  # ids name folders (images/<template>-<subject>): a file system takes 255 bytes
+        out = f"{out[:MAX_ID - len(digest) - 1].rstrip('_')}_{digest}"
+    return out
 
 
 def shown(text: str) -> str:

@@ -141,3 +141,18 @@ def test_file_and_folder_names_that_are_not_utf8_are_imported_and_recorded(tmp_p
     assert any(p.endswith("\\xff\\xfe.png") for p in g["original_path"])
     assert len(set(g["subject"])) == 3   # the two undecodable folders stay two subjects
     assert import_run(tmp_path / "run", src, progress=False)["skipped"] == {"already_imported": 4}
+
+
+def test_long_subject_and_template_names_fit_in_a_folder_name(tmp_path):
+    src = tmp_path / "src"
+    for i, subject in enumerate(["a" * 250, "a" * 249 + "b"]):   # both only differ past any cut
+        (src / subject).mkdir(parents=True)
+        Image.fromarray(np.roll(grey8(), 5 * i, axis=1)).save(src / subject / "x.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": str(src / ("a" * 250) / "x.png"), "subject": "b" * 240,
+                                    "template": "t" * 200}) + "\n")
+    s = import_run(tmp_path / "run", src, progress=False)   # was OSError: File name too long
+    assert s["imported"] == 2
+    assert import_run(tmp_path / "run2", manifest, progress=False)["imported"] == 1
+    subjects = set(Run.open(tmp_path / "run").read_table("generations")["subject"])
+    assert len(subjects) == 2 and all(len(x) <= 64 for x in subjects)
