@@ -177,11 +177,34 @@ def decode_rgb(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
-def read_bytes_checked(path: str | os.PathLike) -> bytes:
-    """A file's bytes after its header passed the pixel cap (for callers that decode the bytes later)."""
+def max_file_bytes(width: int, height: int) -> int:
+    """The most bytes an encoded ``width x height`` image takes: 16 per pixel (uncompressed float RGBA)
+    plus 64 MiB of metadata. A file larger than that is padded (a valid header, then gigabytes), and
+    reading it whole would be a bomb by size rather than by pixels."""
+    return 16 * width * height + (64 << 20)
+
+
+def check_file_bytes(size: int, width: int, height: int, name: str = "image") -> None:
+    """Raise ``ImageTooLarge`` when a file of ``size`` bytes is larger than its header's image can be."""
+    if size > max_file_bytes(width, height):
+        raise ImageTooLarge(f"{name}: {size:,} bytes is more than a {width}x{height} image takes in any "
+                            "encoding (a padded file); it is not read")
+
+
+def check_file(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file whose header passed the pixel cap and whose size the bound of
+    ``max_file_bytes``; nothing but the header is read."""
     p = Path(path)
-    check_pixels(*image_size(p), name=str(p))
-    return p.read_bytes()
+    width, height = image_size(p)
+    check_pixels(width, height, name=str(p))
+    check_file_bytes(p.stat().st_size, width, height, name=str(p))
+    return width, height
+
+
+def read_bytes_checked(path: str | os.PathLike) -> bytes:
+    """A file's bytes after ``check_file`` passed (for callers that read a whole file and decode it later)."""
+    check_file(path)
+    return Path(path).read_bytes()
 
 
 # -- pHash ------------------------------------------------------------------------------------------

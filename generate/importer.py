@@ -407,7 +407,7 @@ def _item(where: str, values: dict[str, Any], base: Path, names: _Suite, *, temp
     source = _file(src_value, base, where, "source_image") if src_value is not None else None
     if source is not None:
         try:
-            imaging.image_size(source)
+            imaging.check_file(source)
         except InputError as e:
             raise InputError(f"{where}: source_image: {e}") from None
     mode = mode.lower() if mode is not None else ("img2img" if source is not None else None)
@@ -435,8 +435,14 @@ class _Inspected:
 def _inspect(item: Item) -> _Inspected:
     out = _Inspected(item)
     try:
-        data = item.file.read_bytes()
-    except OSError:
+        data = imaging.read_bytes_checked(item.file)  # header and file size first: never read a padded file
+    except imaging.ImageTooLarge:
+        out.skip = "too_large"
+        return out
+    except imaging.UnreadableImage as e:
+        out.skip = e.reason
+        return out
+    except (InputError, OSError):
         out.skip = "unreadable"
         return out
     out.data, out.original_sha256 = data, sha256_bytes(data)
@@ -653,7 +659,7 @@ class _Importer:
         it as an ingredient find it wherever the run is moved; the path is relative to the run."""
         if path is None:
             return None
-        data = path.read_bytes()
+        data = imaging.read_bytes_checked(path)
         fmt = next((f for f, ext in _VERBATIM.items() if _sniff(data) == f), None)
         if fmt is None:
             buf = io.BytesIO()

@@ -156,3 +156,25 @@ def test_long_subject_and_template_names_fit_in_a_folder_name(tmp_path):
     assert import_run(tmp_path / "run2", manifest, progress=False)["imported"] == 1
     subjects = set(Run.open(tmp_path / "run").read_table("generations")["subject"])
     assert len(subjects) == 2 and all(len(x) <= 64 for x in subjects)
+
+
+def test_a_padded_file_and_an_oversized_source_image_are_refused_without_reading_them(tmp_path, monkeypatch):
+    from test_reliability import peak_rss
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(grey8()).save(src / "ok.png")
+    Image.fromarray(np.roll(grey8(), 3, axis=0)).save(src / "padded.png")
+    with open(src / "padded.png", "r+b") as f:   # a valid 96x96 PNG, then 3 GB (sparse: no disk used)
+        f.truncate(3 << 30)
+    out = tmp_path / "run"
+    result = peak_rss("from generate.importer import import_run",
+                      f"import_run({str(out)!r}, {str(src)!r}, progress=False, workers=2)")
+    assert result["grew_mb"] < 300, result   # was a 3 GB read (MemoryError under a memory limit)
+    assert "'too_large': 1" in result["outcome"] and "'imported': 1" in result["outcome"], result
+    # a source image over the cap is a planning error naming the row, before any file is copied
+    Image.fromarray(grey8()).resize((200, 200)).save(tmp_path / "big_source.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": str(src / "ok.png"), "source_image": "big_source.png"}) + "\n")
+    monkeypatch.setenv("DIFFAUDIT_MAX_PIXELS", str(150 * 150))
+    with pytest.raises(InputError, match=r"m.jsonl line 1: source_image: .*over the cap"):
+        plan_import(tmp_path / "m.jsonl")
