@@ -515,7 +515,8 @@ def check_target(run_dir: str | os.PathLike, source: Path, *, kind: str, suite: 
         raise InputError(f"run {run_dir} was imported as --kind {gen.get('kind', 'model')}, not {kind}; "
                          "use the same kind or a new --out")
     if gen.get("suite") != suite:
-        raise InputError(f"run {run_dir} was imported with --suite {gen.get('suite')}, not {suite}; "
+        said = lambda v: f"--suite {v}" if v else "no --suite"  # noqa: E731
+        raise InputError(f"run {run_dir} was imported with {said(gen.get('suite'))}, not {said(suite)}; "
                          "use the same suite or a new --out")
 
 

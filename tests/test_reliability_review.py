@@ -100,3 +100,15 @@ def test_the_dashboard_shows_an_unknown_suite_as_unknown(tmp_path):
     import_run(tmp_path / "runs" / "imp", src, progress=False)
     row = data.runs_overview(str(tmp_path / "runs"), ()).iloc[0]
     assert (row["suite"], row["model"]) == ("-", "-")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a folder nobody can create files in (/proc)")
+@pytest.mark.parametrize("command", [["import", "{src}"], ["index", "build", "{src}"],
+                                     ["generate", "--suite", "demo", "--model", "tiny"]])
+def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys, command):
+    from test_reliability import noise_pngs
+
+    noise_pngs(tmp_path / "src", 2, seed=1)
+    args = [a.format(src=tmp_path / "src") for a in command] + ["--out", "/proc/diffaudit-review/run"]
+    code, _, err = cli(args, capsys)
+    assert code == 2 and "cannot create" in one_line_error(err), err[-1500:]
