@@ -178,3 +178,16 @@ def test_a_padded_file_and_an_oversized_source_image_are_refused_without_reading
     monkeypatch.setenv("DIFFAUDIT_MAX_PIXELS", str(150 * 150))
     with pytest.raises(InputError, match=r"m.jsonl line 1: source_image: .*over the cap"):
         plan_import(tmp_path / "m.jsonl")
+
+
+def test_the_runs_page_shows_a_run_name_from_the_disk_as_text(tmp_path, monkeypatch):
+    from fixtures_runs import open_app
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(grey8()).save(src / "a.png")
+    root = tmp_path / "![x](https:evil.example)"   # the runs root is itself a run: its name is not filtered
+    import_run(root, src, progress=False)
+    at = open_app(root, [root.name], monkeypatch)
+    assert not at.exception, [e.value for e in at.exception]
+    assert [h.value for h in at.subheader] == ["\\!\\[x\\](https:evil.example)"]   # was rendered as an image
