@@ -96,10 +96,12 @@ _TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Remove the temp files that killed writers of ``atomic_write_bytes`` left anywhere under ``folder``
-    (symlinked folders are not followed). Call it only while holding the folder's lock: a live writer's
+    (symlinked folders are not followed, nor folders below it with their own lock file: a run or index
+    nested inside is another writer's). Call it only while holding the folder's lock: a live writer's
     temp file would be pulled from under it. Returns the files removed."""
     removed = []
-    for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not os.path.lexists(os.path.join(dirpath, d, LOCK_FILE))]
         for name in filenames:
             if _TEMP_FILE.match(name):
                 path = Path(dirpath, name)

@@ -112,3 +112,40 @@ def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys,
     args = [a.format(src=tmp_path / "src") for a in command] + ["--out", "/proc/diffaudit-review/run"]
     code, _, err = cli(args, capsys)
     assert code == 2 and "cannot create" in one_line_error(err), err[-1500:]
+
+
+def test_taking_a_runs_lock_leaves_a_nested_writers_temp_files_alone(tmp_path):
+    """An index built inside a run folder (``--out runs/r/idx``) is another writer's folder: the run's
+    cleanup of killed writers' temp files must not pull the index builder's file from under it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_reliability import ENV
+
+    from diffaudit.runs import Run
+
+    run = Run.create(tmp_path / "r")
+    (run.root / "probes").mkdir()
+    (run.root / "probes" / ".clip.parquet.abcd1234.tmp").write_text("a killed writer's")
+    nested = run.root / "idx"
+    hold = textwrap.dedent("""\
+        import sys, time
+        from pathlib import Path
+        from diffaudit.runs import folder_lock
+        with folder_lock(sys.argv[1], "index"):
+            (Path(sys.argv[1]) / ".meta.json.abcd1234.tmp").write_text("in flight")
+            print("locked", flush=True)
+            time.sleep(60)
+        """)
+    nested.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(nested)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        (run.root / ".lock").write_text("pid 1 since then")  # the run's last holder was another process
+        run.update_info({"x": 1})
+        assert not (run.root / "probes" / ".clip.parquet.abcd1234.tmp").exists()
+        assert (nested / ".meta.json.abcd1234.tmp").read_text() == "in flight"
+    finally:
+        proc.kill()
+        proc.wait()
