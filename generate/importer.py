@@ -293,6 +293,8 @@ def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dic
             raw = [(f"{path.name} row {n}", rec) for n, rec in enumerate(df.to_dict("records"), 1)]
     except UnicodeDecodeError as e:
         raise InputError(f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:  # a field over the csv module's size limit, a malformed quote in strict dialects
+        raise InputError(f"{path.name} line {reader.line_num + 1}: not a CSV row this tool can read ({e})") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     columns: dict[str, str] = {}

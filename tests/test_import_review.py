@@ -191,3 +191,10 @@ def test_the_runs_page_shows_a_run_name_from_the_disk_as_text(tmp_path, monkeypa
     at = open_app(root, [root.name], monkeypatch)
     assert not at.exception, [e.value for e in at.exception]
     assert [h.value for h in at.subheader] == ["\\!\\[x\\](https:evil.example)"]   # was rendered as an image
+
+
+def test_a_csv_field_over_the_csv_modules_limit_is_a_one_line_error(tmp_path):
+    Image.fromarray(grey8()).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text('path,prompt\na.png,ok\na.png,"' + "x" * 200_000 + '"\n')
+    with pytest.raises(InputError, match=r"m.csv line 3: not a CSV row"):   # was _csv.Error: field larger than ...
+        plan_import(tmp_path / "m.csv")
