@@ -280,6 +280,9 @@ def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dic
                         obj = json.loads(line, object_pairs_hook=lambda pairs, n=n: _unique_keys(pairs, f"{path.name} line {n}"))
                     except json.JSONDecodeError as e:
                         raise InputError(f"{path.name} line {n}: not JSON ({e.msg})") from None
+                    except (ValueError, RecursionError) as e:  # a 5000-digit number, arrays nested 100000 deep
+                        raise InputError(f"{path.name} line {n}: not JSON this tool can read "
+                                         f"({str(e).split(';')[0]})") from None
                     if not isinstance(obj, dict):
                         raise InputError(f"{path.name} line {n}: a JSON object per line is needed, got "
                                          f"{type(obj).__name__}")

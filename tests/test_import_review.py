@@ -198,3 +198,12 @@ def test_a_csv_field_over_the_csv_modules_limit_is_a_one_line_error(tmp_path):
     (tmp_path / "m.csv").write_text('path,prompt\na.png,ok\na.png,"' + "x" * 200_000 + '"\n')
     with pytest.raises(InputError, match=r"m.csv line 3: not a CSV row"):   # was _csv.Error: field larger than ...
         plan_import(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("line", ['{"path": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                                  '{"path": "a.png", "seed": ' + "9" * 5000 + "}"], ids=["nested", "long-number"])
+def test_jsonl_python_cannot_parse_is_a_one_line_error(tmp_path, line):
+    Image.fromarray(grey8()).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png"}\n' + line + "\n")
+    with pytest.raises(InputError, match=r"m.jsonl line 2: not JSON"):   # was RecursionError / ValueError
+        plan_import(tmp_path / "m.jsonl")
