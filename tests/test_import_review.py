@@ -207,3 +207,27 @@ def test_jsonl_python_cannot_parse_is_a_one_line_error(tmp_path, line):
     (tmp_path / "m.jsonl").write_text('{"path": "a.png"}\n' + line + "\n")
     with pytest.raises(InputError, match=r"m.jsonl line 2: not JSON"):   # was RecursionError / ValueError
         plan_import(tmp_path / "m.jsonl")
+
+
+def test_a_photo_whose_exif_turns_it_upright_is_imported_upright(tmp_path):
+    """Phone and camera photos store pixels as the sensor read them and an EXIF orientation that viewers
+    apply; the probes decode pixels as stored, so a sideways face was no face (measured: Haar found the
+    astronaut upright, not in the same photo stored sideways with orientation 6)."""
+    from conftest import skimage_photo
+    from PIL import ImageOps
+
+    src = tmp_path / "src"
+    src.mkdir()
+    upright = skimage_photo("astronaut", 128).crop((0, 0, 128, 96))
+    exif = Image.Exif()
+    exif[0x0112] = 6   # "rotate 90 clockwise to view"
+    upright.transpose(Image.Transpose.ROTATE_90).save(src / "phone.jpg", quality=95, exif=exif.tobytes())
+    assert ImageOps.exif_transpose(Image.open(src / "phone.jpg")).size == upright.size
+    s = import_run(tmp_path / "run", src, progress=False)
+    assert s["converted"] == 1
+    run = Run.open(tmp_path / "run")
+    row = run.read_table("generations").iloc[0]
+    stored = Image.open(run.path(row["path"]))
+    assert stored.size == upright.size == (row["width"], row["height"])
+    diff = np.abs(np.asarray(stored.convert("RGB")).astype(int) - np.asarray(upright).astype(int))
+    assert diff.mean() < 4   # the picture as viewers show it (JPEG loss aside), not turned by 90 degrees
