@@ -6,7 +6,8 @@ A source is a folder (flat, or one subfolder per subject) or a manifest (CSV, JS
 Everything is validated before the run is touched: a bad manifest row is a one-line error naming its line.
 Each image is then read once, hashed, decoded under the one pixel cap (``diffaudit.imaging``) and copied
 (or hard-linked) byte for byte into ``images/<prompt_id>/<sha256[:16]>.<ext>``, so an embedded C2PA
-manifest survives; formats other than PNG, JPEG and WebP are converted to PNG. Unreadable, oversized and
+manifest survives; formats other than PNG, JPEG and WebP are converted to PNG, as are deep-bit images (16-bit,
+float) and photos with an EXIF orientation (stored as viewers show them). Unreadable, oversized and
 duplicate files are skipped and counted, never half-imported (atomic writes, the run's lock); rerunning
 imports only what is new. What the importer cannot know (seed, sampler, steps, often the prompt or the
 model) stays null in ``generations``: the report says *unknown* instead of guessing.
