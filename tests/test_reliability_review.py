@@ -149,3 +149,16 @@ def test_taking_a_runs_lock_leaves_a_nested_writers_temp_files_alone(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_hash_parquet_rows_without_a_key_are_skipped_and_counted(tmp_path):
+    from audit.memorization.build import build_index
+    from audit.memorization.index import Index
+
+    pq.write_table(pa.table({"key": ["a", None, " ", "d"], "phash": ["0123456789abcdef", "fedcba9876543210",
+                                                                   "00ff00ff00ff00ff", "0f0f0f0f0f0f0f0f"]}),
+                   tmp_path / "h.parquet")
+    build_index([str(tmp_path / "h.parquet")], str(tmp_path / "idx"), progress=False)
+    index = Index.open(tmp_path / "idx")
+    assert index.items(np.arange(index.count))["key"].tolist() == ["a", "d"]   # was also the key "None"
+    assert index.meta["counts"]["skipped_no_key"] == 2
