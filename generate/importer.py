@@ -44,7 +44,7 @@ from PIL import Image, ImageOps
 
 from diffaudit import imaging
 from diffaudit.errors import ConfigError, InputError
-from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes
+from diffaudit.runs import Run, atomic_write_bytes, only_lock, sha256_bytes
 
 IMPORTED = "imported"          # the ``origin`` of imported rows, and the template when none is known
 UNSPECIFIED = "unspecified"    # the subject of images whose subject nobody gave
@@ -557,14 +557,14 @@ def import_run(run_dir: str | os.PathLike, source: str | os.PathLike, *, kind: s
     plan = plan_import(source, suite=suite, subject_column=subject_column, template=template, subject=subject,
                        model=model)
     check_target(run_dir, plan.source, kind=kind, suite=plan.suite)
-    made_folder, made_run = not Path(run_dir).exists(), not Run.is_run(run_dir)
+    made_folder = not Path(run_dir).exists()
     run = Run.create(run_dir)
     with run.lock():
         summary = _Importer(run, plan, kind=kind, model=model, link=link, credentials=credentials,
                             progress=progress, workers=workers or max(1, min(4, (os.cpu_count() or 2) - 1))).execute()
-        if made_run and not summary["imported"]:  # bad input: leave no empty run behind
+        if not summary["images"]:  # bad input into an empty run: leave no empty run behind
             (run.root / "run.json").unlink(missing_ok=True)
-            if made_folder:
+            if made_folder and only_lock(run.root):
                 shutil.rmtree(run.root, ignore_errors=True)
             raise InputError(f"{source}: none of the {summary['found']} file(s) could be imported "
                              f"({describe_skips(summary['skipped'])}); nothing was written")
