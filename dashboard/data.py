@@ -152,8 +152,8 @@ def runs_overview(root_str: str, stamps: tuple) -> pd.DataFrame:
         finished = max((str(s.get("finished", "")) for s in stages.values() if isinstance(s, dict)), default="")
         rows.append({
             "run": name,
-            "model": str(gen.get("model", gen.get("model_spec", "-"))),
-            "suite": str(gen.get("suite", "-")),
+            "model": str(gen.get("model") or gen.get("model_spec") or "-"),
+            "suite": str(gen.get("suite") or "-"),
             "images": n,
             "stages": ", ".join(stages) or "-",
             "created": str(info.get("created", "-")),

@@ -127,6 +127,7 @@ def open_image(data: bytes | str | os.PathLike, *, name: str | None = None,
             if draft is not None and img.format == "JPEG":
                 img.draft("L", draft)
             img.load()
+            img = to_8bit(img)
             return img.convert(mode) if mode and img.mode != mode else img
     except InputError:
         raise
@@ -144,6 +145,27 @@ def open_image(data: bytes | str | os.PathLike, *, name: str | None = None,
         raise UnreadableImage(f"{label}: damaged image ({e})", "corrupt") from None
 
 
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """An 8-bit grey ``L`` image from a deep one (16-bit grey PNG/TIFF as ``I;16``, 32-bit ``I``, float
+    ``F``), scaled as viewers show it; other images are returned as they are. Pillow's own ``convert``
+    clips these to 0..255, so a 16-bit picture turned white and a float one in [0, 1] black.
+
+    ``I;16`` is on the 16-bit scale; ``I`` too when a value exceeds 255 (else it holds 8-bit values);
+    ``F`` holds fractions when no value exceeds 1.0, else 8-bit values."""
+    if img.mode not in _DEEP_MODES:
+        return img
+    arr = np.asarray(img).astype(np.float64)
+    top = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if img.mode.startswith("I;16") or top > 255 else 1.0
+    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))
+
+
 def decode_rgb(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     """RGB uint8 pixels of encoded bytes: header size checked first, then OpenCV (fast) or Pillow."""
     check_pixels(*image_size(data, name), name=name)
@@ -155,11 +177,34 @@ def decode_rgb(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
-def read_bytes_checked(path: str | os.PathLike) -> bytes:
-    """A file's bytes after its header passed the pixel cap (for callers that decode the bytes later)."""
+def max_file_bytes(width: int, height: int) -> int:
+    """The most bytes an encoded ``width x height`` image takes: 16 per pixel (uncompressed float RGBA)
+    plus 64 MiB of metadata. A file larger than that is padded (a valid header, then gigabytes), and
+    reading it whole would be a bomb by size rather than by pixels."""
+    return 16 * width * height + (64 << 20)
+
+
+def check_file_bytes(size: int, width: int, height: int, name: str = "image") -> None:
+    """Raise ``ImageTooLarge`` when a file of ``size`` bytes is larger than its header's image can be."""
+    if size > max_file_bytes(width, height):
+        raise ImageTooLarge(f"{name}: {size:,} bytes is more than a {width}x{height} image takes in any "
+                            "encoding (a padded file); it is not read")
+
+
+def check_file(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file whose header passed the pixel cap and whose size the bound of
+    ``max_file_bytes``; nothing but the header is read."""
     p = Path(path)
-    check_pixels(*image_size(p), name=str(p))
-    return p.read_bytes()
+    width, height = image_size(p)
+    check_pixels(width, height, name=str(p))
+    check_file_bytes(p.stat().st_size, width, height, name=str(p))
+    return width, height
+
+
+def read_bytes_checked(path: str | os.PathLike) -> bytes:
+    """A file's bytes after ``check_file`` passed (for callers that read a whole file and decode it later)."""
+    check_file(path)
+    return Path(path).read_bytes()
 
 
 # -- pHash ------------------------------------------------------------------------------------------

@@ -96,10 +96,12 @@ _TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Remove the temp files that killed writers of ``atomic_write_bytes`` left anywhere under ``folder``
-    (symlinked folders are not followed). Call it only while holding the folder's lock: a live writer's
+    (symlinked folders are not followed, nor folders below it with their own lock file: a run or index
+    nested inside is another writer's). Call it only while holding the folder's lock: a live writer's
     temp file would be pulled from under it. Returns the files removed."""
     removed = []
-    for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not os.path.lexists(os.path.join(dirpath, d, LOCK_FILE))]
         for name in filenames:
             if _TEMP_FILE.match(name):
                 path = Path(dirpath, name)
@@ -166,6 +168,15 @@ class _Lock:
                     os.close(fd)  # closing the descriptor releases the flock
 
 
+def make_folder(folder: str | os.PathLike, what: str = "run") -> None:
+    """``mkdir -p``, with a one-line error (not an ``OSError`` traceback) where the folder cannot be made."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NotARunError(f"cannot create the {what} folder {folder}: {e.strerror or e}; choose another --out") \
+            from None
+
+
 def folder_lock(folder: str | os.PathLike, what: str) -> contextlib.AbstractContextManager[None]:
     """The write lock of a folder that is not a run (an index): the run lock's mechanism, a ``.lock`` file
     inside it. ``what`` names the folder's kind in the one-line error that a second writer gets."""
@@ -179,7 +190,7 @@ def reserve(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     it is removed again: a failed command leaves no empty folder behind. Yields the resolved folder."""
     folder = Path(folder)
     made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, what)
     root = folder.resolve()
     with _Lock.hold(root / LOCK_FILE, what):
         try:
@@ -212,7 +223,7 @@ class Run:
         """Create a run (or reopen it if it exists); ``config`` is merged into ``run.json``."""
         root = Path(root)
         cls.check_can_create(root)
-        root.mkdir(parents=True, exist_ok=True)
+        make_folder(root)
         run = cls(root)
         with run.lock():
             if not (run.root / RUN_FILE).exists():

@@ -6,7 +6,8 @@ A source is a folder (flat, or one subfolder per subject) or a manifest (CSV, JS
 Everything is validated before the run is touched: a bad manifest row is a one-line error naming its line.
 Each image is then read once, hashed, decoded under the one pixel cap (``diffaudit.imaging``) and copied
 (or hard-linked) byte for byte into ``images/<prompt_id>/<sha256[:16]>.<ext>``, so an embedded C2PA
-manifest survives; formats other than PNG, JPEG and WebP are converted to PNG. Unreadable, oversized and
+manifest survives; formats other than PNG, JPEG and WebP are converted to PNG, as are deep-bit images (16-bit,
+float) and photos with an EXIF orientation (stored as viewers show them). Unreadable, oversized and
 duplicate files are skipped and counted, never half-imported (atomic writes, the run's lock); rerunning
 imports only what is new. What the importer cannot know (seed, sampler, steps, often the prompt or the
 model) stays null in ``generations``: the report says *unknown* instead of guessing.
@@ -27,7 +28,10 @@ import json
 import math
 import os
 import re
+import shutil
+import struct
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from PIL import Image, ImageOps
 
 from diffaudit import imaging
 from diffaudit.errors import ConfigError, InputError
-from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes
+from diffaudit.runs import Run, atomic_write_bytes, only_lock, sha256_bytes
 
 IMPORTED = "imported"          # the ``origin`` of imported rows, and the template when none is known
 UNSPECIFIED = "unspecified"    # the subject of images whose subject nobody gave
@@ -51,6 +56,8 @@ _VERBATIM = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # formats every st
 _INT64 = (-(2**63), 2**63 - 1)
 _FLUSH_SECONDS = 2.0
 _CHUNK = 32
+_ORIENTATION = 0x0112          # the EXIF orientation tag
+MAX_ID = 64                    # longest subject or template id
 
 
 @dataclass(frozen=True)
@@ -122,9 +129,27 @@ class Plan:
 # -- names -------------------------------------------------------------------------------------------
 
 def slug(value: str) -> str:
-    """A safe id from free text: lower case, runs of other characters become '_' ("Nurse Practitioner" ->
-    "nurse_practitioner")."""
-    return re.sub(r"[^a-z0-9]+", "_", value.strip().lower()).strip("_")
+    """A safe id from free text: lower case ASCII, accents dropped, runs of other characters become '_'
+    ("Nurse Practitioner" -> "nurse_practitioner", "Café owner" -> "cafe_owner"). Letters or digits that
+    have no ASCII form ("看護師") add a digest of the whole text, so two such names never share an id, and
+    so does cutting a long one to ``MAX_ID`` characters; text with no letter or digit at all gives ''."""
+    text = unicodedata.normalize("NFKD", value.strip().casefold())
+    out = re.sub(r"[^a-z0-9]+", "_", text.encode("ascii", "ignore").decode()).strip("_")
+    digest = "u" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    if any(not c.isascii() and unicodedata.category(c)[0] in "LN" for c in text):
+        out = f"{out}_{digest}" if out else digest
+    if len(out) > MAX_ID:  # ids name folders (images/<template>-<subject>): a file system takes 255 bytes
+        out = f"{out[:MAX_ID - len(digest) - 1].rstrip('_')}_{digest}"
+    return out
+
+
+def shown(text: str) -> str:
+    """``text`` as UTF-8 can store it: a file name's undecodable bytes (which Python holds as lone
+    surrogates) become ``\\xff`` escapes, so a table or run.json can record where a file came from."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Suite:
@@ -230,7 +255,7 @@ def _folder_rows(root: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
         elif entry.is_dir():
             files = sorted(f for f in entry.rglob("*") if f.is_file() and not _hidden(f, root))
             for f in files:
-                yield f"folder {entry.name!r}", {"path": str(f), "subject": entry.name}, root
+                yield f"folder {entry.name!r}", {"path": str(f), "subject": shown(entry.name)}, root
 
 
 def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dict[str, Any], Path]], list[str]]:
@@ -244,6 +269,7 @@ def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dic
                 reader = csv.DictReader(f)
                 if not reader.fieldnames:
                     raise InputError(f"{path.name}: empty manifest (no header line)")
+                _unique_columns(reader.fieldnames, f"{path.name} line 1")
                 for row in reader:
                     where = f"{path.name} line {reader.line_num}"
                     if None in row:
@@ -255,9 +281,12 @@ def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dic
                     if not line.strip():
                         continue
                     try:
-                        obj = json.loads(line)
+                        obj = json.loads(line, object_pairs_hook=lambda pairs, n=n: _unique_keys(pairs, f"{path.name} line {n}"))
                     except json.JSONDecodeError as e:
                         raise InputError(f"{path.name} line {n}: not JSON ({e.msg})") from None
+                    except (ValueError, RecursionError) as e:  # a 5000-digit number, arrays nested 100000 deep
+                        raise InputError(f"{path.name} line {n}: not JSON this tool can read "
+                                         f"({str(e).split(';')[0]})") from None
                     if not isinstance(obj, dict):
                         raise InputError(f"{path.name} line {n}: a JSON object per line is needed, got "
                                          f"{type(obj).__name__}")
@@ -267,9 +296,12 @@ def _manifest_rows(path: Path, subject_column: str) -> tuple[list[tuple[str, dic
                 df = pd.read_parquet(path)
             except Exception as e:  # pyarrow raises several unrelated types for a bad file
                 raise InputError(f"{path.name}: not a readable parquet file ({e})") from None
+            _unique_columns([str(c) for c in df.columns], path.name)
             raw = [(f"{path.name} row {n}", rec) for n, rec in enumerate(df.to_dict("records"), 1)]
     except UnicodeDecodeError as e:
         raise InputError(f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:  # a field over the csv module's size limit, a malformed quote in strict dialects
+        raise InputError(f"{path.name} line {reader.line_num + 1}: not a CSV row this tool can read ({e})") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     columns: dict[str, str] = {}
@@ -297,12 +329,39 @@ def _column(name: str) -> str:
     return re.sub(r"[\s-]+", "_", name.strip().lower())
 
 
-def _text(values: dict[str, Any], key: str) -> str | None:
+def _unique_columns(names: list[str], where: str) -> None:
+    """Refuse a manifest that names one column twice ("path" and "Path"): which value wins would be a guess."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = _column(str(name))
+        if key in seen:
+            raise InputError(f"{where}: the column {name!r} is named more than once"
+                             + (f" (as {seen[key]!r} too)" if seen[key] != name else "") + "; keep one")
+        seen[key] = name
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    _unique_columns([k for k, _ in pairs], where)
+    return dict(pairs)
+
+
+def _text(values: dict[str, Any], key: str, where: str = "") -> str | None:
     v = values.get(key)
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     text = str(v).strip()
+    if key != "path" and key != "source_image" and not _storable(text):
+        raise InputError(f"{where}: {key} {shown(text)!r} holds a lone surrogate, which no table can store; "
+                         "fix the text (JSON \\u escapes must pair up)")
     return text or None
+
+
+def _storable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _seed(value: Any, where: str) -> int | None:
@@ -340,9 +399,9 @@ def _item(where: str, values: dict[str, Any], base: Path, names: _Suite, *, temp
           subject: str | None, model: str | None) -> Item:
     path = _file(_text(values, "path"), base, where, "path")
     where = where if not where.startswith("folder") else f"{where} ({path.name})"
-    subj = names.subject(_text(values, "subject"), where, subject)
-    prompt = _text(values, "prompt")
-    tmpl = _text(values, "template") or template
+    subj = names.subject(_text(values, "subject", where), where, subject)
+    prompt = _text(values, "prompt", where)
+    tmpl = _text(values, "template", where) or template
     if tmpl is not None and not slug(tmpl):
         raise InputError(f"{where}: template {tmpl!r} has no letters or digits to name it by")
     tmpl = slug(tmpl) if tmpl is not None else names.template_for(subj, prompt)
@@ -350,19 +409,19 @@ def _item(where: str, values: dict[str, Any], base: Path, names: _Suite, *, temp
     custom = prompt is not None and (suite_prompt is None or _norm(prompt) != _norm(suite_prompt))
     if prompt is None:
         prompt = suite_prompt
-    mode = _text(values, "mode")
+    mode = _text(values, "mode", where)
     if mode is not None and mode.lower() not in MODES:
         raise InputError(f"{where}: mode {mode!r} is not one of {', '.join(MODES)}")
     src_value = _text(values, "source_image")
     source = _file(src_value, base, where, "source_image") if src_value is not None else None
     if source is not None:
         try:
-            imaging.image_size(source)
+            imaging.check_file(source)
         except InputError as e:
             raise InputError(f"{where}: source_image: {e}") from None
     mode = mode.lower() if mode is not None else ("img2img" if source is not None else None)
-    return Item(path, where, subj, tmpl or IMPORTED, prompt, _text(values, "negative_prompt"),
-                _text(values, "model") or None, _seed(values.get("seed"), where), mode, source, custom)
+    return Item(path, where, subj, tmpl or IMPORTED, prompt, _text(values, "negative_prompt", where),
+                _text(values, "model", where) or None, _seed(values.get("seed"), where), mode, source, custom)
 
 
 # -- importing ---------------------------------------------------------------------------------------
@@ -385,8 +444,14 @@ class _Inspected:
 def _inspect(item: Item) -> _Inspected:
     out = _Inspected(item)
     try:
-        data = item.file.read_bytes()
-    except OSError:
+        data = imaging.read_bytes_checked(item.file)  # header and file size first: never read a padded file
+    except imaging.ImageTooLarge:
+        out.skip = "too_large"
+        return out
+    except imaging.UnreadableImage as e:
+        out.skip = e.reason
+        return out
+    except (InputError, OSError):
         out.skip = "unreadable"
         return out
     out.data, out.original_sha256 = data, sha256_bytes(data)
@@ -401,15 +466,29 @@ def _inspect(item: Item) -> _Inspected:
     except InputError:
         out.skip = "unreadable"
         return out
-    out.width, out.height = img.size
     fmt = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}.get(img.format or "")
+    turned = _upright(img)
+    if turned is not None:  # viewers turn it by its EXIF orientation; the stages read pixels as stored
+        img, fmt = turned, None
+    out.width, out.height = img.size
     if fmt is not None:
         out.stored, out.ext = data, _VERBATIM[fmt]
-    else:  # BMP, TIFF, GIF...: every stage reads PNG; the original's hash is kept beside the PNG's
+    else:  # BMP, TIFF, GIF, a turned photo...: every stage reads PNG; the original's hash is kept beside it
         buf = io.BytesIO()
         img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
         out.stored, out.converted = buf.getvalue(), True
     return out
+
+
+def _upright(img: Image.Image) -> Image.Image | None:
+    """``img`` turned as its EXIF orientation tells viewers to (phone and camera photos), or None when it
+    has no orientation to apply (or EXIF too damaged to read one: then it stays as stored)."""
+    try:
+        if img.getexif().get(_ORIENTATION, 1) in (None, 1):
+            return None
+        return ImageOps.exif_transpose(img)
+    except (ValueError, TypeError, KeyError, IndexError, OSError, SyntaxError, struct.error):
+        return None
 
 
 def _inspected(items: list[Item], workers: int) -> Iterator[_Inspected]:
@@ -459,7 +538,8 @@ def check_target(run_dir: str | os.PathLike, source: Path, *, kind: str, suite: 
         raise InputError(f"run {run_dir} was imported as --kind {gen.get('kind', 'model')}, not {kind}; "
                          "use the same kind or a new --out")
     if gen.get("suite") != suite:
-        raise InputError(f"run {run_dir} was imported with --suite {gen.get('suite')}, not {suite}; "
+        said = lambda v: f"--suite {v}" if v else "no --suite"  # noqa: E731
+        raise InputError(f"run {run_dir} was imported with {said(gen.get('suite'))}, not {said(suite)}; "
                          "use the same suite or a new --out")
 
 
@@ -477,10 +557,17 @@ def import_run(run_dir: str | os.PathLike, source: str | os.PathLike, *, kind: s
     plan = plan_import(source, suite=suite, subject_column=subject_column, template=template, subject=subject,
                        model=model)
     check_target(run_dir, plan.source, kind=kind, suite=plan.suite)
+    made_folder = not Path(run_dir).exists()
     run = Run.create(run_dir)
     with run.lock():
         summary = _Importer(run, plan, kind=kind, model=model, link=link, credentials=credentials,
                             progress=progress, workers=workers or max(1, min(4, (os.cpu_count() or 2) - 1))).execute()
+        if not summary["images"]:  # bad input into an empty run: leave no empty run behind
+            (run.root / "run.json").unlink(missing_ok=True)
+            if made_folder and only_lock(run.root):
+                shutil.rmtree(run.root, ignore_errors=True)
+            raise InputError(f"{source}: none of the {summary['found']} file(s) could be imported "
+                             f"({describe_skips(summary['skipped'])}); nothing was written")
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     run.record_stage("import", seconds=summary["seconds"], **{k: v for k, v in summary.items()
                                                             if k not in ("run", "seconds")})
@@ -583,7 +670,7 @@ class _Importer:
             scheduler=_signed(signed, "scheduler", str), steps=_signed(signed, "steps", int),
             guidance=_signed(signed, "guidance", float), width=ins.width, height=ins.height, path=rel,
             sha256=sha256_bytes(ins.stored), seconds=None, nsfw=None, origin=IMPORTED,
-            original_path=str(item.file.resolve()), original_sha256=ins.original_sha256, model_source=model_source,
+            original_path=shown(str(item.file.resolve())), original_sha256=ins.original_sha256, model_source=model_source,
             c2pa_manifest=None if creds is None else creds.carried,
             c2pa_status=None if creds is None else creds.status,
             c2pa_claim_generator=None if creds is None else creds.claim_generator,
@@ -596,7 +683,7 @@ class _Importer:
         it as an ingredient find it wherever the run is moved; the path is relative to the run."""
         if path is None:
             return None
-        data = path.read_bytes()
+        data = imaging.read_bytes_checked(path)
         fmt = next((f for f, ext in _VERBATIM.items() if _sniff(data) == f), None)
         if fmt is None:
             buf = io.BytesIO()
@@ -619,7 +706,7 @@ class _Importer:
     def _record_run_info(self) -> None:
         gens = self.run.read_table("generations")
         old = self.run.info.get("generation") or {}
-        sources = list(dict.fromkeys([*old.get("sources", []), str(self.plan.source.resolve())]))
+        sources = list(dict.fromkeys([*old.get("sources", []), shown(str(self.plan.source.resolve()))]))
         info: dict[str, Any] = {"imported": True, "kind": self.kind, "sources": sources,
                                 "suite": self.plan.suite, "images": len(gens)}
         if self.plan.suite is not None:

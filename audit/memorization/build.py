@@ -51,6 +51,9 @@ def _hashes_unit(unit: Unit, hash_name: str, counts: Counter) -> tuple[np.ndarra
     caps = table.column("caption").to_pylist() if "caption" in cols else [None] * len(values)
     for key, value, uri, cap in zip(table.column("key").to_pylist(), values, uris, caps, strict=True):
         counts["seen"] += 1
+        if key is None or not str(key).strip():  # a match would name no training image (it was the text "None")
+            counts["skipped_no_key"] += 1
+            continue
         try:
             code = from_hex(value) if isinstance(value, str) else int(value) & ((1 << 64) - 1)
         except (TypeError, ValueError):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections import Counter
 from contextlib import AbstractContextManager
@@ -290,6 +291,9 @@ class Index:
         if missing:
             raise InputError(f"{meta_file} lacks {', '.join(missing)}; the index is damaged, rebuild it with "
                              "`diffaudit index build`")
+        bad = _bad_meta_field(meta)
+        if bad:
+            raise InputError(f"{meta_file}: {bad}; the index is damaged, rebuild it with `diffaudit index build`")
         idx = cls(root.resolve(), meta)
         idx._meta_stat = stamp
         return idx
@@ -364,7 +368,7 @@ class Index:
     @cached_property
     def codes(self) -> np.ndarray:
         """All codes in id order: the memory-mapped shard itself when there is one, else a concatenation."""
-        parts = [np.load(self.root / "codes" / f"{s['name']}.npy", mmap_mode="r") for s in self.meta["shards"]]
+        parts = [self._shard_file(s, "codes", lambda p: _codes_file(p)) for s in self.meta["shards"]]
         if not parts:
             return np.empty(0, np.uint64)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -376,9 +380,20 @@ class Index:
         seen = _Seen()
         for s in self.meta["shards"]:
             path = self.root / "idents" / f"{s['name']}.npy"
-            seen.add(np.load(path) if path.is_file()
-                     else identities(pq.read_table(self.root / "items" / f"{s['name']}.parquet").to_pandas()))
+            seen.add(self._shard_file(s, "idents", np.load) if path.is_file()
+                     else identities(self._shard_file(s, "items", pq.read_table).to_pandas()))
         return seen
+
+    def _shard_file(self, shard: dict[str, Any], folder: str, load: Any) -> Any:
+        """``load`` one of a shard's files; a missing or damaged file is a one-line ``InputError`` that says
+        how to see the whole damage, not a traceback from numpy or pyarrow."""
+        path = self.root / folder / f"{shard['name']}{'.parquet' if folder == 'items' else '.npy'}"
+        try:
+            return load(path)
+        except (OSError, ValueError, EOFError, pa.ArrowException) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise InputError(f"index {self.root}: {folder}/{path.name} of shard {shard['name']} is missing or "
+                             f"unreadable ({first}); run `diffaudit index info --check {self.root}`") from None
 
     def indexed(self, idents: np.ndarray) -> np.ndarray:
         """Which identity hashes (``identity``) the index already holds."""
@@ -449,7 +464,7 @@ class Index:
         rows = [None] * len(ids)
         for s in np.unique(shard_of):
             info = self.meta["shards"][s]
-            table = pq.read_table(self.root / "items" / f"{info['name']}.parquet")
+            table = self._shard_file(info, "items", pq.read_table)
             where = np.flatnonzero(shard_of == s)
             part = table.take(pa.array(ids[where] - self.offsets[s])).to_pylist()
             for i, row in zip(where, part, strict=True):
@@ -502,6 +517,39 @@ class Index:
                 "count": self.count, "shards": len(self.meta["shards"]), "bytes_on_disk": size,
                 "created": self.meta.get("created"), "updated": self.meta.get("updated"),
                 "counts": self.meta.get("counts", {})}
+
+
+def _codes_file(path: Path) -> np.ndarray:
+    codes = np.load(path, mmap_mode="r", allow_pickle=False)
+    if codes.ndim != 1 or codes.dtype.kind not in "ui" or codes.dtype.itemsize != 8:
+        raise ValueError(f"holds {codes.dtype} of shape {codes.shape}, not a vector of 64-bit codes")
+    return codes
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bad_meta_field(meta: dict[str, Any]) -> str | None:
+    """What makes a meta.json unusable although it has every key: a count that is not a whole number, a
+    shard name that is not a plain file stem (``../x`` would load files outside the index), a unit that
+    is not text. None when it is usable."""
+    if not _count(meta["count"]):
+        return f"count {meta['count']!r} is not a whole number"
+    if not isinstance(meta["hash"], str):
+        return f"hash {meta['hash']!r} is not a hash name"
+    for i, shard in enumerate(meta["shards"]):
+        name = shard["name"]
+        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+            return f"shard {i} is named {name!r}, not a plain file name (letters, digits, '_', '-')"
+        if not _count(shard["count"]):
+            return f"shard {name} has the count {shard['count']!r}, not a whole number"
+        if not isinstance(shard["unit"], str):
+            return f"shard {name} has the unit {shard['unit']!r}, not text"
+    return None
+
+
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

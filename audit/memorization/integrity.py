@@ -107,6 +107,9 @@ def check_index(index: Index, *, sample: int = SAMPLE, seed: int = 0) -> dict[st
             problems.append(f"{where}: items lack the columns {sorted(set(ITEMS.names) - set(table.column_names))}")
             continue
         items = table.select(ITEMS.names).to_pandas()
+        keyless = int(items["key"].isna().sum())
+        if keyless:  # a match would name no training image
+            problems.append(f"{where}: {keyless} item(s) have no key")
         lengths = {"codes": len(codes), "items": len(items)}
         if any(n != count for n in lengths.values()):
             problems.append(f"{where}: meta.json says {count} items but it holds "

@@ -35,7 +35,7 @@ if a.empty or b.empty:
 both = versus(b, a).merge(a[KEYS + ["reference_share"]].rename(columns={"reference_share": "bls"}), on=KEYS,
                           how="left")
 if both.empty:
-    st.warning(f"{run_a.name} and {run_b.name} share no (probe, attribute, occupation, template, label): "
+    st.warning(f"{ui.md(run_a.name)} and {ui.md(run_b.name)} share no (probe, attribute, occupation, template, label): "
                "compare runs of the same suite and probes.")
     st.stop()
 
@@ -65,7 +65,7 @@ st.caption(f"A = **{ui.md(run_a.name)}**{' (a reference run of real images)' if 
            f"template `{ui.md(template)}`. Delta = share in B - share in A, with Newcombe's 95% interval; q: "
            "Fisher's exact test, Benjamini-Hochberg across occupations.")
 if against_real:
-    st.info(f"Model vs real data: **{run_b.name}** against real images of the same subjects. A delta is what "
+    st.info(f"Model vs real data: **{ui.md(run_b.name)}** against real images of the same subjects. A delta is what "
             "the model adds to (or removes from) what the data already holds, read by the same probe.")
 
 m1, m2, m3, m4 = st.columns(4)

@@ -43,7 +43,7 @@ for name in ui.picked():
         continue
     info = run.info
     row = runs[runs["run"] == name].iloc[0]
-    st.subheader(name)
+    st.subheader(ui.md(name))
     st.markdown(f"**{row['kind']}** · **model** {ui.md(row['model'])} · **suite** {ui.md(row['suite'])} · "
                 f"**images** {row['images']} · **created** {ui.md(row['created'])}")
     if row["kind"] in ("imported", "reference"):
