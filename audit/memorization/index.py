@@ -8,7 +8,7 @@ names it, so a crash never leaves a half-indexed shard, and a rerun skips the un
     idents/<shard>.npy        sorted 64-bit hashes of each item's identity (source, member, variant), so that
                               a rebuild over the same sources plus new files adds only the new images
     items/<shard>.parquet     key, uri, caption, source, member, offset, size, variant (row i <-> code i)
-    mih/                      search tables (a cache rebuilt when the count changes)
+    mih/<segment>/            search tables per fixed range of ids (a cache: audit.memorization.search)
 
 Search is exact: multi-index hashing (Norouzi et al., "Fast Search in Hamming Space with Multi-Index
 Hashing", CVPR 2012) splits the 64 bits into m substrings; by the generalized pigeonhole principle a code
@@ -421,43 +421,33 @@ class Index:
         return pd.DataFrame(rows, columns=ITEMS.names).assign(id=ids)
 
     @cached_property
-    def _mih(self) -> MultiIndexHash:
-        cache = self.root / "mih"
-        key = hashlib.sha1(json.dumps(self.meta["shards"], sort_keys=True).encode()).hexdigest()
-        mih = MultiIndexHash.load(cache, self.count, key)
-        if mih is None:
-            mih = MultiIndexHash.build(np.asarray(self.codes), choose_m(self.count), key)
-            try:
-                mih.save(cache)
-            except OSError:  # a read-only index still searches, it just rebuilds the tables next time
-                pass
-        return mih
+    def _mih(self):
+        """The local segment-wise search over this index (``audit.memorization.search``)."""
+        from audit.memorization.search import LocalSearch
+
+        return LocalSearch(self.root, self.meta["shards"])
+
+    def _searcher(self, engine: str | None):
+        from audit.memorization.search import chosen_engine, searcher
+
+        return self._mih if chosen_engine(engine)[0] == "local" else searcher(self.root, self.meta["shards"], engine)
 
     def search(self, queries: np.ndarray, radius: int = DEFAULT_RADIUS,
-               *, method: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Exact radius search: (query index, id, hamming) for every code within ``radius``."""
+               *, method: str = "auto", engine: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact radius search: (query index, id, hamming) for every code within ``radius``, sorted by query,
+        distance, id. Segment by segment (``audit.memorization.search``), here or on Ray (``engine``, default
+        ``search.use_engine``'s or ``$DIFFAUDIT_SEARCH_ENGINE``); the answer is the same either way."""
         if not 0 <= radius <= 64:
             raise InputError(f"radius {radius} must be between 0 and 64")
+        if method not in ("auto", "mih", "flat"):
+            raise ValueError(f"unknown method {method!r}")
         queries = np.asarray(queries, dtype=np.uint64).ravel()
-        if method == "auto":
-            mih_cost = _cost(self.count, choose_m(self.count), radius)
-            method = "mih" if self.count > 65536 and mih_cost < flat_cost(self.count) else "flat"
-        if method == "flat":
-            return flat_search(np.asarray(self.codes), queries, radius)
-        return self._mih.search(queries, radius)
+        return self._searcher(engine).search(queries, radius, method)
 
-    def topk(self, queries: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest codes of each query by a flat scan: (ids, distances), each (n_queries, k)."""
-        codes = np.asarray(self.codes)
-        k = min(k, len(codes))
-        ids = np.zeros((len(queries), k), np.int64)
-        dists = np.zeros((len(queries), k), np.int64)
-        for i, q in enumerate(np.asarray(queries, dtype=np.uint64)):
-            d = popcount(codes ^ q)
-            part = np.argpartition(d, k - 1)[:k] if k < len(d) else np.arange(len(d))
-            order = part[np.lexsort((part, d[part]))]
-            ids[i], dists[i] = order, d[order]
-        return ids, dists
+    def topk(self, queries: np.ndarray, k: int = 5, *, engine: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest codes of each query by a flat scan, shard by shard: (ids, distances), each
+        (n_queries, k), nearest first; ties go to the smaller id."""
+        return self._searcher(engine).topk(np.asarray(queries, dtype=np.uint64).ravel(), k)
 
     def info(self) -> dict[str, Any]:
         """Summary for ``diffaudit index info``."""
