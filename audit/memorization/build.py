@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from audit.memorization.hashing import BATCH, from_hex, get_hasher
+from audit.memorization.hashing import BATCH, get_hasher
 from audit.memorization.index import ITEMS, Index, identity
 from audit.memorization.sources import Record, Unit, iter_files, iter_tar, plan
 from diffaudit.errors import ConfigError, InputError
@@ -29,29 +28,13 @@ from diffaudit.errors import ConfigError, InputError
 ENGINES = ("local", "ray")
 
 
-def _hashes_unit(unit: Unit, hash_name: str, counts: Counter) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Read a parquet of precomputed hashes: ``key`` plus a ``<hash_name>``, ``hash`` or ``code`` column."""
-    table = pq.read_table(unit.path)
-    cols = table.column_names
-    col = next((c for c in (hash_name, "hash", "code") if c in cols), None)
-    if "key" not in cols or col is None:
-        raise InputError(f"{unit.path}: a hash parquet needs a 'key' column and a '{hash_name}', 'hash' or "
-                         f"'code' column (16-digit hex or integer); it has {cols}")
-    codes, rows = [], []
-    values = table.column(col).to_pylist()
-    uris = table.column("uri").to_pylist() if "uri" in cols else [None] * len(values)
-    caps = table.column("caption").to_pylist() if "caption" in cols else [None] * len(values)
-    for key, value, uri, cap in zip(table.column("key").to_pylist(), values, uris, caps, strict=True):
-        counts["seen"] += 1
-        try:
-            code = from_hex(value) if isinstance(value, str) else int(value) & ((1 << 64) - 1)
-        except (TypeError, ValueError):
-            counts["skipped_bad_hash"] += 1
-            continue
-        codes.append(code)
-        rows.append({"key": str(key), "uri": uri, "caption": cap, "source": uri if uri and os.path.isfile(uri)
-                     else None, "member": None, "offset": None, "size": None, "variant": "full"})
-    return np.asarray(codes, dtype=np.uint64), rows
+def _hashes_unit(unit: Unit, hash_name: str, counts: Counter) -> tuple[np.ndarray, pd.DataFrame]:
+    """Read a parquet of precomputed hashes column-wise (``hash_import.read_hash_parquet``)."""
+    from audit.memorization.hash_import import read_hash_parquet
+
+    codes, items, read = read_hash_parquet(unit.path, hash_name)
+    counts.update(read)
+    return codes, items
 
 
 def hash_unit(unit: Unit, hash_name: str, exact: bool = False,

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from diffaudit.errors import InputError
@@ -226,11 +227,30 @@ def _str(value: Any) -> str:
 
 
 def identities(items: pd.DataFrame, origin: str = "") -> np.ndarray:
-    """Identity hashes of item rows: by ``source``, else ``uri``, else ``origin#key`` (a hash parquet row)."""
-    return np.fromiter((identity(_str(src) or _str(uri) or f"{origin}#{key}", _str(member) or None, _str(var))
-                        for src, uri, key, member, var in zip(items["source"], items["uri"], items["key"],
-                                                              items["member"], items["variant"], strict=True)),
-                       dtype=np.uint64, count=len(items))
+    """Identity hashes of item rows: by ``source`` (``identity``, per row: an image file or tar member), else
+    by ``uri``, else ``origin#key`` (a hash parquet row: column-wise, ``hash_import.fast_identities``)."""
+    from audit.memorization.hash_import import _strings, fast_identities, item_where
+
+    out = np.empty(len(items), np.uint64)
+    has_source = np.asarray(pa.compute.fill_null(pa.compute.greater(pa.compute.binary_length(
+        _strings(items["source"])), 0), False), dtype=bool)
+    rows = np.flatnonzero(has_source)
+    if len(rows):
+        part = items.iloc[rows]
+        out[rows] = np.fromiter((identity(_str(src), _str(member) or None, _str(var)) for src, member, var
+                                 in zip(part["source"], part["member"], part["variant"], strict=True)),
+                                dtype=np.uint64, count=len(part))
+    rest = np.flatnonzero(~has_source)
+    if len(rest):
+        part = items if len(rest) == len(items) else items.iloc[rest]
+        out[rest] = fast_identities(item_where(part, origin), _strings(part["member"]), _strings(part["variant"]))
+    return out
+
+
+def unique_sorted(h: np.ndarray) -> np.ndarray:
+    """``np.unique`` of uint64 by a sort (numpy 2.4's hash-based ``np.unique`` is ~20x slower here)."""
+    h = np.sort(np.asarray(h, np.uint64))
+    return h[np.concatenate([[True], h[1:] != h[:-1]])] if len(h) else h
 
 
 class _Seen:
@@ -251,7 +271,7 @@ class _Seen:
         return found
 
     def add(self, h: np.ndarray) -> None:
-        run = np.unique(np.asarray(h, np.uint64))
+        run = unique_sorted(h)
         while self.runs and len(self.runs[-1]) <= len(run):
             run = np.sort(np.concatenate([self.runs.pop(), run]), kind="stable")  # merges two sorted runs
         if len(run):
@@ -379,7 +399,7 @@ class Index:
             codes, items, idents = np.asarray(codes)[keep], items[keep], idents[keep]
         name = f"{len(self.meta['shards']):06d}"
         if len(codes):
-            atomic_write_bytes(self.root / "idents" / f"{name}.npy", _npy_bytes(np.unique(idents)))
+            atomic_write_bytes(self.root / "idents" / f"{name}.npy", _npy_bytes(unique_sorted(idents)))
             buf = _npy_bytes(np.asarray(codes, dtype=np.uint64))
             atomic_write_bytes(self.root / "codes" / f"{name}.npy", buf)
             table = pa.Table.from_pandas(items[ITEMS.names].reset_index(drop=True), schema=ITEMS, preserve_index=False)
