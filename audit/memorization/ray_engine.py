@@ -145,15 +145,15 @@ class RaySearch:
     @classmethod
     def get(cls, root: str | os.PathLike, shards: list[dict[str, Any]], *, address: str | None = None,
             actors: int | None = None) -> RaySearch:
-        """The live ``RaySearch`` for this index and shard list, started if needed; an older one for the
-        same index (before it grew) is stopped."""
+        """The live ``RaySearch`` for this index and shard list, started if needed. One lives per process:
+        another one (another index, or this one before it grew) is stopped first, so that its actors give
+        their CPUs back."""
         from audit.memorization.search import segments
 
         root = str(Path(root).resolve())
         key = (root, tuple(s.key for s in segments(shards)), address, actors)
         if key not in cls._live:
-            for old in [k for k in cls._live if k[0] == root]:
-                cls._live.pop(old).close()
+            cls.close_all()
             cls._live[key] = cls(root, shards, address=address, actors=actors)
         return cls._live[key]
 

@@ -357,12 +357,11 @@ _CHOSEN: dict[str, str | None] = {}
 
 def use_engine(engine: str | None, address: str | None = None) -> None:
     """Make ``engine`` ('local' or 'ray', at ``address``) the default of ``Index.search``/``topk`` in this
-    process (the CLI's ``--engine``); ``None`` goes back to ``$DIFFAUDIT_SEARCH_ENGINE`` or 'local'."""
+    process (the CLI's ``--engine``, ``--ray-address``); ``None`` leaves each to the environment."""
     if engine is not None and engine not in ENGINES:
         raise ConfigError(f"unknown search engine {engine!r}; choose from {', '.join(ENGINES)}")
     _CHOSEN.clear()
-    if engine is not None:
-        _CHOSEN.update(engine=engine, address=address)
+    _CHOSEN.update(engine=engine, address=address)
 
 
 def chosen_engine(engine: str | None = None) -> tuple[str, str | None]:
