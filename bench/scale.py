@@ -331,7 +331,7 @@ def project(r: dict, machines: tuple[int, ...] = (1, 4, 16, 64), cores: int = 16
                         "qps": round(min(m * cores, segs) * one_core_qps, 1),
                         "one_query_ms": round(per_seg_ms * math.ceil(segs / (m * cores)) + call_ms, 1),
                         "tables_per_machine_gb": round(tables_b * LAION_2B / 1e9 / m, 1),
-                        "tables_build_hours": round(tables_s_per_code * LAION_2B / 3600 / (m * cores), 2)}
+                        "tables_build_minutes": round(tables_s_per_code * LAION_2B / 60 / min(m * cores, segs), 1)}
                        for m in machines]
     if fa:
         faiss_qps_2b = fa["qps"] * fa["codes"] / LAION_2B

@@ -9,10 +9,11 @@ grown sources adds only the new images; indexed image files are not even read ag
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -100,10 +101,17 @@ def _local(units: list[Unit], hash_name: str, exact: bool, square: bool, workers
         return
     from concurrent.futures import ProcessPoolExecutor
 
-    n = len(units)
     pool = ProcessPoolExecutor(workers)
-    try:
-        yield from pool.map(hash_unit, units, [hash_name] * n, [exact] * n, [square] * n)
+    pending: deque = deque()
+    todo = iter(units)
+    try:  # at most 2 results per worker wait for the driver: finished units do not pile up in memory
+        for u in itertools.islice(todo, 2 * workers):
+            pending.append(pool.submit(hash_unit, u, hash_name, exact, square))
+        while pending:
+            done = pending.popleft().result()
+            for u in itertools.islice(todo, 1):
+                pending.append(pool.submit(hash_unit, u, hash_name, exact, square))
+            yield done
     finally:  # on Ctrl-C, drop the queued units instead of finishing them all
         pool.shutdown(wait=True, cancel_futures=True)
 
