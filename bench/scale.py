@@ -16,6 +16,7 @@ Prints JSON lines, each phase measured in its own process (so each peak RSS is t
   project   the figures projected to 2.3B codes and to N machines, with the assumptions printed
 
     nice -n 10 python bench/scale.py [--quick] [--codes N] [--queries Q] [--workers W] [--workdir DIR] [--keep]
+    python bench/scale.py --project-from bench/results/scale-100m-cpu2-2026-12-02.jsonl [--cores-per-machine C]
 """
 
 from __future__ import annotations
@@ -311,7 +312,9 @@ def project(r: dict, machines: tuple[int, ...] = (1, 4, 16, 64), cores: int = 16
             "search tables stay in the page cache (warm); colder, each query reads pages from disk",
             f"tables {tables_b:.1f} B/code and codes {codes_b:.1f} B/code as measured; disk {disk_b:.1f} B/code in all",
             f"Ray: segments spread evenly over machines x {cores} cores, one actor per core, queries answered "
-            "in parallel by all actors; the merge and the per-call overhead (measured below) are added once",
+            "in parallel by all actors; the merge and the per-call overhead (measured below) are added once; "
+            "queries come in batches (audit memorization sends a run's codes in one call)",
+            "every node reads the index from a shared file system that does not limit table reads or writes",
             f"import: {imp['rows_per_s']:,} rows/s with {imp['workers']} workers here; appending is one writer "
             "(the driver), so more machines do not speed the import; tables build in parallel on the actors",
             "the build's driver holds 8 B per code of identities in RAM (index._Seen)",
@@ -371,7 +374,14 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--project-from", type=Path, default=None,
+                   help="print only the projection, from the JSON lines of an earlier run")
+    p.add_argument("--cores-per-machine", type=int, default=16)
     args = p.parse_args()
+    if args.project_from:
+        lines = [json.loads(x) for x in args.project_from.read_text().splitlines() if x.strip()]
+        emit(**project({x["phase"]: x for x in lines if "phase" in x}, cores=args.cores_per_machine))
+        return
     args.codes = args.codes or (2_000_000 if args.quick else 100_000_000)
     args.queries = args.queries or (500 if args.quick else 2000)
     args.faiss_queries = args.faiss_queries or (200 if args.quick else 500)
@@ -417,7 +427,7 @@ def main() -> None:
              exact_both=r["faiss"]["answers_equal"] and r["search"]["planted_recall"] == 1.0)
         if not args.no_ray:
             r["ray"] = run_phase("ray", args, work)
-        emit(**project(r))
+        emit(**project(r, cores=args.cores_per_machine))
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
