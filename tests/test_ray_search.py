@@ -92,3 +92,15 @@ def test_cli_query_with_ray_engine_matches_local(tmp_path, ray_cluster, monkeypa
     search.use_engine(None)
     assert out["ray"] == out["local"] and out["local"]["nearest"][0]["key"] == "2.png"
     assert any(m["key"] == "2.png" and m["hamming"] == 0 for m in out["local"]["matches"])
+
+
+def test_actors_that_cannot_read_the_index_give_one_line_error(tmp_path, ray_cluster):
+    from audit.memorization.ray_engine import RaySearch
+    from diffaudit.errors import ConfigError
+
+    codes = np.random.default_rng(1).integers(0, 2**64 - 1, 1000, dtype=np.uint64)
+    index = make_index(tmp_path / "idx", codes, [])
+    (tmp_path / "idx" / "codes" / "000000.npy").unlink()  # as on a node that does not see the folder
+    with pytest.raises(ConfigError, match="same path"):
+        RaySearch.get(index.root, index.meta["shards"])
+    assert not RaySearch._live

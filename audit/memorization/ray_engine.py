@@ -135,12 +135,17 @@ class RaySearch:
         self.root = str(Path(root).resolve())
         self.segments = segments(shards, segment_codes)
         self.count = self.segments[-1].hi if self.segments else 0
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        want = actors or int(os.environ.get("DIFFAUDIT_RAY_ACTORS", 0)) or cpus
+        free = int(ray.available_resources().get("CPU", 0))  # actors beyond the free CPUs would wait forever
+        want = actors or int(os.environ.get("DIFFAUDIT_RAY_ACTORS", 0)) or max(1, free)
         groups = assign(self.segments, want) if self.segments else []
         worker = ray.remote(num_cpus=1)(SegmentWorker)
         self.actors = [worker.remote(self.root, g, warm) for g in groups]
-        self.layout = ray.get([a.info.remote() for a in self.actors])  # waits for every table to load
+        try:
+            self.layout = ray.get([a.info.remote() for a in self.actors])  # waits for every table to load
+        except ray.exceptions.RayError as e:
+            self.close()
+            raise ConfigError(f"Ray actors could not open the index {self.root} ({str(e).splitlines()[-1]}); every "
+                              "node needs diffaudit installed and the index folder at the same path") from None
 
     @classmethod
     def get(cls, root: str | os.PathLike, shards: list[dict[str, Any]], *, address: str | None = None,
@@ -178,7 +183,7 @@ class RaySearch:
     def close(self) -> None:
         """Stop the actors (their tables go with them)."""
         ray = _ray()
-        for a in self.actors:
+        for a in getattr(self, "actors", []):
             ray.kill(a)
         self.actors = []
         for key in [k for k, v in RaySearch._live.items() if v is self]:
