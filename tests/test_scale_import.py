@@ -148,3 +148,13 @@ def test_bad_hash_parquets_are_one_line_errors(tmp_path):
     nokey = write(tmp_path / "n.parquet", id=["a"], phash=["00000000000000ff"])
     with pytest.raises(InputError, match="needs a 'key' column"):
         build_index([nokey], str(tmp_path / "i2"), progress=False, workers=1)
+
+
+def test_a_truncated_hash_parquet_is_a_one_line_error(tmp_path):
+    good = write(tmp_path / "g.parquet", key=[str(i) for i in range(1000)],
+                 phash=[format(i, "016x") for i in range(1000)])
+    data = open(good, "rb").read()
+    broken = tmp_path / "b.parquet"
+    broken.write_bytes(data[:200] + data[-300:])  # the footer survives, the column chunks do not
+    with pytest.raises(InputError, match="not a readable parquet"):
+        build_index([str(broken)], str(tmp_path / "idx"), progress=False, workers=1)

@@ -177,7 +177,10 @@ def read_hash_parquet(path: str, hash_name: str) -> tuple[np.ndarray, pd.DataFra
         raise InputError(f"{path}: column {col!r} holds {typ}; hashes must be 16-digit hex strings or "
                          "uint64/int64 integers")
     uri_col, cap_col = _pick(cols, URI_COLUMNS), _pick(cols, CAPTION_COLUMNS)
-    table = pq.read_table(path, columns=[c for c in ("key", col, uri_col, cap_col) if c])
+    try:
+        table = pq.read_table(path, columns=[c for c in ("key", col, uri_col, cap_col) if c])
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path} is not a readable parquet file of hashes ({str(e).splitlines()[0]})") from None
     counts: Counter = Counter(seen=table.num_rows)
     values = table.column(col)
     codes, valid = int_codes(values) if pa.types.is_integer(typ) else hex_codes(values)
