@@ -9,10 +9,11 @@ grown sources adds only the new images; indexed image files are not even read ag
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,49 +21,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from audit.memorization.hashing import BATCH, from_hex, get_hasher
+from audit.memorization.hashing import BATCH, get_hasher
 from audit.memorization.index import ITEMS, Index, identity
-from audit.memorization.sources import Record, Unit, iter_files, iter_tar, plan, read_hash_schema
+from audit.memorization.sources import Record, Unit, iter_files, iter_tar, plan
 from diffaudit.errors import ConfigError, InputError
 from diffaudit.runs import LOCK_FILE, reserve
 
 ENGINES = ("local", "ray")
 
 
-def _hashes_unit(unit: Unit, hash_name: str, counts: Counter) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Read a parquet of precomputed hashes: ``key`` plus a ``<hash_name>``, ``hash`` or ``code`` column."""
-    read_hash_schema(unit.path)
-    try:
-        table = pq.read_table(unit.path)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{unit.path} is not a readable parquet file of hashes ({str(e).splitlines()[0]})") \
-            from None
-    cols = table.column_names
-    col = next((c for c in (hash_name, "hash", "code") if c in cols), None)
-    if "key" not in cols or col is None:
-        raise InputError(f"{unit.path}: a hash parquet needs a 'key' column and a '{hash_name}', 'hash' or "
-                         f"'code' column (16-digit hex or integer); it has {cols}")
-    codes, rows = [], []
-    values = table.column(col).to_pylist()
-    uris = table.column("uri").to_pylist() if "uri" in cols else [None] * len(values)
-    caps = table.column("caption").to_pylist() if "caption" in cols else [None] * len(values)
-    for key, value, uri, cap in zip(table.column("key").to_pylist(), values, uris, caps, strict=True):
-        counts["seen"] += 1
-        if key is None or not str(key).strip():  # a match would name no training image (it was the text "None")
-            counts["skipped_no_key"] += 1
-            continue
-        try:
-            code = from_hex(value) if isinstance(value, str) else int(value) & ((1 << 64) - 1)
-        except (TypeError, ValueError):
-            counts["skipped_bad_hash"] += 1
-            continue
-        codes.append(code)
-        rows.append({"key": str(key), "uri": uri, "caption": cap, "source": uri if uri and os.path.isfile(uri)
-                     else None, "member": None, "offset": None, "size": None, "variant": "full"})
-    return np.asarray(codes, dtype=np.uint64), rows
+def _hashes_unit(unit: Unit, hash_name: str, counts: Counter) -> tuple[np.ndarray, pd.DataFrame]:
+    """Read a parquet of precomputed hashes column-wise (``hash_import.read_hash_parquet``)."""
+    from audit.memorization.hash_import import read_hash_parquet
+
+    codes, items, read = read_hash_parquet(unit.path, hash_name)
+    counts.update(read)
+    return codes, items
 
 
 def hash_unit(unit: Unit, hash_name: str, exact: bool = False,
@@ -128,10 +103,17 @@ def _local(units: list[Unit], hash_name: str, exact: bool, square: bool, workers
         return
     from concurrent.futures import ProcessPoolExecutor
 
-    n = len(units)
     pool = ProcessPoolExecutor(workers)
-    try:
-        yield from pool.map(hash_unit, units, [hash_name] * n, [exact] * n, [square] * n)
+    pending: deque = deque()
+    todo = iter(units)
+    try:  # at most 2 results per worker wait for the driver: finished units do not pile up in memory
+        for u in itertools.islice(todo, 2 * workers):
+            pending.append(pool.submit(hash_unit, u, hash_name, exact, square))
+        while pending:
+            done = pending.popleft().result()
+            for u in itertools.islice(todo, 1):
+                pending.append(pool.submit(hash_unit, u, hash_name, exact, square))
+            yield done
     finally:  # on Ctrl-C, drop the queued units instead of finishing them all
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -72,9 +72,15 @@ def index_query(
     radius: int = typer.Option(10, "--radius", min=0, max=64, help="Hamming radius (exact search)."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Also list this many nearest codes."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
+    engine: Engine = typer.Option(None, "--engine", help="Search here, segment by segment (local, the default), "
+                                                         "or on Ray (default: $DIFFAUDIT_SEARCH_ENGINE)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
 ) -> None:
     """Find training images near any image you bring (hash match within radius, then confirmed)."""
     from audit.memorization.check import query_files
+    from audit.memorization.search import use_engine
+
+    use_engine(engine and engine.value, ray_address)
 
     for result in query_files([str(f) for f in files], index, radius=radius, top_k=top_k):
         if as_json:
@@ -94,8 +100,14 @@ def audit_memorization(
     run: Path = typer.Argument(..., help="A run folder."),
     index: Path = typer.Option(..., "--index", help="A training-set index (`diffaudit index build`)."),
     radius: int = typer.Option(10, "--radius", min=0, max=64, help="Hamming radius (exact search)."),
+    engine: Engine = typer.Option(None, "--engine", help="Search here, segment by segment (local, the default), "
+                                                         "or on Ray (default: $DIFFAUDIT_SEARCH_ENGINE)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
 ) -> None:
     """Check a run's images against a training-set index -> memorization/matches + rates + evidence."""
     from audit.memorization.check import check_run
+    from audit.memorization.search import use_engine
+
+    use_engine(engine and engine.value, ray_address)
 
     typer.echo(json.dumps(check_run(run, index, radius=radius), indent=2))
