@@ -278,8 +278,8 @@ class Run:
                 arrow = pq.read_table(f)
         except (OSError, pa.ArrowException) as e:
             raise SchemaError(f"{path} is not a readable parquet table: {e}") from e
-        _schema.check_arrow(table, arrow, str(path))
-        return arrow.to_pandas()
+        # Integer columns with nulls stay exact (Python ints and None), not float64: a 63-bit seed survives.
+        return _schema.check_arrow(table, arrow, str(path)).to_pandas(integer_object_nulls=True)
 
     def append_rows(self, table: str, df: pd.DataFrame, *, key: str | None = None) -> pd.DataFrame:
         """Append rows to a table atomically; with ``key``, a new row replaces an old one with the same key."""
