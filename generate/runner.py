@@ -32,6 +32,7 @@ from diffaudit.config import GenerationConfig
 from diffaudit.errors import ConfigError, InputError
 from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes
 from generate.models import Pipelines, check_scheduler, load_pipelines
+from generate.scores import MEAN_STEPS, ScoreRecorder, Scores
 from generate.sources import prepare
 from prompts.suites import Request, expand, suite_path
 
@@ -116,6 +117,13 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
         "noise": "per image: torch.Generator('cpu').manual_seed(seed), drawn in the model's dtype as diffusers "
                  "draws it; independent of batch size and order",
         "requests": len(requests), "images": len(jobs),
+        "memorization_score": {
+            "definition": "Wen et al. (ICLR 2024): per image, || eps(x_t, prompt) - eps(x_t, empty) ||_2 over the "
+                          "latent, from the CFG batch's two halves (no extra UNet call); null without CFG or with "
+                          "a negative prompt",
+            "mean_steps": MEAN_STEPS,
+            "latent_shape": [pipes.txt2img.unet.config.out_channels, height // pipes.txt2img.vae_scale_factor,
+                             width // pipes.txt2img.vae_scale_factor]},
     }
     _check_resume(Path(run_dir), plan.settings)
     return plan
@@ -175,7 +183,7 @@ class _Generator:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), unit="img", desc="generate", disable=not self.progress, smoothing=0.1)
-        writes: deque[tuple[list[Future], list[dict[str, Any]]]] = deque()
+        writes: deque[tuple[list[Future], list[dict[str, Any]], Scores]] = deque()
         workers = max(1, min(4, (os.cpu_count() or 2) - 1))
         last = time.perf_counter()
         try:
@@ -184,19 +192,19 @@ class _Generator:
                     for queue in groups.values():
                         while queue:
                             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
-                            pixels, nsfw = self._generate(batch)
+                            out = self._generate(batch)
                             now = time.perf_counter()  # batch to batch: device work is partly asynchronous
                             seconds, last = (now - last) / len(batch), now
                             futures = [pool.submit(_write_png, self.run.image_path(j.request.prompt_id, j.seed),
-                                                   pixels, k) for k, j in enumerate(batch)]
-                            rows = [self._row(j, seconds, None if nsfw is None else nsfw[k])
+                                                   out.pixels, k) for k, j in enumerate(batch)]
+                            rows = [self._row(j, seconds, None if out.nsfw is None else out.nsfw[k])
                                     for k, j in enumerate(batch)]
-                            writes.append((futures, rows))
+                            writes.append((futures, rows, out.scores))
                             while len(writes) > 1:  # keep one batch of writes in flight behind the device
-                                self._collect(*writes.popleft(), bar)
+                                self._collect(*writes.popleft(), bar=bar)
                 finally:
                     while writes:  # also on Ctrl-C / errors: record what reached the disk
-                        self._collect(*writes.popleft(), bar)
+                        self._collect(*writes.popleft(), bar=bar)
                     self._flush_rows(force=True)
         finally:
             bar.close()
@@ -218,9 +226,10 @@ class _Generator:
         return {j.image_id for j in self.plan.jobs
                 if recorded.get(j.image_id) == tuple(_plain(getattr(j.request, k)) for k in REQUEST_KEYS)}
 
-    def _collect(self, futures: list[Future], rows: list[dict[str, Any]], bar) -> None:
-        for fut, row in zip(futures, rows, strict=True):
+    def _collect(self, futures: list[Future], rows: list[dict[str, Any]], scores: Scores, bar) -> None:
+        for fut, row, cells in zip(futures, rows, scores.rows(len(rows)), strict=True):
             row["sha256"] = fut.result()
+            row.update(cells)
             self.rows.append(row)
             bar.update(1)
         self._flush_rows()
@@ -231,8 +240,8 @@ class _Generator:
             self.rows = []
             self.last_flush = time.perf_counter()
 
-    def _generate(self, batch: list[Job]) -> tuple[HostPixels, list[bool] | None]:
-        """Pixels (B, H, W, 3) uint8 and NSFW flags; on CUDA OOM, halve the batch and go on."""
+    def _generate(self, batch: list[Job]) -> BatchResult:
+        """One batch's pixels, NSFW flags and scores; on CUDA OOM, halve the batch and go on."""
         import torch
 
         n = len(batch)
@@ -240,44 +249,23 @@ class _Generator:
         if self.plan.pipes.compiled and n < self.batch_size:  # same shape as full batches: no recompile
             padded = batch + [batch[-1]] * (self.batch_size - n)
         try:
-            pixels = self._call(padded)[:n]
+            out = self._call(padded)[:n]
         except torch.cuda.OutOfMemoryError:
             if len(padded) == 1:
                 raise
-            pixels = None  # retry below, outside the handler: its traceback pins the failed call's tensors
-        if pixels is not None:
-            return pixels, (self.plan.pipes.flag_nsfw(pixels.wait()) if self.plan.pipes.flags_nsfw else None)
+            out = None  # retry below, outside the handler: its traceback pins the failed call's tensors
+        if out is not None:
+            if self.plan.pipes.flags_nsfw:
+                out.nsfw = self.plan.pipes.flag_nsfw(out.pixels.wait())
+            return out
         torch.cuda.empty_cache()
         self.batch_size = max(1, len(padded) // 2)
         print(f"CUDA out of memory at batch {len(padded)}; going on with batch {self.batch_size}")
         parts = [self._generate(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
-        flags = [f for _, fl in parts if fl is not None for f in fl]
-        return HostPixels(np.concatenate([p.wait() for p, _ in parts])), (flags if parts[0][1] is not None else None)
+        return BatchResult.concat(parts)
 
-    def _call(self, batch: list[Job]) -> HostPixels:
-        import torch
-
-        plan, pipes = self.plan, self.plan.pipes
-        req = batch[0].request
-        pipe = pipes.for_mode(req.mode)
-        w, h = plan.size
-        gens = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
-        kwargs: dict[str, Any] = dict(
-            prompt=[j.request.prompt for j in batch], negative_prompt=[j.request.negative_prompt for j in batch],
-            num_inference_steps=plan.settings["steps"], guidance_scale=plan.settings["guidance"],
-            generator=gens, output_type="pt")
-        if req.mode == "txt2img":
-            shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
-            latents = initial_noise(gens, shape, pipes.dtype).to(pipes.device)
-            kwargs.update(height=h, width=w, latents=latents)
-        else:
-            source, mask = plan.sources[(req.source_image, req.mask)]
-            kwargs.update(image=[source] * len(batch), strength=req.strength)
-            if req.mode == "inpaint":
-                kwargs.update(mask_image=[mask] * len(batch), height=h, width=w)
-        with torch.inference_mode():
-            images = pipe(**kwargs).images
-            return HostPixels.from_device((images.float().clamp(0, 1) * 255).round().to(torch.uint8))
+    def _call(self, batch: list[Job]) -> BatchResult:
+        return generate_batch(self.plan, batch)
 
     def _row(self, job: Job, seconds: float, nsfw: bool | None) -> dict[str, Any]:
         r, s = job.request, self.plan.settings
@@ -288,6 +276,55 @@ class _Generator:
             model_revision=s["model_revision"], scheduler=s["scheduler"], steps=s["steps"],
             guidance=float(s["guidance"]), width=s["width"], height=s["height"],
             path=self.run.image_relpath(r.prompt_id, job.seed), sha256="", seconds=float(seconds), nsfw=nsfw)
+
+
+@dataclass
+class BatchResult:
+    """What one pipeline call made: pixels (perhaps still arriving from the GPU), scores, NSFW flags."""
+
+    pixels: HostPixels
+    scores: Scores
+    nsfw: list[bool] | None = None
+
+    def __getitem__(self, index: slice) -> BatchResult:
+        return BatchResult(self.pixels[index], self.scores[index], None if self.nsfw is None else self.nsfw[index])
+
+    @staticmethod
+    def concat(parts: list[BatchResult]) -> BatchResult:
+        flags = None if parts[0].nsfw is None else [f for p in parts for f in p.nsfw]
+        return BatchResult(HostPixels(np.concatenate([p.pixels.wait() for p in parts])),
+                           Scores.concat([p.scores for p in parts]), flags)
+
+
+def generate_batch(plan: Plan, batch: Sequence[Job]) -> BatchResult:
+    """One pipeline call for jobs of one group (same mode, source, mask, strength): the per-batch step of a
+    run, free of run-folder I/O, so that another engine (a Ray worker holding its own ``Plan``) can call it.
+    Returns uint8 pixels and the memorization scores recorded from the CFG halves (no extra UNet call)."""
+    import torch
+
+    pipes = plan.pipes
+    req = batch[0].request
+    pipe = pipes.for_mode(req.mode)
+    w, h = plan.size
+    gens = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+    kwargs: dict[str, Any] = dict(
+        prompt=[j.request.prompt for j in batch], negative_prompt=[j.request.negative_prompt for j in batch],
+        num_inference_steps=plan.settings["steps"], guidance_scale=plan.settings["guidance"],
+        generator=gens, output_type="pt")
+    if req.mode == "txt2img":
+        shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+        latents = initial_noise(gens, shape, pipes.dtype).to(pipes.device)
+        kwargs.update(height=h, width=w, latents=latents)
+    else:
+        source, mask = plan.sources[(req.source_image, req.mask)]
+        kwargs.update(image=[source] * len(batch), strength=req.strength)
+        if req.mode == "inpaint":
+            kwargs.update(mask_image=[mask] * len(batch), height=h, width=w)
+    empty_negative = [not j.request.negative_prompt for j in batch]  # Wen et al.'s score needs the empty prompt
+    with torch.inference_mode(), ScoreRecorder(pipe.unet, len(batch), empty_negative) as recorder:
+        images = pipe(**kwargs).images
+        pixels = HostPixels.from_device((images.float().clamp(0, 1) * 255).round().to(torch.uint8))
+    return BatchResult(pixels, recorder.scores())
 
 
 def _plain(value: Any) -> Any:
