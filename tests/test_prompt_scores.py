@@ -225,27 +225,74 @@ def tiny_auc_suites(folder: Path) -> Path:
     return folder / "both.yaml"
 
 
-def test_audit_memorization_without_an_index_on_a_tiny_run(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> Path:
+    """A runs root with one tiny run of both stand-in suites, scored without an index (threshold 0)."""
     from diffaudit.config import GenerationConfig
     from generate.runner import generate_run
 
-    cfg = GenerationConfig(suite=str(tiny_auc_suites(tmp_path / "s")), model="tiny", images_per_prompt=2, steps=2,
-                           width=32, height=32, seed=0, batch_size=8)
-    generate_run(tmp_path / "run", cfg, progress=False)
-    result = CliRunner().invoke(app, ["audit", "memorization", str(tmp_path / "run"), "--threshold", "0"])
+    root = tmp_path_factory.mktemp("runs")
+    cfg = GenerationConfig(suite=str(tiny_auc_suites(root.parent / "suites")), model="tiny", images_per_prompt=2,
+                           steps=2, width=32, height=32, seed=0, batch_size=8)
+    generate_run(root / "mem-auc", cfg, progress=False)
+    result = CliRunner().invoke(app, ["audit", "memorization", str(root / "mem-auc"), "--threshold", "0"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    (root / "summary.json").write_text(result.output)
+    return root
+
+
+def test_audit_memorization_without_an_index_on_a_tiny_run(tiny_runs, tmp_path):
+    run_dir = tiny_runs / "mem-auc"
+    summary = json.loads((tiny_runs / "summary.json").read_text())
     assert summary["scored_images"] == 30 and summary["prompts"] == 15
     assert summary["flagged_prompts"] == 15  # every score is > 0
     assert summary["auc"]["memorized_prompts"] == 3 and summary["auc"]["ordinary_prompts"] == 12
     assert summary["auc"]["note"] and "plumbing" in summary["caution"]
-    table = Run.open(tmp_path / "run").read_table("memorization/prompt_scores")
+    table = Run.open(run_dir).read_table("memorization/prompt_scores")
     assert len(table) == 15 and table["rank"].tolist() == list(range(1, 16))
-    result = CliRunner().invoke(app, ["audit", "memorization-calibrate", str(tmp_path / "run"), "--fpr", "0.5",
+    result = CliRunner().invoke(app, ["audit", "memorization-calibrate", str(run_dir), "--fpr", "0.5",
                                       "--suite", "ordinary_sd1", "--out", str(tmp_path / "cal.json")])
     assert result.exit_code == 0, result.output
     cal = json.loads((tmp_path / "cal.json").read_text())
     assert cal["model"] == "tiny" and cal["latent_shape"] == [4, 16, 16]
-    result = CliRunner().invoke(app, ["audit", "memorization", str(tmp_path / "run"), "--threshold",
-                                      str(tmp_path / "cal.json")])
+    result = CliRunner().invoke(app, ["audit", "memorization", str(run_dir), "--threshold", str(tmp_path / "cal.json")])
     assert result.exit_code == 0 and json.loads(result.output)["threshold"]["source"] == "calibration"
+    ps.score_run(run_dir, threshold=0)  # back to what the report and dashboard tests expect
+
+
+def test_report_has_the_memorization_scores_section(tiny_runs):
+    from diffaudit.report import build_report
+
+    md, html_path = build_report(tiny_runs / "mem-auc")
+    text = md.read_text()
+    section = text[text.index("## Memorization scores"):text.index("## Provenance")]
+    assert "**15 flagged**" in section and "evidence, not proof" in section
+    assert "AUC" in section and "3 known-memorized" in section and "12 ordinary" in section
+    assert "Sony Won't Release <i>The Interview</i> on VOD" not in html_path.read_text()  # escaped in HTML
+    assert "&lt;i&gt;The Interview&lt;/i&gt;" in html_path.read_text()
+    assert "prove the plumbing" in section
+    assert html_path.read_text().count("<svg") >= 1
+
+
+def test_dashboard_page_shows_scores_flags_and_images(tiny_runs, monkeypatch):
+    from fixtures_runs import open_app
+
+    at = open_app(tiny_runs, ["mem-auc"], monkeypatch)
+    at.switch_page("views/memorization_scores.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Prompts flagged"] == "15 of 15" and metrics["Threshold"] == "0"
+    assert "Detector AUC on this run" in metrics
+    flagged = at.table[0].value
+    top = Run.open(tiny_runs / "mem-auc").read_table("memorization/prompt_scores").iloc[0]
+    assert len(flagged) == 15 and flagged.iloc[0]["prompt_id"] == ui_md(top["prompt_id"])
+    assert len(at.get("vega_lite_chart")) == 1
+    assert any("plumbing" in w.value for w in at.warning)
+    captions = [c for img in at.image for c in img.captions]  # the first flagged prompt's two images
+    assert len(captions) == 2 and all(c.startswith(top["prompt_id"]) for c in captions)
+
+
+def ui_md(text: str) -> str:
+    from dashboard.ui import md
+
+    return md(text)
