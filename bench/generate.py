@@ -14,6 +14,11 @@ JSON lines (also appended to ``--log``); the ``figure`` line has the ratio and m
 against a bf16 matmul peak measured in the same run (fp32 on CPU).
 
     python bench/generate.py [--images-per-prompt N] [--no-compile] [--budget-s S] [--log F] [--profile F]
+    python bench/generate.py --score-overhead [--repeats R]
+
+``--score-overhead``: the runner with and without the memorization-score hook (``generate.scores``),
+alternated ``R`` times on the same pipeline (the tiny model on CPU; SD 1.5 architecture on CUDA), so that
+the ratio of medians is read against the spread of each variant's repeats: that spread is the noise.
 """
 
 from __future__ import annotations
@@ -269,6 +274,92 @@ def profile(pipe, settings: dict, batch: int, path: Path) -> None:
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
+class _NoRecorder:
+    """Stands in for ``ScoreRecorder``: no hook, no scores (the runner as it was before it recorded them)."""
+
+    def __init__(self, unet, n, valid=None, mean_steps=0):
+        self.n = n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def scores(self):
+        from generate.scores import Scores
+
+        return Scores.none(self.n)
+
+
+def score_overhead(repeats: int) -> None:
+    """Alternate runs with and without the score hook; print per-variant medians, spreads and their ratio."""
+    import statistics
+
+    import torch
+
+    import generate.runner as runner
+    from diffaudit.config import GenerationConfig
+    from generate.models import load_pipelines, wrap_pipeline
+    from generate.runner import generate_run
+    from generate.scores import ScoreRecorder
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        pipe = build_sd15().to("cuda", torch.float16)
+        pipes = wrap_pipeline(pipe, spec="sd15-random", kind="bench", revision=None, steps=25, guidance=7.5,
+                              device="cuda", dtype=torch.float16)
+        size, steps, ipp, batch = 512, 25, 4, 16
+    else:
+        torch.set_num_threads(1)
+        pipes, size, steps, ipp, batch = load_pipelines("tiny"), 64, 10, 2, 8
+    rates: dict[str, list[float]] = {"hook": [], "no_hook": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        suite = write_suite(Path(tmp))
+        cfg = GenerationConfig(suite=str(suite), model="bench", images_per_prompt=ipp, steps=steps, guidance=7.5,
+                               width=size, height=size, batch_size=batch)
+        generate_run(Path(tmp) / "warmup", cfg, progress=False, pipelines=pipes)
+        for r in range(repeats):
+            for variant in (("hook", "no_hook") if r % 2 == 0 else ("no_hook", "hook")):
+                runner.ScoreRecorder = ScoreRecorder if variant == "hook" else _NoRecorder
+                try:
+                    out = generate_run(Path(tmp) / f"{variant}{r}", cfg, progress=False, pipelines=pipes)
+                finally:
+                    runner.ScoreRecorder = ScoreRecorder
+                rates[variant].append(out["images"] / out["seconds"])
+    # The hook's own work, timed apart: one subtraction and one norm on a UNet output, against one UNet call.
+    unet = pipes.txt2img.unet
+    f = pipes.txt2img.vae_scale_factor
+    x = torch.randn(2 * batch, unet.config.in_channels, size // f, size // f, device=pipes.device, dtype=pipes.dtype)
+    ctx = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, device=pipes.device, dtype=pipes.dtype)
+    from generate.scores import text_noise_norm
+
+    with torch.inference_mode():
+        eps = unet(x, torch.tensor(500, device=pipes.device), encoder_hidden_states=ctx).sample
+        timed = {}
+        for name, fn, reps in (("unet_call", lambda: unet(x, torch.tensor(500, device=pipes.device),
+                                                           encoder_hidden_states=ctx), 5),
+                               ("hook_ops", lambda: text_noise_norm(*eps.chunk(2)), 200)):
+            fn()
+            sync(pipes.device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync(pipes.device)
+            timed[name] = (time.perf_counter() - t0) / reps
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in rates.items()}
+    ratio = med["hook"] / med["no_hook"]
+    noise = max(spread.values())
+    emit(figure="score_hook_overhead", device=torch.cuda.get_device_name() if cuda else "cpu",
+         model="sd15-random" if cuda else "tiny", images=out["images"], repeats=repeats,
+         img_per_s_hook=round(med["hook"], 3), img_per_s_no_hook=round(med["no_hook"], 3),
+         ratio=round(ratio, 4), relative_spread_of_repeats=round(noise, 4),
+         within_noise=bool(abs(ratio - 1) <= noise), hook_ops_ms=round(timed["hook_ops"] * 1e3, 4),
+         unet_call_ms=round(timed["unet_call"] * 1e3, 3),
+         hook_share_of_unet_call=round(timed["hook_ops"] / timed["unet_call"], 5), runs={k: [round(x, 3) for x in v] for k, v in rates.items()})
+
+
 def main() -> None:
     global LOG
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -278,8 +369,13 @@ def main() -> None:
                     help="start an experimental variant only if this much wall time is left for it")
     ap.add_argument("--log", type=Path, default=None, help="append the JSON lines to this file too")
     ap.add_argument("--profile", type=Path, default=None, help="CUDA: write a kernel-time table of one call here")
+    ap.add_argument("--score-overhead", action="store_true", help="only: the score hook's cost, alternated runs")
+    ap.add_argument("--repeats", type=int, default=6, help="with --score-overhead: runs per variant")
     args = ap.parse_args()
     LOG = args.log
+    if args.score_overhead:
+        score_overhead(args.repeats)
+        return
     began = time.perf_counter()
     import torch
 

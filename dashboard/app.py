@@ -35,6 +35,8 @@ pages = [
     st.Page("views/agreement.py", title="Agreement", icon=":material/join_inner:", url_path="agreement"),
     st.Page("views/memorization.py", title="Memorization", icon=":material/content_copy:",
             url_path="memorization"),
+    st.Page("views/memorization_scores.py", title="Memorization scores", icon=":material/troubleshoot:",
+            url_path="memorization-scores"),
     st.Page("views/provenance.py", title="Provenance", icon=":material/verified:", url_path="provenance"),
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
 ]

@@ -38,6 +38,8 @@ class GenerationConfig(Frozen):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     compile: bool = False
+    fast: bool = True  # exact fast path (generate/fast.py): overlapped decode; on CUDA attention pick, CUDA graphs
+    approximate: tuple[str, ...] = ()  # pixel-changing speed-ups, opt-in: "deepcache", "fp8"
     safety_checker: Literal["flag", "off"] = "flag"
     templates: tuple[str, ...] | None = None  # subset of the suite's template ids
     subjects: tuple[str, ...] | None = None  # subset of the suite's subject ids

@@ -188,6 +188,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     _bias(doc, run)
     _versus_reference(doc, run)
     _memorization(doc, run)
+    _memorization_scores(doc, run)
     _provenance(doc, run)
     doc.h(2, "Limitations")
     doc.p(CAVEAT)
@@ -728,6 +729,90 @@ def _thumb(path: Path, size: int = 160) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _memorization_scores(doc: Doc, run: Run) -> None:
+    """Wen et al.'s prompt scores (``memorization/prompt_scores``): works with or without an index."""
+    doc.h(2, "Memorization scores (no training set needed)")
+    gens = run.read_table("generations")
+    if not run.has_table("memorization/prompt_scores"):
+        has = len(gens) and gens["mem_score_step1"].notna().any()
+        doc.p("Scores were recorded while generating; score the prompts with `diffaudit audit memorization RUN`."
+              if has else "No memorization scores in this run (generated before diffaudit recorded them, imported, "
+                          "without classifier-free guidance, or with negative prompts).")
+        return
+    table = run.read_table("memorization/prompt_scores")
+    stage = (run.info.get("stages") or {}).get("memorization_scores") or {}
+    scored = table[table["score"].notna()]
+    flagged = scored[scored["flagged"].fillna(False).astype(bool)]
+    doc.p("Wen et al. (ICLR 2024): when a prompt makes a model reproduce a training image, the text-conditional "
+          "noise prediction || eps(x_t, prompt) - eps(x_t, empty) || is abnormally large from the first denoising "
+          "step. It is read from the guidance step while generating (no extra model call); a prompt's score is the "
+          "mean over its images. Published accuracy on SD 1.x: AUC about 0.96. **A flag is evidence, not proof**: "
+          "confirm flagged prompts against an index of the training data (`--index`).")
+    thr = stage.get("threshold", table["threshold"].iloc[0] if len(table) else float("nan"))
+    doc.p(f"{len(scored)} of {len(table)} prompts scored ({stage.get('statistic', 'step1')} statistic); "
+          f"**{len(flagged)} flagged** above the threshold {thr:.3g} ({stage.get('threshold_source', '?')}: "
+          f"{stage.get('threshold_note', '')}).")
+    if len(scored):
+        groups = {str(k): g["score"].to_numpy(float) for k, g in scored.groupby(scored["suite"].fillna("-"))}
+        doc.svg(score_histogram(groups, float(thr)), "histogram of prompt scores with the threshold")
+    auc = stage.get("auc")
+    if auc:
+        doc.p(f"**Detector check on this run:** AUC {auc['auc']:.3f} (95% bootstrap CI {auc['auc_ci'][0]:.3f}-"
+              f"{auc['auc_ci'][1]:.3f}) between {auc['memorized_prompts']} known-memorized (memorized_sd1) and "
+              f"{auc['ordinary_prompts']} ordinary (ordinary_sd1) prompts; {_pct(auc['tpr_at_1pct_fpr'])} of the "
+              f"memorized prompts caught at 1% false positives; at the threshold, {_pct(auc['tpr_at_threshold'])} "
+              f"caught and {_pct(auc['fpr_at_threshold'])} of ordinary prompts flagged."
+              + (f" ({auc['note']}.)" if auc.get("note") else ""))
+    show = flagged.head(TOP_N * 2)
+    if len(show):
+        doc.p("Most suspicious flagged prompts (copy found: confirmed against an index; – : not checked):")
+        doc.table(pd.DataFrame({
+            "rank": show["rank"], "prompt": [str(p)[:80] for p in show["prompt"]], "suite": show["suite"],
+            "score": show["score"].round(3), "images above": show["images_above"].astype(str) + "/" +
+            show["scored"].astype(str),
+            "copy found": ["–" if pd.isna(c) else ("yes" if c else "no") for c in show["copy_found"]]}))
+        first = gens.drop_duplicates("prompt_id").set_index("prompt_id")["path"]
+        doc.images([(f"#{int(r.rank)} {r.prompt_id}", _thumb(run.path(first[r.prompt_id])))
+                    for r in show.head(6).itertuples() if r.prompt_id in first.index
+                    and _thumb(run.path(first[r.prompt_id]))])
+    if str((run.info.get("generation") or {}).get("model")) == "tiny":
+        doc.p("On the tiny model (random weights) these scores prove the plumbing, not memorization.")
+
+
+def score_histogram(groups: dict[str, list[float] | object], threshold: float, bins: int = 30) -> str:
+    """Inline SVG: stacked histogram of prompt scores per group (suite) and a red line at the threshold."""
+    import numpy as np
+
+    values = np.concatenate([np.asarray(v, float) for v in groups.values()])
+    hi = float(max(values.max(), threshold) * 1.05) or 1.0
+    edges = np.linspace(0.0, hi, bins + 1)
+    counts = {k: np.histogram(np.asarray(v, float), edges)[0] for k, v in groups.items()}
+    top = max(1, int(np.sum(list(counts.values()), axis=0).max()))
+    width, height, left, bottom = 720, 220, 40, 30
+    x = lambda v: left + (width - left - 10) * v / hi  # noqa: E731
+    y = lambda c: height - bottom - (height - bottom - 10) * c / top  # noqa: E731
+    colours = [("#1f77b4", "blue"), ("#ff7f0e", "orange"), ("#2ca02c", "green"), ("#9467bd", "purple"),
+               ("#8c564b", "brown")]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 16}" font-size="12">']
+    base = np.zeros(bins)
+    for i, c in enumerate(counts.values()):
+        for b in range(bins):
+            if c[b]:
+                parts.append(f'<rect x="{x(edges[b]):.1f}" y="{y(base[b] + c[b]):.1f}" '
+                             f'width="{max(1.0, x(edges[b + 1]) - x(edges[b]) - 1):.1f}" '
+                             f'height="{y(base[b]) - y(base[b] + c[b]):.1f}" fill="{colours[i % len(colours)][0]}"/>')
+        base = base + c
+    tx = x(threshold)
+    parts.append(f'<line x1="{tx:.1f}" y1="5" x2="{tx:.1f}" y2="{height - bottom}" stroke="#d62728" stroke-width="2"/>')
+    parts.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}" stroke="#555"/>')
+    for t in np.linspace(0, hi, 6):
+        parts.append(f'<text x="{x(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{t:.2g}</text>')
+    legend = "; ".join(f"{colours[i % len(colours)][1]}: {html.escape(k)}" for i, k in enumerate(counts))
+    parts.append(f'<text x="{left}" y="{height + 12}" fill="#555">prompts per score (max {top} per bar); '
+                 f'red line: threshold {threshold:.3g}; {legend}</text></svg>')
+    return "".join(parts)
 
 
 def _provenance(doc: Doc, run: Run) -> None:

@@ -218,6 +218,36 @@ MEMORIZATION_RATES = pa.schema([
     _f("ci_high", _f64),
 ])
 
+# --- memorization scores without a training set (generate/scores.py, audit/memorization/prompt_scores.py) -
+# Wen et al. (ICLR 2024): per image, || eps(x_t, prompt) - eps(x_t, empty) ||_2 over the latent, read from
+# the CFG batch while generating. Appended to ``generations`` as nullable columns: runs written before
+# they existed read with nulls, and so do images without a score (no CFG, a negative prompt, imports).
+GENERATIONS = pa.schema([
+    *GENERATIONS,
+    _f("mem_score_step1", _f64, True),   # at the first denoising step
+    _f("mem_score_mean", _f64, True),    # mean over the first ``mem_score_steps`` UNet calls
+    _f("mem_score_steps", _i32, True),
+])
+
+MEMORIZATION_PROMPT_SCORES = pa.schema([  # one row per prompt (audit/memorization/prompt_scores.py)
+    _f("prompt_id", _str),
+    _f("suite", _str, True),
+    _f("subject", _str, True),
+    _f("prompt", _str, True),
+    _f("mode", _str, True),
+    _f("images", _i64),               # images of the prompt in the run
+    _f("scored", _i64),               # of which have a score
+    _f("score", _f64, True),          # the prompt's score: mean over its images of the chosen statistic
+    _f("score_median", _f64, True),
+    _f("score_min", _f64, True),
+    _f("score_max", _f64, True),
+    _f("images_above", _i64),         # images whose own score is above the threshold
+    _f("threshold", _f64),
+    _f("flagged", _bool, True),       # score > threshold; null when no image has a score
+    _f("rank", _i64, True),           # 1 = most suspicious
+    _f("copy_found", _bool, True),    # a near-copy confirmed against an index; null: not checked
+])
+
 # --- provenance (provenance/) ----------------------------------------------------------------
 PROVENANCE_STAMPS = pa.schema([
     _f("image_id", _str),
@@ -276,6 +306,31 @@ COMPARE_REFERENCE = pa.schema([
     _f("q_value", _f64, True),       # Benjamini-Hochberg across subjects
 ])
 
+# --- a run against a reference run (audit/compare.py): e.g. a model's images vs real photos -----
+COMPARE_REFERENCE = pa.schema([
+    _f("probe", _str),
+    _f("attribute", _str),
+    _f("subject", _str),
+    _f("template", _str),
+    _f("label", _str),
+    _f("reference_run", _str),       # the reference run's name
+    _f("count", _i64),               # this run
+    _f("n", _i64),
+    _f("share", _f64, True),
+    _f("ci_low", _f64, True),
+    _f("ci_high", _f64, True),
+    _f("reference_count", _i64),     # the reference run
+    _f("reference_n", _i64),
+    _f("reference_share", _f64, True),
+    _f("reference_ci_low", _f64, True),
+    _f("reference_ci_high", _f64, True),
+    _f("delta", _f64, True),         # share - reference_share
+    _f("delta_ci_low", _f64, True),  # Newcombe hybrid score interval of the difference
+    _f("delta_ci_high", _f64, True),
+    _f("p_value", _f64, True),       # Fisher's exact test
+    _f("q_value", _f64, True),       # Benjamini-Hochberg across subjects
+])
+
 TABLES: dict[str, pa.Schema] = {
     "generations": GENERATIONS,
     "probes/*": PROBES,
@@ -288,6 +343,7 @@ TABLES: dict[str, pa.Schema] = {
     "bias/intersectional": BIAS_INTERSECTIONAL,
     "memorization/matches": MEMORIZATION_MATCHES,
     "memorization/rates": MEMORIZATION_RATES,
+    "memorization/prompt_scores": MEMORIZATION_PROMPT_SCORES,
     "provenance/stamps": PROVENANCE_STAMPS,
     "provenance/robustness": PROVENANCE_ROBUSTNESS,
     "compare/reference": COMPARE_REFERENCE,

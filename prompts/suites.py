@@ -92,6 +92,7 @@ class Suite(Frozen):
     templates: list[Template] = []
     subjects: list[Subject] = []
     edits: list[Edit] = []
+    include: list[str] = []  # other suites (built-in names or paths beside this file), expanded whole after ours
 
     @model_validator(mode="after")
     def _unique(self) -> Suite:
@@ -102,8 +103,8 @@ class Suite(Frozen):
                 raise ValueError(f"duplicate {what} id(s): {dup}")
         if bool(self.templates) != bool(self.subjects):
             raise ValueError("templates and subjects go together: give both or neither")
-        if not self.subjects and not self.edits:
-            raise ValueError("a suite needs subjects with templates, or edits")
+        if not self.subjects and not self.edits and not self.include:
+            raise ValueError("a suite needs subjects with templates, edits, or suites to include")
         return self
 
 
@@ -233,8 +234,9 @@ def resolve_ref(ref: str | None, suite_file: Path) -> str | None:
 
 def expand(suite_name_or_path: str | Path, *, images_per_prompt: int, seed: int = 0,
            templates: tuple[str, ...] | None = None, subjects: tuple[str, ...] | None = None,
-           edits: tuple[str, ...] | None = None) -> list[Request]:
-    """Expand a suite into requests: templates x subjects (txt2img), then edits. Stable order and ids.
+           edits: tuple[str, ...] | None = None, _including: tuple[Path, ...] = ()) -> list[Request]:
+    """Expand a suite into requests: templates x subjects (txt2img), then edits, then included suites (each
+    request keeps its own suite's name, so one run can hold several suites). Stable order and ids.
 
     ``templates``, ``subjects`` and ``edits`` pick subsets by id (None: all; an empty tuple: none).
     """
@@ -242,6 +244,8 @@ def expand(suite_name_or_path: str | Path, *, images_per_prompt: int, seed: int 
         raise SuiteError("images_per_prompt must be at least 1")
     path = suite_path(suite_name_or_path).resolve()
     suite = load_suite(path)
+    if suite.include and (templates, subjects, edits) != (None, None, None):
+        raise SuiteError(f"suite {suite.name!r} includes other suites; pick subsets from those suites directly")
     chosen_t = _subset(suite.templates, templates, "template", suite.name)
     chosen_s = _subset(suite.subjects, subjects, "subject", suite.name)
     requests = []
@@ -266,7 +270,22 @@ def expand(suite_name_or_path: str | Path, *, images_per_prompt: int, seed: int 
             prompt=e.prompt, negative_prompt=e.negative_prompt if e.negative_prompt is not None
             else suite.negative_prompt, mode=e.mode, source_image=resolve_ref(e.source, path),
             mask=resolve_ref(e.mask, path), strength=e.strength, seeds=seeds(prompt_id)))
+    for ref in suite.include:
+        inner = _include_path(ref, path)
+        if inner in (*_including, path):
+            raise SuiteError(f"suite {suite.name!r}: including {ref!r} makes a cycle")
+        requests += expand(inner, images_per_prompt=images_per_prompt, seed=seed, _including=(*_including, path))
+    seen: set[str] = set()
+    dup = sorted({r.prompt_id for r in requests if r.prompt_id in seen or seen.add(r.prompt_id)})
+    if dup:
+        raise SuiteError(f"suite {suite.name!r}: prompt id(s) {dup[:5]} occur more than once (across its includes)")
     return requests
+
+
+def _include_path(ref: str, suite_file: Path) -> Path:
+    """An included suite: a file beside the including one, else a built-in suite name."""
+    beside = suite_file.parent / ref
+    return beside.resolve() if beside.suffix in {".yaml", ".yml"} and beside.is_file() else suite_path(ref).resolve()
 
 
 def _subset(items: list, wanted: tuple[str, ...] | None, what: str, suite: str) -> list:

@@ -35,7 +35,8 @@ def test_suites_and_list_commands():
     assert "heim_face-ceo" in res.stdout
     res = diffaudit("list", "probes")
     assert res.returncode == 0 and res.stdout.split("\n")[0].startswith("clip\t")
-    assert diffaudit("list", "suites").stdout.split() == ["demo", "descriptors", "occupations"]
+    assert diffaudit("list", "suites").stdout.split() == ["demo", "descriptors", "memorization-sd1", "memorized-sd1",
+                                                         "occupations", "ordinary-sd1"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -27,6 +27,10 @@ def generate(
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet and VAE decoder."),
+    fast: bool = typer.Option(True, "--fast/--no-fast", help="Exact fast path: decode overlapped with the next "
+                                                             "batch; on CUDA measured attention, CUDA graphs."),
+    approximate: str | None = typer.Option(None, "--approximate", help="Opt-in, changes pixels: deepcache, fp8 "
+                                                                        "(comma-separated); the report names it."),
     safety_checker: str = typer.Option("flag", "--safety-checker", help="flag (nsfw column) or off."),
     subjects: str | None = typer.Option(None, "--subjects", help="Comma-separated subject ids (subset)."),
     templates: str | None = typer.Option(None, "--templates", help="Comma-separated template ids (subset)."),
@@ -48,7 +52,7 @@ def generate(
         suite=suite, model=model, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance,
         width=width, height=height, seed=seed, scheduler=scheduler,
         batch_size=batch_size if batch_size == "auto" else int(batch_size), dtype=dtype, device=device,
-        compile=compile_, safety_checker=safety_checker,
+        compile=compile_, fast=fast, approximate=_ids(approximate) or (), safety_checker=safety_checker,
         subjects=_ids(subjects),
         templates=_ids(templates), edits=_ids(edits))
     config = _config(fields)

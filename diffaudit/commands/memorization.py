@@ -98,16 +98,43 @@ def index_query(
 @audit_app.command("memorization")
 def audit_memorization(
     run: Path = typer.Argument(..., help="A run folder."),
-    index: Path = typer.Option(..., "--index", help="A training-set index (`diffaudit index build`)."),
+    index: Path = typer.Option(None, "--index", help="A training-set index (`diffaudit index build`); without "
+                                                     "one, prompts are scored from generation alone."),
     radius: int = typer.Option(10, "--radius", min=0, max=64, help="Hamming radius (exact search)."),
     engine: Engine = typer.Option(None, "--engine", help="Search here, segment by segment (local, the default), "
                                                          "or on Ray (default: $DIFFAUDIT_SEARCH_ENGINE)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
+    threshold: str = typer.Option(None, "--threshold", help="Prompt-score threshold: a number or a calibration "
+                                                            "file (default: the SD 1.x setting, 5.0 at step 1)."),
+    statistic: str = typer.Option(None, "--statistic", help="step1 (default) or mean (over the first steps)."),
 ) -> None:
-    """Check a run's images against a training-set index -> memorization/matches + rates + evidence."""
-    from audit.memorization.check import check_run
-    from audit.memorization.search import use_engine
+    """Flag memorized prompts from the scores recorded while generating (Wen et al. 2024) and, with an index,
+    check the run's images against the training set -> memorization/prompt_scores (+ matches, rates, evidence)."""
+    from audit.memorization.prompt_scores import score_run
+    from diffaudit.errors import InputError
 
-    use_engine(engine and engine.value, ray_address)
+    summary = {}
+    if index is not None:
+        from audit.memorization.check import check_run
+        from audit.memorization.search import use_engine
 
-    typer.echo(json.dumps(check_run(run, index, radius=radius), indent=2))
+        use_engine(engine and engine.value, ray_address)
+        summary = check_run(run, index, radius=radius)
+    scores = score_run(run, threshold=threshold, statistic=statistic)
+    if index is None and not scores["scored_images"]:
+        raise InputError(f"{scores['reason']}; regenerate the run, or check it against an index (--index IDX)")
+    typer.echo(json.dumps({**summary, "prompt_scores": scores} if index is not None else scores, indent=2))
+
+
+@audit_app.command("memorization-calibrate")
+def audit_memorization_calibrate(
+    run: Path = typer.Argument(..., help="A run of prompts known to be ordinary (e.g. --suite ordinary-sd1)."),
+    fpr: float = typer.Option(0.01, "--fpr", help="Target false-positive rate."),
+    statistic: str = typer.Option("step1", "--statistic", help="step1 or mean."),
+    suite: str = typer.Option(None, "--suite", help="Only the prompts of this suite (name as in the run)."),
+    out: Path = typer.Option(None, "--out", help="Write the calibration here, for --threshold FILE."),
+) -> None:
+    """Fit a prompt-score threshold on ordinary prompts; print the false-positive rate it implies (held out)."""
+    from audit.memorization.prompt_scores import calibrate
+
+    typer.echo(json.dumps(calibrate(run, fpr=fpr, statistic=statistic, suite=suite, out=out), indent=2))
