@@ -23,7 +23,7 @@ CONCLUSIONS: dict[str, str] = {
               "it was derived from, never as this file's credentials.",
     SAME: "No valid manifest in the file, but a stamp in the store has the same picture: its watermark or its "
           "fingerprint names that stamp AND the pixels agree with the stored thumbnail (re-encoded, resized or "
-          "re-saved; crops under about 1% of a side count as the same picture). The stamp's credentials are "
+          "re-saved, but not cropped, shifted or recoloured: a 1% crop already fails). The stamp's credentials are "
           "shown as recorded at stamp time, and re-checked now where the store kept the manifest.",
     EDITED: "The file's watermark names a stamp in the store, but its pixels are not that picture (edited, "
             "cropped, recoloured, partly replaced, or too flat to check): it was derived from that stamp. "
