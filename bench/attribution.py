@@ -208,7 +208,8 @@ def build(n_base: int, seed: int, *, split: str = "heldout", log=print) -> tuple
     photos = [x for x in stamped if x[0].kind == "photo"]
     twins = []
     for j, (s, img, _st) in enumerate(photos[: max(4, len(photos) // 3)]):
-        twin = shift(img, 0.03) if j % 2 == 0 else patch(img, 0.05, seed + j)
+        # (not the recipes of EDITS: an edit of A that reproduces its twin B *is* B's picture)
+        twin = shift(img, 0.06) if j % 2 == 0 else patch(img, 0.04, seed + 7919 * (j + 1))
         tst = stamp(twin, f"twin{j}.png")
         twins.append((s, twin, tst))
     # img2img: an unstamped source photo, its edit stamped with the source as ingredient
@@ -217,15 +218,20 @@ def build(n_base: int, seed: int, *, split: str = "heldout", log=print) -> tuple
     edits = []
     for j, s in enumerate(sources):
         src = Image.fromarray(s.rgb)
-        other = Image.fromarray(samples[(j * 7 + 3) % len(samples)].rgb)
+        k = (j * 7 + 3) % len(samples)
+        other = Image.fromarray(samples[k if samples[k] is not s else (k + 1) % len(samples)].rgb)
         out = img2img_like(src, other, seed + j)
         est = stamp(out, f"edit{j}.png", gen={"mode": "img2img"},
                     ingredients=[cc.Ingredient(f"source{j}.png", png(src), "inputTo")])
         edits.append((s, src, out, est))
     log(f"stamped {len(twins)} twins and {len(edits)} img2img edits; store holds {len(store)} stamps")
 
-    def others(k: int) -> Image.Image:
-        return Image.fromarray(samples[int(rng.integers(len(samples)))].rgb) if k >= 0 else None
+    def others(this: corpus.Sample) -> Image.Image:
+        """Another corpus image than ``this`` (a blend with itself would be the same picture)."""
+        while True:
+            o = samples[int(rng.integers(len(samples)))]
+            if o is not this:
+                return Image.fromarray(o.rgb)
 
     for s, _img, st in stamped:
         signed = rgb_of(st.data)  # the stamped pixels (watermarked)
@@ -235,7 +241,7 @@ def build(n_base: int, seed: int, *, split: str = "heldout", log=print) -> tuple
         if s.kind == "flat":
             continue
         for name in rng.choice(list(EDITS), size=2, replace=False):
-            data = EDITS[name](signed, others(1), int(rng.integers(1 << 30)))
+            data = EDITS[name](signed, others(s), int(rng.integers(1 << 30)))
             queries.append(Query("stamped, edited copy", name, data, st.manifest_label, V.EDITED, s.kind))
     for s, _twin, tst in twins:
         a = next(x for x in stamped if x[0] is s)
@@ -261,7 +267,7 @@ def build(n_base: int, seed: int, *, split: str = "heldout", log=print) -> tuple
         queries.append(Query(group, name, BENIGN[name](img), None, V.NONE, s.kind))
         if s.kind != "flat":
             ename = str(rng.choice(list(EDITS)))
-            queries.append(Query(group, ename, EDITS[ename](img, others(1), int(rng.integers(1 << 30))), None,
+            queries.append(Query(group, ename, EDITS[ename](img, others(s), int(rng.integers(1 << 30))), None,
                                  V.NONE, s.kind))
     # the unstamped originals of stamped images are the same picture (watermark aside): "same image" is right
     for s, img, st in stamped[:: max(1, len(stamped) // 20)]:

@@ -16,7 +16,9 @@ signature gets an RFC 3161 timestamp, so it stays valid after the signing certif
 Verification is offline (no OCSP, no remote manifests) and reports, per manifest, the C2PA state
 ``Trusted`` (valid, and the signer chains to the trust settings of this call), ``Valid`` (intact, signer
 not trusted), ``Invalid`` (something does not match) or ``none``, with its failure codes deduplicated
-and kept apart: the active manifest's are the file's own; an ingredient's belong to that ingredient.
+and kept apart: the active manifest's are the file's own; an ingredient's belong to that ingredient
+(``failures``: what c2pa finds now; ``recorded_failures``: what the ingredient's validation said when it
+was added, which is where an ingredient signer's ``signingCredential.untrusted`` shows).
 """
 
 from __future__ import annotations
@@ -547,8 +549,10 @@ def _credentials(store: dict[str, Any], state: str, trust: TrustSettings | None 
     by_assertion = {}
     for ing in manifest.get("ingredients", []):
         ing_label = ing.get("active_manifest") or (ing.get("manifest_data") or {}).get("identifier")
+        recorded = ((ing.get("validation_results") or {}).get("activeManifest") or {}).get("failure", [])
         entry = {"title": ing.get("title"), "relationship": ing.get("relationship"), "format": ing.get("format"),
-                 "sha256": (ing.get("metadata") or {}).get(INGREDIENT_SHA), "manifest": ing_label}
+                 "sha256": (ing.get("metadata") or {}).get(INGREDIENT_SHA), "manifest": ing_label,
+                 "recorded_failures": _dedup(recorded or ing.get("validation_status") or [])}
         ingredients.append(entry)
         by_assertion[ing.get("label")] = entry
     for delta in results.get("ingredientDeltas", []) or []:
@@ -557,11 +561,13 @@ def _credentials(store: dict[str, Any], state: str, trust: TrustSettings | None 
         fails = _dedup((delta.get("validationDeltas") or {}).get("failure", []))
         per_manifest.append({"label": entry.get("manifest") or _label_of(next(
             (f["url"] for f in fails), "")), "role": "ingredient", "title": entry.get("title"),
-            "relationship": entry.get("relationship"), "failures": fails})
+            "relationship": entry.get("relationship"), "failures": fails,
+            "recorded_failures": entry.get("recorded_failures", [])})
     for entry in ingredients:
         if entry["manifest"] and not any(m["label"] == entry["manifest"] for m in per_manifest):
             per_manifest.append({"label": entry["manifest"], "role": "ingredient", "title": entry["title"],
-                                 "relationship": entry["relationship"], "failures": []})
+                                 "relationship": entry["relationship"], "failures": [],
+                                 "recorded_failures": entry["recorded_failures"]})
     return Credentials(
         status=status,
         failure_codes=[f["code"] for f in failures],

@@ -394,10 +394,11 @@ def iter_lines(r: VerifyResult) -> Iterator[str]:
         yield (f"  signer      {s.get('common_name')} (issuer {s.get('issuer')}, {s.get('alg')}"
                + (f", timestamp {s['time']}" if s.get("time") else "") + ")")
     for m in c.get("manifests") or []:
-        if m.get("failures"):
-            who = "this file" if m["role"] == "active" else f"ingredient {m.get('title')!r}"
-            codes = ", ".join(f["code"] + (f" x{f['count']}" if f.get("count", 1) > 1 else "") for f in m["failures"])
-            yield f"  failures    {who} ({m.get('label')}): {codes}"
+        for key, when in (("failures", ""), ("recorded_failures", " when it was added")):
+            if m.get(key):
+                who = "this file" if m["role"] == "active" else f"ingredient {m.get('title')!r}"
+                codes = ", ".join(f["code"] + (f" x{f['count']}" if f.get("count", 1) > 1 else "") for f in m[key])
+                yield f"  failures    {who} ({m.get('label')}){when}: {codes}"
     g = c.get("generation") or {}
     known = [f"by {g['model']}" if g.get("model") else "", f"seed={g['seed']}" if g.get("seed") is not None else "",
              f"prompt={g['prompt']!r}" if g.get("prompt") else ""]
