@@ -166,6 +166,9 @@ class TrustSettings:
     def label(self, trust_list_uri: str | None) -> str:
         """Plain words for the list that vouched for a signer."""
         uri = trust_list_uri or ""
+        if not uri:  # c2pa names no list when an allowed end-entity certificate vouched
+            allowed = [a["trust_uri"] for a in self.anchors if a.get("allowed_list")]
+            uri = allowed[0] if len(allowed) == 1 else uri
         if uri.startswith(DEV_ROOT_URI):
             return "development root"
         if uri.startswith("allowed-list:"):

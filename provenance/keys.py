@@ -222,6 +222,7 @@ def init_identity(folder: str | os.PathLike | None = None, *, common_name: str =
     _check_target(folder, IDENTITY_FILES + LEGACY_FILES, force, "signing identity")
     ca_folder = Path(ca_keys) if ca_keys is not None else None
     if ca_folder is not None:
+        _clean_partials(ca_folder)
         if ca_folder.resolve() == folder.resolve():
             raise InputError("--ca-keys must be another folder than the identity: keep the CA keys apart "
                              "from the signing key (and offline)")
