@@ -5,7 +5,9 @@ shared by all probes, the next batch decoded while the current one is scored), w
 ``probes/<name>.parquet`` as it goes (every ``flush_seconds`` and on interrupt), and resumes: an image
 already probed with the same probe version is never probed again; rows of another version (another
 CLIP model, other thresholds) are replaced, and rows of images no longer in ``generations`` dropped. It then writes ``bias/summary.parquet`` and
-``bias/metrics.parquet`` with ``audit.stats``. The run's lock is held throughout.
+``bias/metrics.parquet`` with ``audit.stats``, the agreement of probes that label the same attribute
+(``bias/agreement``, ``bias/confusion``, ``bias/agreement_images``; ``audit.agreement``) and the skin-colour
+summaries (``bias/skin``, ``bias/intersectional``; ``audit.skin``). The run's lock is held throughout.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from diffaudit.errors import ConfigError, InputError, SuiteError
 from diffaudit.registry import PROBES as REGISTRY
 from diffaudit.runs import Run
 
-DEFAULT_PROBES: tuple[str, ...] = ("clip", "faces", "skin_tone")
+DEFAULT_PROBES: tuple[str, ...] = ("clip", "faces", "faces_attr", "skin_tone")
 
 
 @dataclass
@@ -48,8 +50,10 @@ def default_clip_model(run: Run) -> str:
 
 
 def build_probes(names: Sequence[str], *, clip_model: str | None = None, face_detector: str | None = None,
-                 device: str | None = None, clip_options: dict[str, Any] | None = None) -> list[Probe]:
-    """Probes by registered name; the probes that read faces share one detector (faces found once)."""
+                 device: str | None = None, clip_options: dict[str, Any] | None = None,
+                 face_model: str | None = None, face_options: dict[str, Any] | None = None) -> list[Probe]:
+    """Probes by registered name; the probes that read faces share one detector (faces found once).
+    ``face_model`` and ``face_options`` (``min_margin``) go to the face-attribute probe."""
     names = list(dict.fromkeys(names))
     if not names:
         raise ConfigError("no probes selected; choose from: " + ", ".join(REGISTRY))
@@ -66,6 +70,8 @@ def build_probes(names: Sequence[str], *, clip_model: str | None = None, face_de
     for name, cls in classes.items():
         if name == "clip":
             probes.append(cls(clip_model, device=device, **(clip_options or {})))
+        elif name == "faces_attr":
+            probes.append(cls(detector, model=face_model, device=device, **(face_options or {})))
         else:
             probes.append(cls(detector) if cls.needs_faces else cls())
     return probes
@@ -142,6 +148,23 @@ def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 64, progre
     return probed
 
 
+def check_reference(run: Run, reference: str | None) -> None:
+    """Refuse an unknown reference, or one the run's suite cannot be matched with, before any probing."""
+    if reference is None:
+        return
+    from audit.reference import load_reference, subject_reference
+    from prompts.suites import load_suite
+
+    load_reference(reference)  # ConfigError naming the known references
+    suite = run.info.get("generation", {}).get("suite")
+    if suite is not None:
+        try:
+            load_suite(suite)
+        except SuiteError:
+            return  # summarize_run notes it and compares with nothing
+        subject_reference(suite, reference)
+
+
 def summarize_run(run: Run, *, reference: str | None = "bls-2022") -> tuple[pd.DataFrame, list[str]]:
     """Write ``bias/summary`` and ``bias/metrics`` from every probe table of the run (``audit.stats``)."""
     from audit import stats
@@ -161,32 +184,50 @@ def summarize_run(run: Run, *, reference: str | None = "bls-2022") -> tuple[pd.D
                               labels=labels)
     run.write_table("bias/summary", summary)
     run.write_table("bias/metrics", stats.metrics(summary))
+    from audit import agreement, skin
+
+    gens = run.read_table("generations")
+    images = agreement.agreement_images(gens, tables, labels)
+    kappas, confusion = agreement.agreement(images, labels)
+    run.write_table("bias/agreement_images", images)
+    run.write_table("bias/agreement", kappas)
+    run.write_table("bias/confusion", confusion)
+    run.write_table("bias/skin", skin.skin_summary(gens, tables.get("skin_tone", pd.DataFrame())))
+    run.write_table("bias/intersectional", skin.intersectional(gens, tables))
     return summary, notes
 
 
 def audit_bias(run_dir: str | Run, *, probes: Sequence[str] = DEFAULT_PROBES, clip_model: str | None = None,
                reference: str | None = "bls-2022", batch_size: int = 64, progress: bool = True,
                face_detector: str | None = None, device: str | None = None,
-               clip_options: dict[str, Any] | None = None) -> BiasResult:
+               clip_options: dict[str, Any] | None = None, face_model: str | None = None,
+               face_options: dict[str, Any] | None = None) -> BiasResult:
     """Probe a run's images (resumably) and write ``probes/<name>``, ``bias/summary`` and ``bias/metrics``.
 
     ``clip_model``: ``tiny``, ``NAME[:PRETRAINED]``, ``NAME:/weights.pt`` or a folder; ``None`` picks
-    ``tiny`` for runs of the tiny generator and ``ViT-L-14:openai`` otherwise. ``face_detector``:
-    ``haar`` (default) or a YuNet ``.onnx`` path. ``clip_options``: ``min_margin``, ``person_threshold``.
+    ``tiny`` for runs of the tiny generator and ``ViT-L-14:openai`` otherwise. ``face_detector``: a name of
+    ``audit.probes.faces.DETECTORS`` (default ``mtcnn``, Haar where its package is missing) or a YuNet
+    ``.onnx`` path. ``clip_options``: ``min_margin``, ``person_threshold``. ``face_model``: ``dlib``
+    (default) or ``fairface:/path.pt``; ``face_options``: ``min_margin``. The reference is checked before
+    any model loads or image is probed.
     """
     start = time.perf_counter()
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
     if run.images().empty:
         raise InputError(f"run {run.root} has no images; generate some first (`diffaudit generate`)")
+    check_reference(run, reference)
     if "clip" in probes and clip_model is None:
         clip_model = default_clip_model(run)
     selected = build_probes(probes, clip_model=clip_model, face_detector=face_detector, device=device,
-                            clip_options=clip_options)
+                            clip_options=clip_options, face_model=face_model, face_options=face_options)
     with run.lock():
         probed = probe_run(run, selected, batch_size=batch_size, progress=progress)
         summary, notes = summarize_run(run, reference=reference)
+        detectors = sorted({p.detector.name for p in selected if getattr(p, "detector", None) is not None})
+        notes += [f"faces found by {d}" for d in detectors]
         seconds = time.perf_counter() - start
         run.record_stage("bias", seconds=seconds, probes=[p.name for p in selected],
                          versions={p.name: p.version for p in selected}, probed=probed,
+                         face_detector=detectors[0] if detectors else None,
                          clip_model=clip_model if "clip" in probes else None, reference=reference)
     return BiasResult(probed, summary, clip_model if "clip" in probes else None, seconds, notes)

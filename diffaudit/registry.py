@@ -14,6 +14,13 @@ from typing import Any
 from diffaudit.errors import RegistryError
 
 
+def singular(kind: str) -> str:
+    """"hashes" -> "hash", "probes" -> "probe": the name of one plugin of a kind, for messages."""
+    if kind.endswith(("ses", "shes", "ches", "xes", "zes")):
+        return kind[:-2]
+    return kind[:-1] if kind.endswith("s") else kind
+
+
 class Registry(Mapping[str, str]):
     """A named collection of plugins. Duplicate names are rejected; unknown names list what exists."""
 
@@ -33,8 +40,8 @@ class Registry(Mapping[str, str]):
     def load(self, name: str) -> Any:
         """Import and return the plugin registered as ``name``."""
         if name not in self._entries:
-            raise RegistryError(f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind} "
-                                f"{name!r}; choose from: {', '.join(sorted(self._entries))}")
+            raise RegistryError(f"unknown {singular(self.kind)} {name!r}; choose from: "
+                                f"{', '.join(sorted(self._entries))}")
         module, _, attr = self._entries[name].partition(":")
         obj: Any = importlib.import_module(module)
         for part in attr.split("."):
@@ -54,6 +61,7 @@ class Registry(Mapping[str, str]):
 PROBES = Registry("probes", {
     "clip": "audit.probes.clip:ClipProbe",
     "faces": "audit.probes.faces:FaceProbe",
+    "faces_attr": "audit.probes.face_attributes:FaceAttributeProbe",
     "skin_tone": "audit.probes.skin_tone:SkinToneProbe",
 })
 
@@ -64,6 +72,7 @@ HASHES = Registry("hashes", {
 })
 
 WATERMARKS = Registry("watermarks", {
+    "ssTile": "provenance.watermark:SpreadTile",
     "dwtDctSvd": "provenance.watermark:DwtDctSvd",
     "dwtDct": "provenance.watermark:DwtDct",
     "rivaGan": "provenance.watermark:RivaGan",

@@ -90,22 +90,46 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+# A temp file of ``atomic_write_bytes``: ``.<name>.<8 random characters>.tmp`` (``tempfile.mkstemp``).
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that killed writers of ``atomic_write_bytes`` left anywhere under ``folder``
+    (symlinked folders are not followed). Call it only while holding the folder's lock: a live writer's
+    temp file would be pulled from under it. Returns the files removed."""
+    removed = []
+    for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in filenames:
+            if _TEMP_FILE.match(name):
+                path = Path(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
 class _Lock:
-    """A per-process view of one run's ``flock``: reentrant within the thread that holds it; another thread
-    of the same process is refused as another process would be (``flock`` alone would let it in)."""
+    """A per-process view of one folder's ``flock``: reentrant within the thread that holds it; another thread
+    of the same process is refused as another process would be (``flock`` alone would let it in).
+
+    Whoever takes the lock after another holder (a process killed mid-write included) first removes the temp
+    files that holder may have left (``remove_temp_files``): only the lock's holder writes in the folder, so
+    none of them is in use. The last holder is known by what it wrote into the lock file."""
 
     _held: dict[Path, tuple[int, int, int]] = {}  # path -> (fd, depth, owning thread id)
+    _wrote: dict[Path, bytes] = {}  # path -> what this process last wrote into the lock file
     _mutex = threading.Lock()
 
     @classmethod
     @contextlib.contextmanager
-    def hold(cls, path: Path) -> Iterator[None]:
+    def hold(cls, path: Path, what: str = "run") -> Iterator[None]:
         me = threading.get_ident()
         with cls._mutex:
             if path in cls._held:
                 fd, depth, owner = cls._held[path]
                 if owner != me:
-                    raise RunLockedError(f"run {path.parent} is locked by another thread of this process "
+                    raise RunLockedError(f"{what} {path.parent} is locked by another thread of this process "
                                          f"(pid {os.getpid()}); wait for it to finish")
                 cls._held[path] = (fd, depth + 1, owner)
             else:
@@ -116,10 +140,19 @@ class _Lock:
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                     os.close(fd)
                     raise RunLockedError(
-                        f"run {path.parent} is locked by {holder}; wait for it to finish or stop it"
+                        f"{what} {path.parent} is locked by {holder}; wait for it to finish or stop it"
                     ) from None
+                previous = os.pread(fd, 200, 0)
+                stamp = f"pid {os.getpid()} since {now()}".encode()
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} since {now()}".encode(), 0)
+                os.pwrite(fd, stamp, 0)
+                try:
+                    if previous and previous != cls._wrote.get(path):  # another holder since our last turn
+                        remove_temp_files(path.parent)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                cls._wrote[path] = stamp
                 cls._held[path] = (fd, 1, me)
         try:
             yield
@@ -131,6 +164,40 @@ class _Lock:
                 else:
                     del cls._held[path]
                     os.close(fd)  # closing the descriptor releases the flock
+
+
+def folder_lock(folder: str | os.PathLike, what: str) -> contextlib.AbstractContextManager[None]:
+    """The write lock of a folder that is not a run (an index): the run lock's mechanism, a ``.lock`` file
+    inside it. ``what`` names the folder's kind in the one-line error that a second writer gets."""
+    return _Lock.hold(Path(folder).resolve() / LOCK_FILE, what)
+
+
+@contextlib.contextmanager
+def reserve(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold ``folder``'s lock before slow work (loading a model, planning a build), making the folder if
+    needed. If this call made it and it holds nothing but the lock file at the end (bad input, a refusal),
+    it is removed again: a failed command leaves no empty folder behind. Yields the resolved folder."""
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    root = folder.resolve()
+    with _Lock.hold(root / LOCK_FILE, what):
+        try:
+            yield root
+        finally:
+            if made and only_lock(root):  # still under the lock: nobody else writes in it
+                with contextlib.suppress(OSError):
+                    (root / LOCK_FILE).unlink()
+                    root.rmdir()
+
+
+def only_lock(folder: str | os.PathLike) -> bool:
+    """True if ``folder`` holds nothing but a lock file and leftover temp files (a writer's folder that
+    was never written, or a killed one's): as good as empty."""
+    try:
+        return all(p.name == LOCK_FILE or _TEMP_FILE.match(p.name) for p in Path(folder).iterdir())
+    except OSError:
+        return False
 
 
 class Run:
@@ -173,7 +240,7 @@ class Run:
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise NotARunError(f"{root} exists and is not a folder")
-        if root.is_dir() and any(root.iterdir()) and not (root / RUN_FILE).exists():
+        if root.is_dir() and not only_lock(root) and not (root / RUN_FILE).exists():
             raise NotARunError(f"{root} is a non-empty folder that is not a diffaudit run; choose a new --out")
 
     @staticmethod
@@ -183,6 +250,14 @@ class Run:
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Hold the run's write lock (reentrant in the thread that holds it; raises ``RunLockedError``)."""
         return _Lock.hold(self.root / LOCK_FILE)
+
+    @staticmethod
+    def reserve(root: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+        """Hold the lock of the run at ``root`` (made if missing) before anything slow, so that a second
+        writer is refused at once rather than after a model load; a folder this made and that nothing else
+        was written into is removed at the end. ``NotARunError`` for a folder that cannot become a run."""
+        Run.check_can_create(root)
+        return reserve(root, "run")
 
     # -- run.json --------------------------------------------------------------------------------
     @property
@@ -278,8 +353,8 @@ class Run:
                 arrow = pq.read_table(f)
         except (OSError, pa.ArrowException) as e:
             raise SchemaError(f"{path} is not a readable parquet table: {e}") from e
-        _schema.check_arrow(table, arrow, str(path))
-        return arrow.to_pandas()
+        # Integer columns with nulls stay exact (Python ints and None), not float64: a 63-bit seed survives.
+        return _schema.check_arrow(table, arrow, str(path)).to_pandas(integer_object_nulls=True)
 
     def append_rows(self, table: str, df: pd.DataFrame, *, key: str | None = None) -> pd.DataFrame:
         """Append rows to a table atomically; with ``key``, a new row replaces an old one with the same key."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffaudit.errors import InputError
+from diffaudit.imaging import open_image
 from prompts.suites import load_source  # noqa: F401  (re-exported: the stage's one way to open sources)
 
 
@@ -49,12 +50,8 @@ def prepare(ref: str, mask_ref: str | None, size: tuple[int, int]) -> tuple[Imag
 
 
 def _open(path: str, what: str) -> Image.Image:
+    """A mask file through the one decode policy (header size against the pixel cap, then decode)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"{what} {path} does not exist")
-    try:
-        with Image.open(p) as img:
-            img.load()
-            return img
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{what} {path} is not a readable image: {e}") from e
+    return open_image(p, name=f"{what} {path}")

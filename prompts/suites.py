@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from diffaudit.config import Frozen, load_yaml, validate
 from diffaudit.errors import InputError, SuiteError
+from diffaudit.imaging import check_pixels, image_size, max_pixels, open_image
 
 SUITES_DIR = Path(__file__).parent
 _ID = r"^[a-z0-9][a-z0-9_]*$"
@@ -151,7 +152,7 @@ def suite_path(name_or_path: str | Path) -> Path:
 
 
 @cache
-def _load(path: Path, mtime: float) -> Suite:
+def _load(path: Path, mtime: float, cap: int) -> Suite:
     data, lines = load_yaml(path, SuiteError)
     suite = validate(Suite, data, path, lines, SuiteError)
     for i, edit in enumerate(suite.edits):
@@ -167,7 +168,7 @@ def _load(path: Path, mtime: float) -> Suite:
 def load_suite(name_or_path: str | Path) -> Suite:
     """Load and validate a suite by built-in name or path. Errors name the file, line and field."""
     path = suite_path(name_or_path).resolve()
-    return _load(path, path.stat().st_mtime)
+    return _load(path, path.stat().st_mtime, max_pixels())  # the cap decides which source images pass
 
 
 def _check_ref(ref: str, base: Path, field: str) -> str | None:
@@ -181,7 +182,14 @@ def _check_ref(ref: str, base: Path, field: str) -> str | None:
         except ValueError:
             return f"mask {ref!r} must look like box:x0,y0,x1,y1 (fractions)"
         return None if 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 else f"mask box {ref!r} is outside [0, 1]"
-    return None if (base / ref).is_file() else f"file {ref!r} not found (relative to {base})"
+    path = base / ref
+    if not path.is_file():
+        return f"file {ref!r} not found (relative to {base})"
+    try:  # header only: a bomb or a non-image is refused here, before a run folder exists
+        check_pixels(*image_size(path, name=ref), name=ref)
+    except InputError as e:
+        return str(e)
+    return None
 
 
 def load_source(ref: str) -> Image.Image:
@@ -209,11 +217,8 @@ def load_source(ref: str) -> Image.Image:
     path = Path(ref).expanduser()
     if not path.is_file():
         raise InputError(f"source image {ref} does not exist")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"source image {ref} is not a readable image: {e}") from e
+    # the one decode policy: the header's size against the pixel cap before any pixel is decoded
+    return open_image(path, name=f"source image {ref}", mode="RGB")
 
 
 def resolve_ref(ref: str | None, suite_file: Path) -> str | None:

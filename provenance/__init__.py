@@ -6,7 +6,7 @@ The API the CLI and the end-to-end command call::
     stamp_run(run_dir, *, identity=None, watermark="dwtDctSvd", store=None) -> dict
     verify_paths(paths, *, trust_anchors=None, allowed_list=None, trust_config=None, store=None)
         -> list[VerifyResult]                             # provenance.verify: evidence + one conclusion
-    robustness(images, *, methods=("dwtDctSvd", "dwtDct"), identity=None) -> DataFrame
+    robustness(images, *, methods=("ssTile", "dwtDctSvd"), identity=None, c2pa=True) -> DataFrame
 
 Reads generation records through the run folder only; never imports torch (``diffaudit verify`` stays
 fast). Submodules are imported lazily by these wrappers.

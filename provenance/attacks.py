@@ -1,17 +1,25 @@
 """Attacks a stamped image meets in the wild, and the robustness table of each watermark method.
 
-Each attack maps encoded image bytes to new bytes, as a platform or a screenshot would: re-encode,
-resize, crop, rotate, blur, noise, brightness, flip, or a plain metadata strip (decode and re-save with
-identical pixels). ``robustness`` stamps images with each method (watermark + C2PA manifest), applies
-every attack and measures the watermark's bit accuracy and detection rate and whether the C2PA
-manifest still validates, and whether the image's credentials can still be had at all: embedded, or
-recovered from the manifest store by watermark or pHash (durable credentials). ``clean_corpus`` makes varied unmarked images cheaply (for false positives).
+Each attack maps encoded image bytes to new bytes, as a platform or a screenshot would. The grid is fixed
+(issue 16) so that figures are comparable across methods and runs: JPEG q95/90/75/50 (4:2:0), resize
+0.75x/0.5x, centre crop to 90%/75% per side, rotation by 1 and 3 degrees (same canvas, black corners),
+brightness x1.15, contrast x0.8, Gaussian blur radius 1, Gaussian noise sigma 5, a screenshot (0.8x then
+JPEG q85), a horizontal flip and a plain metadata strip (decode and re-save, identical pixels).
+
+``robustness`` stamps every image with each method, applies every attack and decodes with the method's
+robust decoder (``watermark.detect_robust``; told the stamped copy's size, as the manifest store knows
+it): per (method, attack) the decode rate with its 95% Wilson interval, bit accuracy, PSNR of the stamps,
+seconds per decode and the false-positive bound; with ``c2pa=True`` it stamps through ``Stamper`` (C2PA
+manifest + store) and also says whether the manifest survives and whether ``verify`` could recover the
+credentials (embedded, or from the store by watermark or pHash). ``clean_corpus`` makes varied unmarked
+images cheaply (for false positives).
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -20,7 +28,6 @@ import pandas as pd
 from PIL import Image, ImageEnhance, ImageFilter
 
 from diffaudit.errors import InputError
-from provenance import c2pa as cc
 from provenance.keys import Identity
 
 
@@ -43,6 +50,10 @@ def _pixels(fn: Callable[[Image.Image], Image.Image]) -> Callable[[bytes], bytes
     return lambda data: _save(fn(_open(data)))
 
 
+def _scaled(img: Image.Image, factor: float) -> Image.Image:
+    return img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))), Image.BICUBIC)
+
+
 def _crop(img: Image.Image, keep: float = 0.9) -> Image.Image:
     w, h = img.size
     cw, ch = round(w * keep), round(h * keep)
@@ -56,32 +67,55 @@ def _noise(img: Image.Image, sigma: float = 5.0) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
+def _screenshot(data: bytes) -> bytes:
+    return _save(_scaled(_open(data), 0.8), "JPEG", quality=85, subsampling=2)
+
+
 ATTACKS: dict[str, Callable[[bytes], bytes]] = {
     "none": lambda data: data,
     "metadata_strip": _pixels(lambda im: im),
+    "jpeg_q95": jpeg(95),
     "jpeg_q90": jpeg(90),
-    "jpeg_q70": jpeg(70),
+    "jpeg_q75": jpeg(75),
     "jpeg_q50": jpeg(50),
-    "resize_0.5": _pixels(lambda im: im.resize((im.width // 2, im.height // 2), Image.BICUBIC)),
-    "crop_90": _pixels(_crop),
-    "rotate_2": _pixels(lambda im: im.rotate(2, Image.BICUBIC)),
-    "rotate_5": _pixels(lambda im: im.rotate(5, Image.BICUBIC)),
-    "blur": _pixels(lambda im: im.filter(ImageFilter.GaussianBlur(1.0))),
-    "noise": _pixels(_noise),
-    "brightness": _pixels(lambda im: ImageEnhance.Brightness(im).enhance(1.2)),
+    "resize_0.75": _pixels(lambda im: _scaled(im, 0.75)),
+    "resize_0.5": _pixels(lambda im: _scaled(im, 0.5)),
+    "crop_90": _pixels(lambda im: _crop(im, 0.9)),
+    "crop_75": _pixels(lambda im: _crop(im, 0.75)),
+    "rotate_1": _pixels(lambda im: im.rotate(1, Image.BICUBIC)),
+    "rotate_3": _pixels(lambda im: im.rotate(3, Image.BICUBIC)),
+    "brightness_1.15": _pixels(lambda im: ImageEnhance.Brightness(im).enhance(1.15)),
+    "contrast_0.8": _pixels(lambda im: ImageEnhance.Contrast(im).enhance(0.8)),
+    "blur_r1": _pixels(lambda im: im.filter(ImageFilter.GaussianBlur(1.0))),
+    "noise_s5": _pixels(_noise),
+    "screenshot": _screenshot,
     "flip": _pixels(lambda im: im.transpose(Image.FLIP_LEFT_RIGHT)),
 }
 
 
-def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("dwtDctSvd", "dwtDct"),
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (honest at 0 and at n, unlike the normal approximation)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("ssTile", "dwtDctSvd"),
                identity: Identity | None = None, attacks: Iterable[str] | None = None,
-               progress: bool = True) -> pd.DataFrame:
-    """One row per (method, attack): images, bit accuracy, detection rate and C2PA survival."""
-    from provenance.stamp import Stamper, progress_bar
-    from provenance.store import ManifestStore, phash
-    from provenance.watermark import get
+               progress: bool = True, c2pa: bool = True, kinds: Iterable[str] | None = None,
+               known_size: bool = True) -> pd.DataFrame:
+    """One row per (method, attack); see the module docstring. ``c2pa=False`` measures the watermark alone
+    (``embed_verified``, no manifest or store: C2PA columns are left empty). ``kinds``: a label per image
+    (e.g. the corpus kind); when given, rows per (method, kind, attack) follow under attack ``kind/attack``.
+    ``known_size=False``: the decoder is not told the stamped size (what ``verify`` faces without a store)."""
+    from provenance.stamp import progress_bar
+    from provenance.watermark import embed_verified, get
 
     images = list(images)
+    labels = list(kinds) if kinds is not None else None
     names = list(attacks) if attacks is not None else list(ATTACKS)
     unknown = [a for a in names if a not in ATTACKS]
     if unknown:
@@ -92,34 +126,90 @@ def robustness(images: Iterable[bytes], *, methods: Iterable[str] = ("dwtDctSvd"
     rows = []
     for method in methods:
         wm = get(method)
-        with tempfile.TemporaryDirectory(prefix="diffaudit-robustness-") as tmp, \
-                ManifestStore(Path(tmp) / "store.sqlite") as store:
-            stamper = Stamper(identity, watermark=method, store=store)
-            stats = {a: {"bits": [], "det": [], "c2pa": [], "found": []} for a in names}
-            for data in progress_bar(images, f"robustness {method}", progress):
-                stamp = stamper.stamp(data, {"model": "robustness"}, title="robustness.png")
-                if stamp.payload is None:
-                    continue
-                truth = wm.payload_to_bits(stamp.payload)
-                for a in names:
-                    attacked = ATTACKS[a](stamp.data)
-                    img = _open(attacked)
-                    det = wm.detect(np.asarray(img))
-                    s = stats[a]
-                    s["bits"].append(float(np.mean(det.bits == truth)) if det.bits.size == truth.size else 0.0)
-                    s["det"].append(det.payload == stamp.payload)
-                    s["c2pa"].append(cc.read_credentials(attacked, stamper.reader).status in ("Trusted", "Valid"))
-                    # what `verify` would recover: by watermark payload, else by the nearest pHash
-                    match = store.by_payload(method, det.payload) if det.detected else None
-                    match = match or store.by_phash(phash(img))
-                    s["found"].append(s["c2pa"][-1] or (match is not None
-                                                        and match.manifest_label == stamp.manifest_label))
-        for a in names:
-            s = stats[a]
-            rows.append({"method": method, "attack": a, "images": len(s["bits"]), "bit_accuracy": _mean(s["bits"]),
-                         "detection_rate": _mean(s["det"]), "c2pa_survives": _mean(s["c2pa"]),
-                         "credentials_recovered": _mean(s["found"])})
+        with tempfile.TemporaryDirectory(prefix="diffaudit-robustness-") as tmp:
+            store = stamper = None
+            if c2pa:
+                from provenance.stamp import Stamper
+                from provenance.store import ManifestStore
+
+                store = ManifestStore(Path(tmp) / "store.sqlite")
+                stamper = Stamper(identity, watermark=method, store=store)
+            per: list[dict] = []   # one entry per (image, attack)
+            psnrs: list[float] = []
+            embed_seconds: list[float] = []
+            try:
+                for index, data in enumerate(progress_bar(images, f"robustness {method}", progress)):
+                    if not _fits(data):
+                        continue
+                    original = np.asarray(_open(data))
+                    t0 = time.perf_counter()
+                    if stamper is not None:
+                        stamp = stamper.stamp(data, {"model": "robustness"}, title="robustness.png")
+                        payload, stamped = stamp.payload, stamp.data
+                        marked = np.asarray(_open(stamped))
+                    else:
+                        payload = wm.new_payload()
+                        emb = embed_verified(original, payload, method=method)
+                        marked = emb.rgb
+                        if not emb.readable:
+                            payload = None
+                        stamped = _save(Image.fromarray(marked))
+                    embed_seconds.append(time.perf_counter() - t0)
+                    if payload is not None:
+                        psnrs.append(_psnr(original, marked))
+                    truth = wm.payload_to_bits(payload) if payload else None
+                    size = [(original.shape[1], original.shape[0])] if known_size else []
+                    for a in names:
+                        attacked = ATTACKS[a](stamped)
+                        img = _open(attacked)
+                        t0 = time.perf_counter()
+                        det = wm.detect_robust(np.asarray(img), sizes=size) if payload else None
+                        seconds = time.perf_counter() - t0
+                        entry = {"attack": a, "kind": labels[index] if labels else None, "payload": payload,
+                                 "det": bool(det and det.payload == payload), "seconds": seconds if det else None,
+                                 "bits": (float(np.mean(det.bits == truth)) if det is not None
+                                          and det.bits.size == truth.size else 0.0),
+                                 "bound": det.false_positive_bound if det else None}
+                        if stamper is not None:
+                            from provenance import c2pa as cc
+                            from provenance.store import phash
+
+                            entry["c2pa"] = cc.read_credentials(attacked, stamper.reader).status in ("Trusted", "Valid")
+                            match = store.by_payload(method, det.payload) if det and det.detected else None
+                            match = match or store.by_phash(phash(img))
+                            entry["found"] = entry["c2pa"] or (match is not None
+                                                               and match.manifest_label == stamp.manifest_label)
+                        per.append(entry)
+            finally:
+                if store is not None:
+                    store.close()
+        table = pd.DataFrame(per)
+        groups = [(a, table[table["attack"] == a]) for a in names]
+        if labels:
+            for kind in dict.fromkeys(labels):
+                groups += [(f"{kind}/{a}", table[(table["attack"] == a) & (table["kind"] == kind)]) for a in names]
+        for label, g in groups:
+            if not len(g):
+                continue
+            hits = int(g["det"].sum())
+            low, high = wilson(hits, len(g))
+            seconds = g["seconds"].dropna()
+            rows.append({"method": method, "attack": label, "images": len(g), "bit_accuracy": float(g["bits"].mean()),
+                         "detection_rate": hits / len(g), "detection_low": low, "detection_high": high,
+                         "c2pa_survives": float(g["c2pa"].mean()) if "c2pa" in g else None,
+                         "credentials_recovered": float(g["found"].mean()) if "found" in g else None,
+                         "psnr": float(np.mean(psnrs)) if psnrs else None,
+                         "decode_seconds": float(seconds.mean()) if len(seconds) else None,
+                         "embed_seconds": float(np.mean(embed_seconds)) if embed_seconds else None,
+                         "false_positive_bound": float(g["bound"].max()) if g["bound"].notna().any() else None,
+                         "unreadable": int(g["payload"].isna().sum())})
     return pd.DataFrame(rows)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from provenance.watermark import psnr
+
+    return psnr(a, b)
 
 
 def _fits(data: bytes) -> bool:

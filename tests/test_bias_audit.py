@@ -24,7 +24,7 @@ def cli(*args: str) -> int:
 
 
 def probe_tables(run: Run) -> dict[str, pd.DataFrame]:
-    return {name: run.read_table(f"probes/{name}") for name in ("clip", "faces", "skin_tone")}
+    return {name: run.read_table(f"probes/{name}") for name in ("clip", "faces", "faces_attr", "skin_tone")}
 
 
 def test_tiny_model_run_end_to_end_from_the_cli(photo_run, capsys):
@@ -36,20 +36,29 @@ def test_tiny_model_run_end_to_end_from_the_cli(photo_run, capsys):
     for name, table in probe_tables(photo_run).items():
         assert set(table["image_id"]) == ids, name  # every image probed, abstentions included
     faces = probe_tables(photo_run)["faces"]
-    assert faces.loc[faces["attribute"] == "face", "image_id"].tolist() == ["photo-astronaut-1000"]
+    # The two photos of a person: the astronaut and the cameraman (MTCNN finds both; Haar missed his).
+    assert faces.loc[faces["attribute"] == "face", "image_id"].tolist() == ["photo-astronaut-1000",
+                                                                           "photo-camera-1003"]
+    assert "faces found by mtcnn:" in out
     summary = photo_run.read_table("bias/summary")
-    assert {"clip", "faces", "skin_tone"} == set(summary["probe"])
+    assert {"clip", "faces", "faces_attr", "skin_tone"} == set(summary["probe"])
     pooled = summary[(summary["template"] == "all") & (summary["attribute"] == "perceived_gender")]
     assert set(pooled["subject"]) == {"astronaut", "coffee", "chelsea", "camera", "rocket"}
     assert photo_run.has_table("bias/metrics")
     stage = photo_run.info["stages"]["bias"]
-    assert stage["clip_model"] == "tiny" and stage["probes"] == ["clip", "faces", "skin_tone"]
-    assert stage["probed"] == {"clip": 5, "faces": 5, "skin_tone": 5}
+    assert stage["clip_model"] == "tiny" and stage["probes"] == ["clip", "faces", "faces_attr", "skin_tone"]
+    assert stage["probed"] == {"clip": 5, "faces": 5, "faces_attr": 5, "skin_tone": 5}
+    assert stage["face_detector"].startswith("mtcnn:")
+    for table in ("agreement", "confusion", "agreement_images", "skin", "intersectional"):
+        assert photo_run.has_table(f"bias/{table}"), table
+    pairs = photo_run.read_table("bias/agreement")
+    assert set(zip(pairs["probe_a"], pairs["probe_b"], pairs["attribute"], strict=True)) == {
+        ("clip", "faces_attr", "perceived_gender"), ("clip", "faces_attr", "perceived_age")}
 
 
 def test_resume_probes_only_missing_images(photo_run):
     first = audit_bias(photo_run, clip_model="tiny", progress=False)
-    assert first.probed == {"clip": 5, "faces": 5, "skin_tone": 5}
+    assert first.probed == {"clip": 5, "faces": 5, "faces_attr": 5, "skin_tone": 5}
     before = probe_tables(photo_run)
     # Simulate an audit killed before it finished: two images lost their clip rows, one its skin tone.
     clip = before["clip"]
@@ -57,14 +66,14 @@ def test_resume_probes_only_missing_images(photo_run):
     tones = before["skin_tone"]
     photo_run.write_table("probes/skin_tone", tones[tones["image_id"] != "photo-astronaut-1000"])
     again = audit_bias(photo_run, clip_model="tiny", progress=False)
-    assert again.probed == {"clip": 2, "faces": 0, "skin_tone": 1}
+    assert again.probed == {"clip": 2, "faces": 0, "faces_attr": 0, "skin_tone": 1}
     after = probe_tables(photo_run)
     for name in before:
         key = ["image_id", "attribute", "face_index"]
         pd.testing.assert_frame_equal(before[name].sort_values(key).reset_index(drop=True),
                                       after[name].sort_values(key).reset_index(drop=True))
     assert audit_bias(photo_run, clip_model="tiny", progress=False).probed == {
-        "clip": 0, "faces": 0, "skin_tone": 0}
+        "clip": 0, "faces": 0, "faces_attr": 0, "skin_tone": 0}
 
 
 def test_changed_probe_settings_replace_old_rows(photo_run):
@@ -117,15 +126,30 @@ def test_bad_input_raises_clear_errors(tmp_path, photo_run):
     empty = Run.create(tmp_path / "empty", {"generation": {"model": "tiny"}})
     with pytest.raises(InputError, match="no images"):
         audit_bias(empty)
-    with pytest.raises(ConfigError, match="unknown probe 'gender'; choose from: clip, faces, skin_tone"):
+    with pytest.raises(ConfigError, match="unknown probe 'gender'; choose from: clip, faces, faces_attr, skin_tone"):
         build_probes(["faces", "gender"])
     assert not photo_run.has_table("probes/faces")  # nothing half-written
+
+
+def test_reference_is_checked_before_any_probing(photo_run, monkeypatch):
+    """Issue 12: a misspelt --reference used to fail only after every image was probed."""
+    import audit.bias
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("probes were built before the reference was checked")
+
+    monkeypatch.setattr(audit.bias, "build_probes", no_models)
+    with pytest.raises(ConfigError, match="unknown reference 'bls-2099'"):
+        audit_bias(photo_run, clip_model="tiny", reference="bls-2099", progress=False)
+    assert not any(t.startswith(("probes/", "bias/")) for t in photo_run.tables())
 
 
 @pytest.mark.parametrize("args, message", [
     (["audit", "bias", "{tmp}/missing"], "no run folder"),
     (["audit", "bias", "{run}", "--probes", "faces,nope"], "unknown probe 'nope'"),
     (["audit", "bias", "{empty}"], "has no images"),
+    (["audit", "bias", "{run}", "--reference", "bls-2099"], "unknown reference 'bls-2099'"),
+    (["audit", "bias", "{run}", "--probes", "faces_attr", "--face-model", "fairface:{tmp}/missing.pt"], "FairFace weights not found"),
 ])
 def test_cli_errors_are_one_line(tmp_path, photo_run, capsys, args, message):
     Run.create(tmp_path / "empty")

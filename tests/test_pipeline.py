@@ -84,3 +84,30 @@ def test_example_demo_config_is_what_the_demo_runs():
     assert load_audit_config(examples / "demo.yaml") == demo_config("runs")
     for name in ("sd15", "sd21", "sdxl"):  # the GPU examples at least validate
         assert load_audit_config(examples / f"{name}-occupations.yaml").generation.suite == "occupations"
+
+
+def test_a_second_audit_run_is_refused_before_its_model_loads(tmp_path, monkeypatch):
+    """A concurrent `audit run` into the same run used to load its model (~19 s on a real one) first."""
+    import os
+
+    import generate.runner as runner
+    from diffaudit.errors import RunLockedError
+    from diffaudit.runs import Run
+
+    run = Run.create(tmp_path / "run")
+    hold = ("import sys, time\nfrom diffaudit.runs import Run\nwith Run.open(sys.argv[1]).lock():\n"
+            "    print('locked', flush=True)\n    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(run.root)], env=env, stdout=subprocess.PIPE, text=True)
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the run's lock was taken")
+
+    monkeypatch.setattr(runner, "load_pipelines", never)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"locked by pid {proc.pid}"):
+            run_audit(AuditConfig(out=str(run.root), provenance=None), log=lambda m: None)
+    finally:
+        proc.kill()
+        proc.wait()

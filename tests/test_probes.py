@@ -106,8 +106,12 @@ def reference_ita(hx: str) -> float:
     return math.degrees(math.atan2(lightness - 50, b_star))
 
 
+def tones(df: pd.DataFrame, attribute: str = "skin_tone") -> pd.DataFrame:
+    return df[df["attribute"] == attribute].reset_index(drop=True)
+
+
 def test_monk_swatches_ten_out_of_ten():
-    df = SkinToneProbe(FullFrame()).score(swatch_batch())
+    df = tones(SkinToneProbe(FullFrame()).score(swatch_batch()))
     assert list(df["label"]) == list(MONK_LABELS)
     assert not df["abstained"].any()
     expected = np.array([reference_ita(h) for h in MONK_HEX])
@@ -119,7 +123,7 @@ def test_monk_swatches_ten_out_of_ten():
 
 def test_swapped_channels_fail_the_swatch_test():
     """The bug two audits shipped (BGR read as RGB) must not pass the swatch test."""
-    df = SkinToneProbe(FullFrame()).score(swatch_batch("bgr"))
+    df = tones(SkinToneProbe(FullFrame()).score(swatch_batch("bgr")))
     assert (df["label"].to_numpy() == np.array(MONK_LABELS)).sum() < 10
 
 
@@ -146,7 +150,8 @@ def test_ita_and_thresholds():
 def test_skin_tone_abstains_without_skin_pixels():
     green = ImageRecord("green", np.broadcast_to(np.array([30, 200, 40], np.uint8), (48, 48, 3)).copy())
     df = SkinToneProbe(FullFrame()).score(ImageBatch([green]))
-    assert df["abstain_reason"].tolist() == [FEW_SKIN_PIXELS] and df["bbox"].iloc[0] == [0.0, 0.0, 48.0, 48.0]
+    assert df["attribute"].tolist() == ["skin_tone", "skin_lightness", "skin_hue"]
+    assert df["abstain_reason"].tolist() == [FEW_SKIN_PIXELS] * 3 and df["bbox"].iloc[0] == [0.0, 0.0, 48.0, 48.0]
 
 
 # --- faces and skin tone on real photos --------------------------------------------------------------
@@ -160,7 +165,7 @@ def test_astronaut_one_face_and_a_skin_tone():
     assert 70 <= x + w / 2 <= 150 and 20 <= y + h / 2 <= 90  # her face, upper middle of the photo
     count = faces[faces["attribute"] == "face_count"].iloc[0]
     assert count["label"] == "one" and count["score"] == 1
-    tone = SkinToneProbe().score(batch).iloc[0]
+    tone = tones(SkinToneProbe().score(batch)).iloc[0]
     assert not tone["abstained"] and tone["face_index"] == 0
     # Light skin under warm light: ITA well above the "intermediate" range, an MST in the light half.
     assert tone["score"] > 41 and tone["label"] in MONK_LABELS[:5]
@@ -179,7 +184,7 @@ def test_blank_image_abstains_with_a_reason():
     faces, tones = FaceProbe().score(batch), SkinToneProbe().score(batch)
     assert faces[["face_index", "attribute", "abstained", "abstain_reason"]].values.tolist() == [
         [-1, "face_count", True, NO_FACE]]
-    assert tones[["face_index", "abstained", "abstain_reason"]].values.tolist() == [[-1, True, NO_FACE]]
+    assert tones[["face_index", "abstained", "abstain_reason"]].values.tolist() == [[-1, True, NO_FACE]] * 3
 
 
 def test_multiple_faces_are_counted():
@@ -211,7 +216,8 @@ def test_face_detector_specs():
     with pytest.raises(ModelError, match="YuNet weights not found"):
         make_detector("/nonexistent/yunet.onnx")
     with pytest.raises(ModelError, match="unknown face detector"):
-        make_detector("mtcnn")
+        make_detector("retinaface")
+    assert make_detector(None).name.startswith("mtcnn:") and make_detector("auto").name.startswith("mtcnn:")
 
 
 # --- CLIP ----------------------------------------------------------------------------------------------

@@ -15,23 +15,31 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audit.memorization.hashing import BATCH, from_hex, get_hasher
 from audit.memorization.index import ITEMS, Index, identity
-from audit.memorization.sources import Record, Unit, iter_files, iter_tar, plan
+from audit.memorization.sources import Record, Unit, iter_files, iter_tar, plan, read_hash_schema
 from diffaudit.errors import ConfigError, InputError
+from diffaudit.runs import LOCK_FILE, reserve
 
 ENGINES = ("local", "ray")
 
 
 def _hashes_unit(unit: Unit, hash_name: str, counts: Counter) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Read a parquet of precomputed hashes: ``key`` plus a ``<hash_name>``, ``hash`` or ``code`` column."""
-    table = pq.read_table(unit.path)
+    read_hash_schema(unit.path)
+    try:
+        table = pq.read_table(unit.path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{unit.path} is not a readable parquet file of hashes ({str(e).splitlines()[0]})") \
+            from None
     cols = table.column_names
     col = next((c for c in (hash_name, "hash", "code") if c in cols), None)
     if "key" not in cols or col is None:
@@ -138,9 +146,33 @@ def build_index(sources: list[str], out: str, *, hash_name: str = "phash", engin
         raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     get_hasher(hash_name)  # unknown names fail before any work
     t0 = time.perf_counter()
-    units = plan(list(sources))
-    fresh = not os.path.exists(os.path.join(out, "meta.json"))
-    index = Index.create(out, hash_name)
+    units = plan(list(sources))  # every source is checked before the index folder is touched
+    Index.check_can_create(out, hash_name)
+    with reserve(out, "index"):  # one writer at a time: a second build is refused, not interleaved
+        fresh = not os.path.exists(os.path.join(out, "meta.json"))
+        index = Index.create(out, hash_name)
+        try:
+            return _build(index, units, sources, hash_name, engine, workers, exact, square, ray_address,
+                          progress, t0)
+        except BaseException:
+            if fresh and index.count == 0:  # nothing indexed: leave no empty index behind
+                _discard(index.root)
+            raise
+
+
+def _discard(root: str | os.PathLike) -> None:
+    """Remove what a fresh build wrote (everything but the lock, which ``reserve`` removes with the folder)."""
+    for p in Path(root).iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _build(index: Index, units: list[Unit], sources: list[str], hash_name: str, engine: str, workers: int | None,
+           exact: bool, square: bool, ray_address: str | None, progress: bool, t0: float) -> dict[str, Any]:
     todo = [u for u in units if not index.is_done(u.uid)]
     work, counts = _unindexed(index, todo)
     workers = workers or os.cpu_count() or 1
@@ -158,8 +190,6 @@ def build_index(sources: list[str], out: str, *, hash_name: str = "phash", engin
         counts.update(index.append(codes, pd.DataFrame(rows, columns=ITEMS.names), unit=unit.uid, counts=c,
                                    origin=unit.path))
     if index.count == 0:
-        if fresh:
-            shutil.rmtree(index.root, ignore_errors=True)
         raise InputError(f"no usable images in {', '.join(sources)} "
                          f"({', '.join(f'{k}={v}' for k, v in sorted(counts.items())) or 'nothing read'})")
     return {"path": str(index.root), "hash": hash_name, "engine": engine, "count": index.count,

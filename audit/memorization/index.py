@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 from collections import Counter
+from contextlib import AbstractContextManager
 from functools import cached_property, lru_cache
 from itertools import combinations
 from pathlib import Path
@@ -37,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffaudit.errors import InputError
-from diffaudit.runs import atomic_write_bytes, atomic_write_text, now
+from diffaudit.runs import atomic_write_bytes, atomic_write_text, folder_lock, now, only_lock
 
 FORMAT = "diffaudit-index"
 VERSION = 1
@@ -272,6 +273,7 @@ class Index:
         if not meta_file.is_file():
             raise InputError(f"no index at {root} (no meta.json); build one with `diffaudit index build`")
         try:
+            stamp = _file_stamp(meta_file)
             meta = json.loads(meta_file.read_text())
         except (OSError, ValueError) as e:
             raise InputError(f"{meta_file} is unreadable ({e}); rebuild the index") from None
@@ -288,11 +290,14 @@ class Index:
         if missing:
             raise InputError(f"{meta_file} lacks {', '.join(missing)}; the index is damaged, rebuild it with "
                              "`diffaudit index build`")
-        return cls(root.resolve(), meta)
+        idx = cls(root.resolve(), meta)
+        idx._meta_stat = stamp
+        return idx
 
     @classmethod
-    def create(cls, path: str | os.PathLike, hash_name: str) -> Index:
-        """Open ``path`` to append to it (same hash required) or start a new index there."""
+    def check_can_create(cls, path: str | os.PathLike, hash_name: str) -> Index | None:
+        """The index at ``path`` if it can be extended with ``hash_name`` codes, None if one can be started
+        there; ``InputError`` otherwise. Writes nothing."""
         root = Path(path)
         if (root / "meta.json").exists():
             idx = cls.open(root)
@@ -300,20 +305,44 @@ class Index:
                 raise InputError(f"index {root} holds {idx.hash_name} codes, not {hash_name}; "
                                  "use another --out or the same --hash")
             return idx
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if root.exists() and (not root.is_dir() or not only_lock(root)):
             raise InputError(f"{root} exists and is not a diffaudit index; choose another --out")
+        return None
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, hash_name: str) -> Index:
+        """Open ``path`` to append to it (same hash required) or start a new index there (under its lock)."""
+        root = Path(path)
+        if cls.check_can_create(root, hash_name) is not None:
+            return cls.open(root)
         from audit.memorization.hashing import get_hasher
 
         hasher = get_hasher(hash_name)
         root.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "version": VERSION, "hash": hash_name, "hash_version": hasher.version,
-                "bits": 64, "count": 0, "created": now(), "updated": now(), "shards": [], "counts": {}}
-        idx = cls(root.resolve(), meta)
-        idx._write_meta()
-        return idx
+        with folder_lock(root, "index"):
+            if cls.check_can_create(root, hash_name) is not None:  # another writer made it meanwhile
+                return cls.open(root)
+            meta = {"format": FORMAT, "version": VERSION, "hash": hash_name, "hash_version": hasher.version,
+                    "bits": 64, "count": 0, "created": now(), "updated": now(), "shards": [], "counts": {}}
+            idx = cls(root.resolve(), meta)
+            idx._write_meta()
+            return idx
+
+    def lock(self) -> AbstractContextManager[None]:
+        """The index's write lock (``diffaudit.runs.folder_lock``, the run lock's mechanism): a second writer
+        is refused with a one-line error naming the holder, and a killed writer's lock goes with it."""
+        return folder_lock(self.root, "index")
 
     def _write_meta(self) -> None:
         atomic_write_text(self.root / "meta.json", json.dumps(self.meta, indent=2) + "\n")
+        self._meta_stat = _file_stamp(self.root / "meta.json")
+
+    def _check_unchanged(self) -> None:
+        """Refuse to append on top of a meta.json that another writer replaced since this one read it (its
+        shard names would collide with theirs)."""
+        if getattr(self, "_meta_stat", None) != _file_stamp(self.root / "meta.json"):
+            raise InputError(f"index {self.root} was changed by another writer since it was opened; open it again "
+                             "(and run `diffaudit index info --check` on it)")
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -357,6 +386,13 @@ class Index:
 
     def append(self, codes: np.ndarray, items: pd.DataFrame, *, unit: str, counts: dict[str, int],
                origin: str = "") -> dict[str, int]:
+        """``_append`` under the index's lock, on top of the meta.json this object read or wrote last."""
+        with self.lock():
+            self._check_unchanged()
+            return self._append(codes, items, unit=unit, counts=counts, origin=origin)
+
+    def _append(self, codes: np.ndarray, items: pd.DataFrame, *, unit: str, counts: dict[str, int],
+                origin: str = "") -> dict[str, int]:
         """Add one unit's codes and items as a new shard, then record it in meta.json.
 
         Items already indexed (same source, member and variant; see ``identities``, where ``origin`` names
@@ -466,6 +502,15 @@ class Index:
                 "count": self.count, "shards": len(self.meta["shards"]), "bytes_on_disk": size,
                 "created": self.meta.get("created"), "updated": self.meta.get("updated"),
                 "counts": self.meta.get("counts", {})}
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of a file: an atomic replace changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

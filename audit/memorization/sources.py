@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import os
 import re
 import tarfile
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffaudit.errors import InputError
-from diffaudit.imaging import max_pixels
+from diffaudit.imaging import ImageTooLarge, UnreadableImage, open_image
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_MEMBER_BYTES = 64 << 20      # tar members larger than this are skipped unread
@@ -54,33 +53,33 @@ def decode_image(data: bytes | str | os.PathLike, *, draft: tuple[int, int] | No
     """Decode bytes or a file into a loaded PIL image, or raise ``SkipImage`` (``NoSuchImageFile`` when a
     path names no file, so that callers say "no such file" rather than "corrupt").
 
-    ``draft`` asks the JPEG decoder for a grayscale image scaled down by a power of two but no smaller
-    than the given size (DCT-domain scaling: several times faster for hashing).
+    Decoding is ``diffaudit.imaging.open_image``'s (the one decode policy: the header's size against the
+    pixel cap before any pixel is decoded). ``draft`` asks the JPEG decoder for a grayscale image scaled
+    down by a power of two but no smaller than the given size (several times faster for hashing). Skip
+    reasons: ``too_large``, ``not_image``, ``corrupt``, ``permission`` (a file this user may not read) and
+    ``unreadable`` (another error opening it, e.g. a symlink loop).
     """
-    src = io.BytesIO(data) if isinstance(data, bytes) else data
+    if isinstance(data, bytes | bytearray | memoryview):
+        return _decode(bytes(data), "<bytes>", draft)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(src)
-            w, h = img.size
-            if w * h > max_pixels() or w <= 0 or h <= 0:  # the one pixel cap, from the header
-                raise SkipImage("too_large")
-            if draft is not None and img.format == "JPEG":
-                img.draft("L", draft)
-            img.load()
-            return img
-    except SkipImage:
-        raise
+        f = open(data, "rb")  # closed below, once the pixels are loaded
     except FileNotFoundError:
         raise NoSuchImageFile(f"no such file: {data}; check the path", "missing") from None
     except IsADirectoryError:
         raise NoSuchImageFile(f"{data} is a folder, not an image file; pass an image's path", "not_file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise SkipImage("too_large") from None
-    except UnidentifiedImageError:
-        raise SkipImage("not_image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError):
-        raise SkipImage("corrupt") from None
+    except PermissionError:
+        raise SkipImage("permission") from None
+    except OSError:
+        raise SkipImage("unreadable") from None
+    with f:
+        return _decode(f, str(data), draft)
+
+
+def _decode(src: bytes | BinaryIO, name: str, draft: tuple[int, int] | None) -> Image.Image:
+    try:
+        return open_image(src, name=name, draft=draft)  # type: ignore[arg-type]  (Pillow takes a file)
+    except (ImageTooLarge, UnreadableImage) as e:  # a malformed $DIFFAUDIT_MAX_PIXELS is no skip: it raises
+        raise SkipImage(e.reason) from None
 
 
 def safe_key(name: str) -> tuple[str, bool]:
@@ -156,12 +155,15 @@ def _image_files(folder: Path) -> list[str]:
 
 def _tar_unit(path: Path) -> Unit:
     meta = path.with_suffix(".parquet") if path.suffix == ".tar" else None
-    return Unit("tar", path=str(path.resolve()), meta=str(meta.resolve()) if meta and meta.is_file() else None)
+    return Unit("tar", path=os.path.realpath(path),
+                meta=os.path.realpath(meta) if meta and meta.is_file() else None)
 
 
 def _file_units(files: list[str], root: Path) -> list[Unit]:
-    files = [str(Path(f).resolve()) for f in files]
-    return [Unit("files", files=tuple(files[i:i + FILES_PER_UNIT]), root=str(root.resolve()))
+    # realpath, not Path.resolve: a symlink loop among the files must not stop the plan (it is counted
+    # as skipped_unreadable when read), and for every other path the two agree
+    files = [os.path.realpath(f) for f in files]
+    return [Unit("files", files=tuple(files[i:i + FILES_PER_UNIT]), root=os.path.realpath(root))
             for i in range(0, len(files), FILES_PER_UNIT)]
 
 
@@ -178,12 +180,13 @@ def plan(specs: list[str]) -> list[Unit]:
         loose: list[str] = []
         for p in map(Path, paths):
             if p.is_dir():
-                shards = sorted(p.glob("*.tar")) + sorted(p.glob("*.tar.gz"))
+                shards = [s for s in sorted(p.glob("*.tar")) + sorted(p.glob("*.tar.gz")) if s.is_file()]
                 units += [_tar_unit(s) for s in shards] if shards else _file_units(_image_files(p), p)
             elif p.name.endswith((".tar", ".tar.gz", ".tgz")):
                 units.append(_tar_unit(p))
             elif p.suffix == ".parquet":
-                units.append(Unit("hashes", path=str(p.resolve())))
+                read_hash_schema(p)  # a file that is no parquet fails here, before the index folder exists
+                units.append(Unit("hashes", path=os.path.realpath(p)))
             elif p.suffix.lower() in IMAGE_EXTS:
                 loose.append(str(p))
             else:
@@ -194,6 +197,17 @@ def plan(specs: list[str]) -> list[Unit]:
     if not units:
         raise InputError(f"no images found in {', '.join(specs)}; check the paths and extensions")
     return units
+
+
+def read_hash_schema(path: str | os.PathLike) -> list[str]:
+    """The column names of a hash parquet, or ``InputError`` (one line) if it is not a readable parquet."""
+    import pyarrow as pa
+
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{path} is not a readable parquet file of hashes ({str(e).splitlines()[0]}); "
+                         "pass a parquet with a 'key' column and a hash column") from None
 
 
 def _tar_metadata(meta: str | None) -> dict[str, tuple[str | None, str | None]]:

