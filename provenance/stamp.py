@@ -36,7 +36,7 @@ from provenance.fingerprint import Fingerprint, fingerprint
 from provenance.keys import Identity, init_identity, load_identity
 from provenance.store import ManifestStore
 from provenance.verify import VerifyResult, verify_bytes, verify_paths  # noqa: F401  (the old home of verify)
-from provenance.watermark import Watermark, get
+from provenance.watermark import Watermark, embed_verified, get
 
 GENERATION_FIELDS = ("image_id", "prompt_id", "suite", "prompt", "negative_prompt", "mode", "source_image",
                      "mask", "strength", "seed", "model", "model_revision", "scheduler", "steps",
@@ -106,6 +106,8 @@ class Stamp:
     seconds: float
     trust: str | None = None
     fingerprint: Fingerprint | None = field(default=None, repr=False)
+    watermark: str = "none"          # the method embedded, "none", or "unreadable" (it did not read back)
+    size: tuple[int, int] | None = None
 
 
 class Stamper:
@@ -142,12 +144,16 @@ class Stamper:
         parent = None
         if cc.read_credentials(data, self.reader, name=name).status != "none":
             parent = cc.Ingredient(Path(name).name, data, "parentOf")
-        payload, marked = None, None
+        payload, marked, state = None, None, "none"
+        size = (int(rgb.shape[1]), int(rgb.shape[0]))
         if self.embeds(rgb):
-            payload = self.watermark.new_payload()
-            rgb = self.watermark.encode(rgb, payload)
-            bits = self.watermark.payload_to_bits(payload)
-            marked = cc.Watermarked(self.method, payload, np.packbits(bits).tobytes())
+            # read back through the copies the image will travel as before the payload is registered
+            emb = embed_verified(rgb, self.watermark.new_payload(), method=self.method)
+            state = self.method if emb.readable else "unreadable"
+            if emb.readable:
+                payload, rgb = emb.payload, emb.rgb
+                bits = self.watermark.payload_to_bits(payload)
+                marked = cc.Watermarked(self.method, payload, np.packbits(bits).tobytes())
         signed, label, manifest = self.signer.sign(encode_image(rgb, fmt), generation, title=title,
                                                    ingredients=ingredients, watermark=marked, parent=parent)
         creds = cc.read_credentials(signed, self.reader, name=name, trust=self.trust)
@@ -157,9 +163,9 @@ class Stamper:
                            phash=fp.phash, sha256=sha256_bytes(signed), credentials=creds.to_dict(),
                            manifest=manifest, image_id=image_id, run=run, stamped_path=stamped_path,
                            fingerprint=fp, ingredients=_ingredient_prints(([parent] if parent else []) + ingredients),
-                           pending=pending)
+                           pending=pending, size=size)
         return Stamp(signed, fmt, payload, label, fp.phash, creds.status, creds.failure_codes, creds.to_dict(),
-                     manifest, time.perf_counter() - t0, creds.trust, fp)
+                     manifest, time.perf_counter() - t0, creds.trust, fp, state, size)
 
 
 def _ingredient_prints(ingredients: Iterable[cc.Ingredient]) -> list[tuple[str, str, str, Fingerprint | None]]:
@@ -283,7 +289,8 @@ def _already_stamped(run: Run, stamper: Stamper) -> set[str]:
         p = run.path(rel)
         if not (p.is_file() and sha256_file(p) == digest):
             continue
-        if method == stamper.method or (method == "none" and not stamper.embeds(decode_rgb(p.read_bytes(), str(p)))):
+        if method in (stamper.method, "unreadable") or (method == "none" and not stamper.embeds(
+                decode_rgb(p.read_bytes(), str(p)))):  # a mark that did not read back is not retried each rerun
             done.add(image_id)
     return done
 
@@ -300,7 +307,7 @@ def _stamp_row(run: Run, stamper: Stamper, row: dict[str, Any]) -> dict[str, Any
                           stamped_path=str(run.root / rel), name=str(src), pending=True)
     atomic_write_bytes(run.root / rel, stamp.data)
     return {"image_id": row["image_id"], "source_path": row["path"], "stamped_path": rel,
-            "format": stamp.format, "watermark": stamper.method if stamp.payload else "none",
+            "format": stamp.format, "watermark": stamp.watermark,
             "payload": stamp.payload, "manifest_label": stamp.manifest_label,
             "sha256": sha256_bytes(stamp.data), "phash": f"{stamp.phash:016x}", "status": stamp.status,
             "trust": stamp.trust, "failure_codes": stamp.failure_codes, "seconds": stamp.seconds}
@@ -343,8 +350,9 @@ def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
             st.add(manifest_label=stamp.manifest_label, method=watermark if stamp.payload else "none",
                    payload=stamp.payload, phash=stamp.phash, sha256=sha256_bytes(stamp.data),
                    credentials=stamp.credentials, manifest=stamp.manifest, stamped_path=str(target.resolve()),
-                   fingerprint=stamp.fingerprint)  # a restamped parent is this same picture: no source print
+                   fingerprint=stamp.fingerprint, size=stamp.size)  # a restamped parent is this same picture: no source print
             results.append({"file": str(f), "stamped": str(target), "status": stamp.status, "trust": stamp.trust,
+                            "watermark": stamp.watermark,
                             "payload": stamp.payload, "manifest_label": stamp.manifest_label,
                             "restamped": any(a.get("action") == "c2pa.opened" for a in stamp.credentials["actions"]),
                             "seconds": round(stamp.seconds, 4)})

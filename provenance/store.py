@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS stamps (
 CREATE INDEX IF NOT EXISTS stamps_payload ON stamps (method, payload);
 CREATE INDEX IF NOT EXISTS stamps_sha ON stamps (sha256);
 """
-_V2_COLUMNS = {"coeffs": "BLOB", "thumb": "BLOB", "committed": "INTEGER NOT NULL DEFAULT 1"}
+_V2_COLUMNS = {"coeffs": "BLOB", "thumb": "BLOB", "committed": "INTEGER NOT NULL DEFAULT 1", "width": "INTEGER",
+               "height": "INTEGER"}
 _SCHEMA_V2 = """
 CREATE TABLE IF NOT EXISTS ingredients (
     manifest_label TEXT NOT NULL,    -- the stamp this image was an input of
@@ -194,17 +195,19 @@ class ManifestStore:
             credentials: dict[str, Any], manifest: bytes | None = None, image_id: str | None = None,
             run: str | None = None, stamped_path: str | None = None, fingerprint: Fingerprint | None = None,
             ingredients: Iterable[tuple[str | None, str | None, str, Fingerprint | None]] = (),
-            pending: bool = False) -> None:
+            pending: bool = False, size: tuple[int, int] | None = None) -> None:
         """Register (or replace) one stamped image and its ingredients ``(title, relationship, sha256,
-        fingerprint)`` in one transaction. ``pending`` rows are invisible until ``commit``."""
+        fingerprint)`` in one transaction. ``pending`` rows are invisible until ``commit``. ``size``: the
+        stamped (width, height), which the robust watermark decoder tries when a copy was resized."""
         coeffs, thumb = fingerprint.to_blobs() if fingerprint is not None else (None, None)
+        w, h = size if size is not None else (None, None)
         with self.db:
             self.db.execute(
                 "INSERT OR REPLACE INTO stamps (manifest_label, method, payload, phash, image_id, run,"
-                " stamped_path, sha256, credentials, manifest, coeffs, thumb, committed)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " stamped_path, sha256, credentials, manifest, coeffs, thumb, committed, width, height)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (manifest_label, method, payload, _signed(phash), image_id, run, stamped_path, sha256,
-                 json.dumps(credentials, default=str), manifest, coeffs, thumb, 0 if pending else 1))
+                 json.dumps(credentials, default=str), manifest, coeffs, thumb, 0 if pending else 1, w, h))
             self.db.execute("DELETE FROM ingredients WHERE manifest_label = ?", (manifest_label,))
             for i, (title, relationship, digest, fp) in enumerate(ingredients):
                 c, t = fp.to_blobs() if fp is not None else (None, None)
@@ -254,6 +257,19 @@ class ManifestStore:
         rows = self.db.execute("SELECT DISTINCT method FROM stamps WHERE method != 'none' AND "
                                + self._where_committed()).fetchall()
         return sorted(r[0] for r in rows)
+
+    def sizes(self, method: str, limit: int = 8) -> list[tuple[int, int]]:
+        """The most common stamped (width, height) of ``method``'s stamps (what a resized copy may have been)."""
+        if "width" not in self.columns:
+            return []
+        rows = self.db.execute("SELECT width, height, COUNT(*) AS n FROM stamps WHERE method = ? AND width IS NOT NULL"
+                               " AND " + self._where_committed() + " GROUP BY width, height ORDER BY n DESC LIMIT ?",
+                               (method, limit)).fetchall()
+        return [(int(w), int(h)) for w, h, _ in rows]
+
+    def count_payloads(self, method: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM stamps WHERE method = ? AND payload IS NOT NULL AND "
+                               + self._where_committed(), (method,)).fetchone()[0]
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM stamps WHERE " + self._where_committed()).fetchone()[0]

@@ -123,14 +123,18 @@ def decode_pixels(data: bytes, name: str) -> tuple[np.ndarray | None, str | None
 
 # --- evidence ----------------------------------------------------------------------------------
 
-def _watermark(rgb: np.ndarray, methods: list[str]) -> tuple[dict[str, Any], Any]:
-    """The first detection among ``methods`` (or the last attempt), as the detector reports it."""
+def _watermark(rgb: np.ndarray, methods: list[str], store: ManifestStore | None) -> tuple[dict[str, Any], Any]:
+    """The first detection among ``methods`` by each method's robust decoder (as is, mirrored, rescaled to
+    the sizes the store's stamps had, or to common generation sizes without a store), as the detector
+    reports it; ``false_positive_bound_all`` is the union bound over every method tried."""
     from provenance.watermark import get
 
-    tried, last = [], None
+    tried, last, bound = [], None, 0.0
     for method in methods:
-        det = get(method).detect(rgb)
+        sizes = store.sizes(method) if store is not None else []
+        det = get(method).detect_robust(rgb, sizes=sizes or None)
         tried.append(method)
+        bound += float(det.false_positive_bound or 0.0)
         last = det
         if det.detected:
             break
@@ -141,7 +145,13 @@ def _watermark(rgb: np.ndarray, methods: list[str]) -> tuple[dict[str, Any], Any
     d["corrected_bits"] = d.pop("corrected", 0)
     d["crc_ok"] = d.pop("check_ok", False)
     d["tried"] = tried
+    d["false_positive_bound_all"] = min(1.0, bound)
     return d, last if last.detected else None
+
+
+#: A watermark alone (pixels not agreeing) names a stamp only when the chance that a clean image decodes
+#: to a payload the store holds is below this: bound x stored payloads / 2^id_bits.
+MAX_FALSE_MATCH = 1e-6
 
 
 @dataclass
@@ -218,7 +228,7 @@ def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: Man
     if rgb is not None:
         methods = list(methods) if methods is not None else (store.methods() if store is not None else []) or \
             ["dwtDctSvd"]
-        result.watermark, det = _watermark(rgb, methods)
+        result.watermark, det = _watermark(rgb, methods, store)
     query = F.fingerprint(rgb) if rgb is not None else None
     if query is not None:
         result.fingerprint = {"phash": f"{query.phash:016x}", "stable_bits": query.stable_bits,
@@ -269,6 +279,9 @@ def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: Man
         if origin is not None:
             named, role, how = stamp_of(origin), "derived from", "watermark" if origin in wm_cands else "fingerprint"
             reason += f"; it was derived from stored stamp {origin.label}"
+    elif wm_cands and not [c for c in wm_cands if c.qualifies()] and _false_match(det, store) > MAX_FALSE_MATCH:
+        reason = (f"{wm_words} matches stored stamp(s), but this method's check is too short to name a stamp on "
+                  f"the watermark alone (chance of a false match {_false_match(det, store):.1e}) and the pixels differ")
     elif wm_cands:
         good = [c for c in wm_cands if c.qualifies()]
         pick = decisive(good) if good else (wm_cands[0] if len(wm_cands) == 1 else None)
@@ -322,6 +335,13 @@ def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: Man
         result.record = _record(named, store, context, trust, role, how)
     result.problem = "; ".join(n for n in notes if n) or None
     return result
+
+
+def _false_match(det, store: ManifestStore) -> float:
+    from provenance.watermark import get
+
+    n = store.count_payloads(det.method)
+    return float(det.false_positive_bound or 0.0) * n / 2.0 ** get(det.method).id_bits
 
 
 def load_settings(trust_anchors: str | os.PathLike | None = None, allowed_list: str | os.PathLike | None = None,
@@ -410,8 +430,9 @@ def iter_lines(r: VerifyResult) -> Iterator[str]:
     w = r.watermark
     if w:
         if w.get("detected"):
-            yield (f"  watermark   {w.get('method')} payload={w.get('payload')} CRC ok, {w.get('corrected_bits')} bit(s) "
-                   f"corrected, false-positive bound {w.get('false_positive_bound', 0):.1e}")
+            yield (f"  watermark   {w.get('method')} payload={w.get('payload')} ({w.get('geometry', 'as is')}), CRC ok, "
+                   f"{w.get('corrected_bits')} bit(s) corrected, false-positive bound "
+                   f"{w.get('false_positive_bound_all', w.get('false_positive_bound', 0)):.1e}")
         else:
             yield f"  watermark   none found (tried {', '.join(w.get('tried') or [])})"
     fp = r.fingerprint

@@ -352,8 +352,9 @@ def test_stripped_file_is_recovered_through_the_store(photo_run, identity, tmp_p
     assert shot.record["credentials"]["generation"]["prompt"] == "a photo of chelsea"
     assert shot.record["recorded_at_stamp_time"]["status"] == "Trusted (development root)"
     tiny = res["small.png"]
-    assert tiny.conclusion == "same image, credentials stripped" and tiny.watermark["detected"] is False
-    assert tiny.record["found_by"] == "fingerprint + pixels" and tiny.record["manifest_label"] == row["manifest_label"]
+    assert tiny.conclusion == "same image, credentials stripped"   # resized: the robust decoder may read it back
+    assert tiny.record["found_by"] in ("fingerprint + pixels", "watermark + pixels")
+    assert tiny.record["manifest_label"] == row["manifest_label"]
 
 
 def test_robustness_table(identity):

@@ -115,20 +115,21 @@ def test_flat_images_never_match(tmp_path, identity):
 def test_near_identical_pair_is_ambiguous_unless_the_watermark_settles_it(tmp_path, identity):
     base = np.asarray(skimage_photo("astronaut", 320))
     twin = np.clip(base.astype(np.int16) + np.random.default_rng(2).integers(-2, 3, base.shape), 0, 255).astype(np.uint8)
-    db = tmp_path / "s.sqlite"
-    with ManifestStore(db) as store:
-        stamper = Stamper(identity, store=store)
-        a = stamper.stamp(png_bytes(Image.fromarray(base)), {"model": "m"}, title="a.png")
-        b = stamper.stamp(png_bytes(Image.fromarray(twin)), {"model": "m"}, title="b.png")
-    with ManifestStore(db, readonly=True) as store:
-        small = pixels(a.data).resize((200, 200))                  # below the watermark's minimum: no watermark
-        r = check(png_bytes(small), store)
-        assert r.conclusion == V.AMBIGUOUS and r.record is None
+    for mark in ("none", "dwtDctSvd"):
+        db = tmp_path / f"{mark}.sqlite"
+        with ManifestStore(db) as store:
+            stamper = Stamper(identity, store=store, watermark=mark)
+            a = stamper.stamp(png_bytes(Image.fromarray(base)), {"model": "m"}, title="a.png")
+            b = stamper.stamp(png_bytes(Image.fromarray(twin)), {"model": "m"}, title="b.png")
+        with ManifestStore(db, readonly=True) as store:   # a copy about as far from either
+            r = check(png_bytes(pixels(a.data).resize((240, 240))), store)
         qualifying = {c["manifest_label"] for c in r.fingerprint["candidates"] if c["qualifies"]}
         assert qualifying == {a.manifest_label, b.manifest_label} and r.fingerprint["more_than_one"]
-        r = check(jpeg(a.data, 90), store)                         # the watermark names one, the pixels agree
-        assert r.conclusion == V.SAME and r.record["manifest_label"] == a.manifest_label
-        assert r.watermark["payload"] == a.payload and r.fingerprint["more_than_one"]
+        if mark == "none":                                         # the pixels alone cannot tell them apart
+            assert r.conclusion == V.AMBIGUOUS and r.record is None
+        else:                                                      # the watermark names one, the pixels agree
+            assert r.conclusion == V.SAME and r.record["manifest_label"] == a.manifest_label
+            assert r.watermark["payload"] == a.payload and r.watermark["geometry"] == "rescaled to 320x320"
 
 
 def test_half_replaced_watermarked_image_is_an_edited_copy(tmp_path, identity):
