@@ -86,9 +86,10 @@ def patch(img: Image.Image, frac: float, seed: int) -> Image.Image:
 
 
 def half_replaced(img: Image.Image, other: Image.Image) -> Image.Image:
+    """The bottom half replaced by another picture (block watermarks still read from the top half)."""
     a = np.asarray(img).copy()
     b = np.asarray(other.resize(img.size))
-    a[:, a.shape[1] // 2:] = b[:, a.shape[1] // 2:]
+    a[a.shape[0] // 2:] = b[a.shape[0] // 2:]
     return Image.fromarray(a)
 
 
@@ -167,7 +168,8 @@ def splice(signed: bytes, new_png: bytes) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + body
 
 
-def build(n_base: int, seed: int, *, split: str = "heldout", log=print) -> tuple[list[Query], Path, object]:
+def build(n_base: int, seed: int, *, split: str = "heldout", watermark: str = "dwtDctSvd",
+          log=print) -> tuple[list[Query], Path, object]:
     """Stamp half of ``n_base`` corpus images (plus near-identical twins and img2img outputs) into a fresh
     store and return the queries, the store path and the temp folder (kept alive by the caller)."""
     from provenance import c2pa as cc
@@ -180,7 +182,7 @@ def build(n_base: int, seed: int, *, split: str = "heldout", log=print) -> tuple
     identity = init_identity(root / "identity")
     store_path = root / "store.sqlite"
     store = ManifestStore(store_path)
-    stamper = Stamper(identity, store=store)
+    stamper = Stamper(identity, store=store, watermark=watermark)
     rng = np.random.default_rng(seed)
     samples = list(corpus.corpus(n_base, split=split, seed=seed, min_side=256, max_side=512))
     # flat images are over-sampled: they are where fingerprints collide
@@ -318,13 +320,14 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lo, hi
 
 
-def benchmark(n_base: int, seed: int) -> dict:
+def benchmark(n_base: int, seed: int, watermark: str = "dwtDctSvd") -> dict:
     from provenance import c2pa as cc
     from provenance.store import ManifestStore
     from provenance.verify import verify_bytes
 
     t0 = time.perf_counter()
-    queries, store_path, keep = build(n_base, seed, log=lambda m: print(json.dumps({"note": m}), flush=True))
+    queries, store_path, keep = build(n_base, seed, watermark=watermark,
+                                      log=lambda m: print(json.dumps({"note": m}), flush=True))
     context = cc.reader_context()
     by_group: dict[str, Counter] = defaultdict(Counter)
     by_kind: dict[str, Counter] = defaultdict(Counter)
@@ -353,7 +356,7 @@ def benchmark(n_base: int, seed: int) -> dict:
         total.update(c)
     n = sum(total.values())
     lo, hi = clopper_pearson(total["wrong"], n)
-    summary = {"split": "heldout", "queries": n, "stamps": None, **{k: total.get(k, 0) for k in
+    summary = {"split": "heldout", "watermark": watermark, "queries": n, "stamps": None, **{k: total.get(k, 0) for k in
                ("correct", "overstated", "wrong", "ambiguous", "no evidence")},
                "wrong_rate": total["wrong"] / n, "wrong_rate_95ci": [round(lo, 5), round(hi, 5)],
                "verify_ms_per_file": round(1000 * verify_s / n, 1), "seconds": round(time.perf_counter() - t0, 1)}
@@ -445,11 +448,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibrate", action="store_true", help="print the calibration-split distributions")
     ap.add_argument("--base", type=int, default=None, help="corpus images to draw (default 300, quick 60)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--watermark", default="dwtDctSvd", help="stamp with this method (default: stamp's default)")
     args = ap.parse_args(argv)
     if args.calibrate:
         calibrate(args.base or (60 if args.quick else 200), args.seed)
         return
-    benchmark(args.base or (60 if args.quick else 300), args.seed)
+    benchmark(args.base or (60 if args.quick else 300), args.seed, args.watermark)
 
 
 if __name__ == "__main__":

@@ -254,7 +254,16 @@ def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: Man
     seen = {(c.label, c.is_source, getattr(c.rec, "position", None)) for c in fp_cands}
     listed = fp_cands + [c for c in wm_cands if (c.label, False, None) not in seen]
     listed.sort(key=lambda c: (c.ratio is None, c.ratio if c.ratio is not None else 0.0))
-    qualifying = [c for c in fp_cands if c.qualifies()]
+    qualifying, same_source = [], {}
+    for c in fp_cands:
+        if c.qualifies():  # one source photo given to several stamps is one picture, not an ambiguity
+            key = c.rec.sha256 if c.is_source else None
+            if key is not None and key in same_source:
+                same_source[key].append(c.label)
+                continue
+            if key is not None:
+                same_source[key] = []
+            qualifying.append(c)
     if result.fingerprint is not None:
         result.fingerprint["candidates"] = [_describe(c, store) for c in listed]
         result.fingerprint["more_than_one"] = len(qualifying) > 1
@@ -303,6 +312,9 @@ def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: Man
     elif exact_src:
         conclusion, named, role, how = V.SOURCE, store.get(exact_src[0].manifest_label), "source of", "identical bytes"
         reason = f"the file's bytes are the source image of stamp {exact_src[0].manifest_label}"
+        others = sorted({i.manifest_label for i in exact_src} - {exact_src[0].manifest_label})
+        if others:
+            reason += f" (and of {len(others)} other stamp(s): {', '.join(others)})"
     elif qualifying:
         pick = decisive(qualifying)
         if pick is None:
@@ -313,6 +325,8 @@ def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: Man
             conclusion, named, role, how = V.SOURCE, stamp_of(pick), "source of", "fingerprint + pixels"
             reason = (f"the file matches the source image {pick.rec.title!r} of stamp {pick.label} (ratio {pick.ratio}) "
                       "better than any stamped output: it is what the model started from")
+            if same_source.get(pick.rec.sha256):
+                reason += f" (also the source of {', '.join(same_source[pick.rec.sha256])})"
         else:
             conclusion, named, role, how = V.SAME, stamp_of(pick), "same image", "fingerprint + pixels"
             reason = (f"fingerprint ({pick.disagreement} stable bit(s) differ) and pixels (ratio {pick.ratio} <= "

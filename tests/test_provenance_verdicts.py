@@ -363,3 +363,24 @@ def test_identical_bytes_of_an_ingredient_and_sha256s_in_the_store(tmp_path, ide
     with ManifestStore(db, readonly=True) as store:
         r = check(src, store)
     assert r.conclusion == V.SOURCE and r.record["manifest_label"] == st.manifest_label
+
+
+def test_the_demos_img2img_source_photos_come_back_as_sources(tmp_path):
+    """The issue's measurement: the demo's img2img sources (astronaut, coffee) were "recovered" as AI output."""
+    from diffaudit.demo import run_demo
+    from diffaudit.runs import Run
+    from provenance.stamp import source_bytes
+
+    config = run_demo(tmp_path / "runs", images_per_prompt=1, subjects=("ceo",), log=lambda m: None)
+    run = Run.open(config.out)
+    sources = {r["source_image"]: r["image_id"] for r in run.read_table("generations").to_dict("records")
+               if r["mode"] in ("img2img", "inpaint")}
+    labels = run.read_table("provenance/stamps").set_index("image_id")["manifest_label"]
+    with ManifestStore(config.provenance.store, readonly=True) as store:
+        for ref in ("skimage:astronaut", "skimage:coffee"):
+            for data in (source_bytes(ref), jpeg(source_bytes(ref), 85)):
+                r = check(data, store)
+                assert r.conclusion == V.SOURCE, (ref, r.conclusion, r.reason)
+                named = run.read_table("generations").set_index("image_id").loc[
+                    labels[labels == r.record["manifest_label"]].index[0]]
+                assert named["source_image"] == ref and ref in sources
