@@ -384,3 +384,19 @@ def test_the_demos_img2img_source_photos_come_back_as_sources(tmp_path):
                 named = run.read_table("generations").set_index("image_id").loc[
                     labels[labels == r.record["manifest_label"]].index[0]]
                 assert named["source_image"] == ref and ref in sources
+
+
+def test_readme_report_and_dashboard_name_the_same_conclusions(tmp_path, identity):
+    from diffaudit.report import build_report
+
+    readme = (ROOT / "README.md").read_text()
+    run = make_photo_run(tmp_path / "run", ("astronaut", "rocket"), size=256)
+    stamp_run(run.root, identity=identity, store=tmp_path / "s.sqlite")
+    md_path, _ = build_report(run.root)
+    md = md_path.read_text()
+    page = (ROOT / "dashboard" / "views" / "provenance.py").read_text()
+    assert "verdicts.CONCLUSIONS" in page                      # the upload box explains them from the same table
+    for name in V.CONCLUSIONS:
+        assert f"| {name} |" in readme, name
+        assert f"| {name} |" in md, name
+    assert "Checked at stamp time: Trusted (development root): 2" in md
