@@ -816,24 +816,45 @@ def score_histogram(groups: dict[str, list[float] | object], threshold: float, b
 
 
 def _provenance(doc: Doc, run: Run) -> None:
+    from diffaudit import verdicts
+
     doc.h(2, "Provenance")
     stamps = run.read_table("provenance/stamps")
     if stamps.empty:
         doc.p("No stamped outputs in this run (`diffaudit stamp RUN`).")
     else:
-        counts = stamps["status"].value_counts()
+        trust = stamps["trust"] if "trust" in stamps else pd.Series([None] * len(stamps), index=stamps.index)
+        labels = [f"{s} ({t})" if s == "Trusted" and isinstance(t, str) and t else str(s)
+                  for s, t in zip(stamps["status"], trust, strict=True)]
+        counts = pd.Series(labels).value_counts()
         marked = int(stamps["payload"].notna().sum())
-        doc.p(f"{len(stamps)} image(s) stamped with C2PA content credentials. Verification: "
+        doc.p(f"{len(stamps)} image(s) stamped with C2PA content credentials. Checked at stamp time: "
               + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".")
-        asked = ((run.info.get("stages") or {}).get("stamp") or {}).get("watermark")
-        methods = sorted(set(stamps["watermark"].dropna()) - {"none"})
+        if any("development root" in x for x in labels):
+            doc.p("*Trusted (development root)* means the stamp validated against the root certificate its own "
+                  "identity made (`diffaudit keys init`): self-certification, which vouches for no one else. What a "
+                  "verifier sees depends on the trust anchors it is given (`diffaudit verify --trust-anchors`).")
+        stage = (run.info.get("stages") or {}).get("stamp") or {}
+        asked = stage.get("watermark")
+        methods = sorted(set(stamps["watermark"].dropna()) - {"none", "unreadable"})
+        unreadable = int((stamps["watermark"] == "unreadable").sum())
         if asked == "none" and not marked:
             doc.p("No invisible watermark was asked for (`--watermark none`): stamps rely on their manifest and "
-                  "the store's perceptual hash.")
+                  "the store's content fingerprint.")
         else:
-            doc.p(f"Invisible watermark ({', '.join(methods) or asked or '–'}): embedded in {marked} of {len(stamps)} "
-                  "image(s)" + ("; the others are below the 256x256 pixels the watermark needs, and rely on their "
-                                "manifest and the store's perceptual hash." if marked < len(stamps) else "."))
+            rest = len(stamps) - marked - unreadable
+            doc.p(f"Invisible watermark ({', '.join(methods) or asked or '–'}): embedded in {marked} of "
+                  f"{len(stamps)} image(s) (each read back after re-encoding)"
+                  + (f"; {unreadable} did not read back after re-encoding and carry no registered payload"
+                     if unreadable else "")
+                  + ("; the others are below the 256x256 pixels the watermark needs" if rest > 0 else "")
+                  + ". Every stamp is registered in the manifest store with its content fingerprint"
+                  + (f" (`{stage['store']}`)" if stage.get("store") else "") + ".")
+    doc.p("`diffaudit verify FILE --store STORE` keeps its evidence apart (the embedded manifest checked now; the "
+          "watermark's payload, CRC and false-positive bound; the stored stamps whose fingerprint and pixels agree) "
+          "and reaches one of these conclusions (a stored stamp's status is shown as recorded at stamp time, and "
+          "re-checked with the verifier's trust settings):")
+    doc.table(pd.DataFrame({"conclusion": list(verdicts.CONCLUSIONS), "what it means": list(verdicts.CONCLUSIONS.values())}))
     robust = run.read_table("provenance/robustness")
     if len(robust):
         doc.p("Watermark robustness (bit accuracy and detection rate per attack):")

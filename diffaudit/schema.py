@@ -260,6 +260,7 @@ PROVENANCE_STAMPS = pa.schema([
     _f("sha256", _str),
     _f("phash", _str, True),
     _f("status", _str),              # Trusted | Valid | Invalid | none
+    _f("trust", _str, True),         # who vouched for a Trusted stamp: "development root" (self-check) or a list
     _f("failure_codes", pa.list_(_str), True),
     _f("seconds", _f64),
 ])

@@ -4,7 +4,8 @@ The API the CLI and the end-to-end command call::
 
     init_identity(dir) -> Identity                       # provenance.keys
     stamp_run(run_dir, *, identity=None, watermark="dwtDctSvd", store=None) -> dict
-    verify_paths(paths, *, trust_anchors=None, store=None) -> list[VerifyResult]
+    verify_paths(paths, *, trust_anchors=None, allowed_list=None, trust_config=None, store=None)
+        -> list[VerifyResult]                             # provenance.verify: evidence + one conclusion
     robustness(images, *, methods=("ssTile", "dwtDctSvd"), identity=None, c2pa=True) -> DataFrame
 
 Reads generation records through the run folder only; never imports torch (``diffaudit verify`` stays
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from provenance.keys import Identity
-    from provenance.stamp import VerifyResult
+    from provenance.verify import VerifyResult
 
 __all__ = ["init_identity", "load_identity", "stamp_run", "stamp_files", "verify_paths", "robustness"]
 
@@ -47,7 +48,7 @@ def stamp_files(paths, out_dir, **kwargs: Any) -> list[dict[str, Any]]:
 
 
 def verify_paths(paths, **kwargs: Any) -> list[VerifyResult]:
-    from provenance.stamp import verify_paths as _verify_paths
+    from provenance.verify import verify_paths as _verify_paths
 
     return _verify_paths(paths, **kwargs)
 

@@ -1,18 +1,22 @@
 """Signing identities for C2PA: a development CA chain made in one command, a user's PEM chain + key,
 or a callback signer (KMS/HSM).
 
-``init_identity(dir)`` writes, under ``dir``::
+``init_identity(dir)`` writes, under ``dir`` (a folder of its own, mode 0700)::
 
-    root-ca.pem          development root CA (the trust anchor to hand to verifiers)
-    root-ca.key          its private key (0600)
-    intermediate.pem     intermediate CA, signed by the root
-    intermediate.key     its private key (0600)
+    root-ca.pem          development root CA certificate (the trust anchor to hand to verifiers)
+    intermediate.pem     intermediate CA certificate, signed by the root
     signer.pem           ES256 leaf + intermediate: the chain c2pa embeds (leaf first, root left out)
     signer.key           leaf private key, PKCS#8 (0600)
 
+The root and intermediate *private keys* are not kept beside the signing key (whoever can read that
+folder could otherwise mint signers the root vouches for): they are dropped after use, or, with
+``ca_keys=DIR``, written once to ``DIR`` for the user to move offline. The identity is built in a
+temporary sibling folder and renamed into place, so a killed ``keys init`` leaves either no identity or a
+whole one. Private keys are created 0600 with ``O_EXCL`` and certificates 0644 whatever the umask (the
+mode is set on the open file), and keys are never logged.
+
 The leaf carries what C2PA validators accept: digitalSignature (critical), EKU emailProtection +
-documentSigning, CA:false, SKI/AKI. Private keys are created with ``os.open(..., 0o600)`` (never
-chmod'ed afterwards, so they are never readable by others even for an instant) and never logged.
+documentSigning, CA:false, SKI/AKI.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +85,15 @@ def _write_private(path: Path, data: bytes) -> None:
     """Create a private file 0600 from the first byte (O_EXCL: never overwrite an existing key)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # the umask can only take bits away; this pins exactly 0600
+        f.write(data)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """Create a certificate file 0644 whatever the umask (a umask of 000 would otherwise give 0666)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o644)
         f.write(data)
 
 
@@ -121,21 +135,98 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+IDENTITY_FILES = (ROOT_CERT, INTERMEDIATE_CERT, SIGNER_CERT, SIGNER_KEY)
+#: Files an older diffaudit left in identity folders (CA keys beside the signing key).
+LEGACY_FILES = (ROOT_KEY, INTERMEDIATE_KEY)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_partials(folder: Path) -> None:
+    """Remove temporary folders that a killed ``keys init`` left beside ``folder`` (their process is gone)."""
+    import shutil
+
+    for p in folder.parent.glob(f".{folder.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_target(folder: Path, names: tuple[str, ...], force: bool, what: str) -> list[str]:
+    """What an existing ``folder`` holds of ``names``; refuses a file, a folder holding other files, and an
+    existing identity unless ``force``."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a folder; give --dir a folder to hold the {what}")
+    if not folder.is_dir():
+        return []
+    entries = [p.name for p in folder.iterdir()]
+    others = sorted(set(entries) - set(names))
+    if others:
+        raise InputError(f"{folder} holds other files ({', '.join(others[:3])}); give --dir an empty or new "
+                         f"folder for the {what}")
+    if entries and not force:
+        if SIGNER_CERT in entries and SIGNER_KEY in entries or what != "signing identity":
+            raise InputError(f"{folder} already holds a {what} ({', '.join(sorted(entries))}); "
+                             "use it as is, or pass --force to replace it")
+        raise InputError(f"{folder} holds an incomplete signing identity ({', '.join(sorted(entries))}), left by "
+                         "an interrupted `keys init`; pass --force to replace it")
+    return entries
+
+
+def _build(folder: Path, files: dict[str, tuple[bytes, bool]], mode: int = 0o700) -> None:
+    """Write ``files`` (name -> (bytes, private)) into a temp sibling of ``folder``, then rename it into place
+    (replacing an existing folder, which ``_check_target`` allowed)."""
+    import secrets
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir(mode=mode)
+    os.chmod(tmp, mode)
+    try:
+        for name, (data, private) in files.items():
+            (_write_private if private else _write_public)(tmp / name, data)
+        old = None
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def init_identity(folder: str | os.PathLike | None = None, *, common_name: str = "diffaudit signer",
-                  days: int = 825, force: bool = False) -> Identity:
+                  days: int = 825, force: bool = False, ca_keys: str | os.PathLike | None = None) -> Identity:
     """Create a development root CA, an intermediate and an ES256 leaf in ``folder``; return the identity.
 
-    Refuses to overwrite an existing identity unless ``force`` (then the old files are removed first).
+    Refuses to overwrite an existing identity unless ``force``, and refuses a path that is a file or a
+    folder holding other files. The CA private keys go to ``ca_keys`` when given (a new folder, 0700;
+    move it offline), else nowhere.
     """
     folder = Path(folder) if folder is not None else default_identity_dir()
-    names = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY, SIGNER_CERT, SIGNER_KEY)
-    existing = [n for n in names if (folder / n).exists()]
-    if existing and not force:
-        raise InputError(f"{folder} already holds a signing identity ({', '.join(existing)}); "
-                         "use it as is, or pass --force to replace it")
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for n in existing:
-        (folder / n).unlink()
+    _clean_partials(folder)
+    _check_target(folder, IDENTITY_FILES + LEGACY_FILES, force, "signing identity")
+    ca_folder = Path(ca_keys) if ca_keys is not None else None
+    if ca_folder is not None:
+        _clean_partials(ca_folder)
+        if ca_folder.resolve() == folder.resolve():
+            raise InputError("--ca-keys must be another folder than the identity: keep the CA keys apart "
+                             "from the signing key (and offline)")
+        _check_target(ca_folder, (ROOT_KEY, INTERMEDIATE_KEY, ROOT_CERT), force, "CA keys")
     root_key, int_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     root_name, int_name, leaf_name = (_name("diffaudit dev root CA"), _name("diffaudit dev intermediate CA"),
                                       _name(common_name))
@@ -145,13 +236,30 @@ def init_identity(folder: str | os.PathLike | None = None, *, common_name: str =
         root_key, hashes.SHA256())
     leaf = _cert(leaf_name, leaf_key, int_name, int_key, ca=False, path_len=None, days=days).sign(
         int_key, hashes.SHA256())
-    _write_private(folder / ROOT_KEY, _key_pem(root_key))
-    _write_private(folder / INTERMEDIATE_KEY, _key_pem(int_key))
-    _write_private(folder / SIGNER_KEY, _key_pem(leaf_key))
-    (folder / ROOT_CERT).write_bytes(_pem(root))
-    (folder / INTERMEDIATE_CERT).write_bytes(_pem(inter))
-    (folder / SIGNER_CERT).write_bytes(_pem(leaf) + _pem(inter))
+    if ca_folder is not None:
+        _build(ca_folder, {ROOT_KEY: (_key_pem(root_key), True), INTERMEDIATE_KEY: (_key_pem(int_key), True),
+                           ROOT_CERT: (_pem(root), False)})
+    _build(folder, {SIGNER_KEY: (_key_pem(leaf_key), True), ROOT_CERT: (_pem(root), False),
+                    INTERMEDIATE_CERT: (_pem(inter), False), SIGNER_CERT: (_pem(leaf) + _pem(inter), False)})
     return load_identity(folder)
+
+
+def hygiene(folder: str | os.PathLike | None = None) -> list[str]:
+    """Warnings about an identity folder: CA keys beside the signing key, modes readable by others."""
+    folder = Path(folder) if folder is not None else default_identity_dir()
+    out = []
+    legacy = [n for n in LEGACY_FILES if (folder / n).exists()]
+    if legacy:
+        out.append(f"{', '.join(legacy)} sit beside the signing key in {folder}: whoever reads this folder can "
+                   "mint signers your root vouches for; move them offline (or make a new identity with "
+                   "`diffaudit keys init --force`)")
+    if folder.is_dir() and stat.S_IMODE(folder.stat().st_mode) & 0o077:
+        out.append(f"{folder} is readable by others (mode {stat.S_IMODE(folder.stat().st_mode):o}); "
+                   f"run `chmod 700 {folder}`")
+    key = folder / SIGNER_KEY
+    if key.is_file() and stat.S_IMODE(key.stat().st_mode) & 0o077:
+        out.append(f"{key} is readable by others; run `chmod 600 {key}`")
+    return out
 
 
 def load_chain(pem: bytes) -> list[x509.Certificate]:

@@ -1,14 +1,15 @@
-"""Stamp images (watermark + signed C2PA manifest + store entry) and verify any file a user brings.
+"""Stamp images (watermark + signed C2PA manifest + store entry); ``provenance.verify`` verifies them.
 
 ``stamp_run`` writes stamped copies under ``<run>/provenance/stamped/<prompt_id>/<seed>.png`` (originals
-are never touched), rows to ``provenance/stamps.parquet`` and every stamp to the manifest store. It is
-resumable: a row whose stamped file still has its recorded sha256 is skipped. ``verify_paths`` reads
-files and folders and, for a file without valid credentials, looks for a watermark and a pHash match in
-the store (durable credentials).
+are never touched), rows to ``provenance/stamps.parquet`` and every stamp to the manifest store, with
+its content fingerprint and those of its source images. It is resumable: a row whose stamped file still
+has its recorded sha256 is skipped. Store rows are written *pending* and committed with the table rows
+they belong to, so a killed stamp leaves no record that a later restamp would contradict.
 
-Per image, a stamp decodes the PNG once, embeds the watermark in the decoded pixels, encodes the PNG
-once, signs the bytes in memory with one reused signer and context (no thumbnail), and reads the result
-back once to record its validation state.
+Per image, a stamp decodes the image once (under the pixel cap), embeds the watermark in the decoded
+pixels, encodes once, signs the bytes in memory with one reused signer and context (no thumbnail), and
+reads the result back once to record its validation state against the identity's own root, which is
+recorded as ``Trusted (development root)``: self-certification, not a third party's trust.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ from diffaudit.errors import InputError
 from diffaudit.runs import Run, atomic_write_bytes, sha256_bytes, sha256_file
 from prompts.suites import BUILTIN_SOURCES, load_source
 from provenance import c2pa as cc
+from provenance.fingerprint import Fingerprint, fingerprint
 from provenance.keys import Identity, init_identity, load_identity
-from provenance.store import ManifestStore, Match, phash
-from provenance.watermark import Watermark, get
+from provenance.store import ManifestStore
+from provenance.verify import VerifyResult, verify_bytes, verify_paths  # noqa: F401  (the old home of verify)
+from provenance.watermark import Watermark, embed_verified, get
 
 GENERATION_FIELDS = ("image_id", "prompt_id", "suite", "prompt", "negative_prompt", "mode", "source_image",
                      "mask", "strength", "seed", "model", "model_revision", "scheduler", "steps",
@@ -77,7 +80,8 @@ def encode_image(rgb: np.ndarray, fmt: str) -> bytes:
 
 
 def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """RGB uint8 pixels, after the header passed the one pixel cap (``diffaudit.imaging``)."""
+    """RGB uint8 pixels, after the header passed the one pixel cap (``diffaudit.imaging``); a truncated or
+    damaged file is an ``InputError`` naming it."""
     return imaging.decode_rgb(data, name=name)
 
 
@@ -100,19 +104,23 @@ class Stamp:
     credentials: dict[str, Any]
     manifest: bytes
     seconds: float
+    trust: str | None = None
+    fingerprint: Fingerprint | None = field(default=None, repr=False)
+    watermark: str = "none"          # the method embedded, "none", or "unreadable" (it did not read back)
+    size: tuple[int, int] | None = None
 
 
 class Stamper:
     """Watermark + sign + self-check + register, with everything expensive created once."""
 
     def __init__(self, identity: Identity | None = None, *, watermark: str = "dwtDctSvd",
-                 store: ManifestStore | None = None, thumbnail: bool = False):
+                 store: ManifestStore | None = None, thumbnail: bool = False, tsa_url: str | None = None):
         self.identity = identity if identity is not None else default_identity()
         self.watermark: Watermark | None = None if watermark == "none" else get(watermark)
         self.method = watermark
-        self.signer = cc.ManifestSigner(self.identity, thumbnail=thumbnail)
-        trust = {"trust_anchors": self.identity.trust_anchors.decode()} if self.identity.trust_anchors else None
-        self.reader = cc.reader_context(trust)
+        self.signer = cc.ManifestSigner(self.identity, thumbnail=thumbnail, tsa_url=tsa_url)
+        self.trust = cc.dev_root_trust(self.identity)
+        self.reader = cc.reader_context(self.trust)
         self.store = store
 
     def embeds(self, rgb: np.ndarray) -> bool:
@@ -121,26 +129,58 @@ class Stamper:
 
     def stamp(self, data: bytes, generation: dict[str, Any], *, title: str,
               ingredients: Iterable[cc.Ingredient] = (), image_id: str | None = None,
-              run: str | None = None, stamped_path: str | None = None) -> Stamp:
+              run: str | None = None, stamped_path: str | None = None, name: str | None = None,
+              pending: bool = False, register: bool = True) -> Stamp:
+        """Stamp one image's bytes. A file that already carries credentials becomes the ``parentOf``
+        ingredient of the new manifest (its manifest kept). ``name`` names the file in errors; ``pending``
+        store rows wait for ``ManifestStore.commit``; ``register=False`` leaves the store alone."""
         t0 = time.perf_counter()
+        name = name or title
         fmt = cc.sniff(data)
         if fmt is None:
-            raise InputError(f"{title}: not a PNG, JPEG or WebP image")
-        rgb = decode_rgb(data)
-        payload = None
+            raise InputError(f"{name}: not a PNG, JPEG or WebP image")
+        rgb = decode_rgb(data, name=name)
+        ingredients = list(ingredients)
+        parent = None
+        if cc.read_credentials(data, self.reader, name=name).status != "none":
+            parent = cc.Ingredient(Path(name).name, data, "parentOf")
+        payload, marked, state = None, None, "none"
+        size = (int(rgb.shape[1]), int(rgb.shape[0]))
         if self.embeds(rgb):
-            payload = self.watermark.new_payload()
-            rgb = self.watermark.encode(rgb, payload)
+            # read back through the copies the image will travel as before the payload is registered
+            emb = embed_verified(rgb, self.watermark.new_payload(), method=self.method)
+            state = self.method if emb.readable else "unreadable"
+            if emb.readable:
+                payload, rgb = emb.payload, emb.rgb
+                bits = self.watermark.payload_to_bits(payload)
+                marked = cc.Watermarked(self.method, payload, np.packbits(bits).tobytes())
         signed, label, manifest = self.signer.sign(encode_image(rgb, fmt), generation, title=title,
-                                                   ingredients=ingredients)
-        creds = cc.read_credentials(signed, self.reader)
-        h = phash(Image.fromarray(rgb))
-        if self.store is not None:
+                                                   ingredients=ingredients, watermark=marked, parent=parent)
+        creds = cc.read_credentials(signed, self.reader, name=name, trust=self.trust)
+        fp = fingerprint(rgb)
+        if self.store is not None and register:
             self.store.add(manifest_label=label, method=self.method if payload else "none", payload=payload,
-                           phash=h, sha256=sha256_bytes(signed), credentials=creds.to_dict(),
-                           manifest=manifest, image_id=image_id, run=run, stamped_path=stamped_path)
-        return Stamp(signed, fmt, payload, label, h, creds.status, creds.failure_codes, creds.to_dict(),
-                     manifest, time.perf_counter() - t0)
+                           phash=fp.phash, sha256=sha256_bytes(signed), credentials=creds.to_dict(),
+                           manifest=manifest, image_id=image_id, run=run, stamped_path=stamped_path,
+                           fingerprint=fp, ingredients=_ingredient_prints(([parent] if parent else []) + ingredients),
+                           pending=pending, size=size)
+        return Stamp(signed, fmt, payload, label, fp.phash, creds.status, creds.failure_codes, creds.to_dict(),
+                     manifest, time.perf_counter() - t0, creds.trust, fp, state, size)
+
+
+def _ingredient_prints(ingredients: Iterable[cc.Ingredient]) -> list[tuple[str, str, str, Fingerprint | None]]:
+    """(title, relationship, sha256, fingerprint) of each source image; a mask or an undecodable source gets
+    no fingerprint (it is recorded by hash only)."""
+    out = []
+    for ing in ingredients:
+        fp = None
+        if cc.sniff_mime(ing.data, ing.title) in ("image/png", "image/jpeg", "image/webp", "image/tiff"):
+            try:
+                fp = fingerprint(imaging.open_image(ing.data, name=ing.title, mode="RGB"))
+            except InputError:
+                fp = None
+        out.append((ing.title, ing.relationship, ing.sha256, fp))
+    return out
 
 
 def default_identity() -> Identity:
@@ -194,37 +234,46 @@ def progress_bar(items: list, desc: str, enabled: bool = True) -> Iterator:
 
 
 def stamp_run(run_dir: str | os.PathLike, *, identity: Identity | None = None, watermark: str = "dwtDctSvd",
-              store: ManifestStore | str | os.PathLike | None = None, flush_every: int = 64) -> dict[str, Any]:
+              store: ManifestStore | str | os.PathLike | None = None, flush_every: int = 64,
+              tsa_url: str | None = None) -> dict[str, Any]:
     """Stamp every generated image of a run; return a summary (counts, seconds, images/s, statuses)."""
     run = Run.open(run_dir)
     t0 = time.perf_counter()
     own_store = not isinstance(store, ManifestStore)
     st = store if isinstance(store, ManifestStore) else ManifestStore(store)
     try:
-        stamper = Stamper(identity, watermark=watermark, store=st)
+        stamper = Stamper(identity, watermark=watermark, store=st, tsa_url=tsa_url)
         with run.lock():
+            table = run.read_table("provenance/stamps")
+            settled = st.settle_pending(run.name, table["manifest_label"].dropna())  # a killed stamp's rows
             done = _already_stamped(run, stamper)
             todo = [r for r in run.images().to_dict("records") if r["image_id"] not in done]
             rows: list[dict[str, Any]] = []
+
+            def flush() -> None:
+                if rows:
+                    run.append_rows("provenance/stamps", pd.DataFrame(rows), key="image_id")
+                    st.commit(r["manifest_label"] for r in rows)  # the store follows the table, never leads it
+                    rows.clear()
+
             try:
                 for row in progress_bar(todo, f"stamp {run.name}"):
                     rows.append(_stamp_row(run, stamper, row))
                     if len(rows) >= flush_every:
-                        run.append_rows("provenance/stamps", pd.DataFrame(rows), key="image_id")
-                        rows = []
+                        flush()
             finally:
-                if rows:
-                    run.append_rows("provenance/stamps", pd.DataFrame(rows), key="image_id")
+                flush()
         table = run.read_table("provenance/stamps")
         seconds = time.perf_counter() - t0
         folder = stamper.identity.folder
         run.record_stage("stamp", seconds=seconds, images=len(todo), watermark=watermark,
                          signer=stamper.identity.signer_name, identity=str(Path(folder).resolve()) if folder else None,
-                         store=str(Path(st.path).resolve()))
+                         store=str(Path(st.path).resolve()), tsa_url=tsa_url)
         return {"run": str(run.root), "stamped": len(todo), "skipped": len(done), "total": len(table),
                 "seconds": round(seconds, 3), "images_per_s": round(len(todo) / seconds, 2) if todo else None,
                 "status": table["status"].value_counts().to_dict(), "watermark": watermark,
-                "store": str(st.path), "stamps": str(run.table_path("provenance/stamps"))}
+                "store": str(st.path), "stamps": str(run.table_path("provenance/stamps")),
+                "store_rows_settled": {"committed": settled[0], "deleted": settled[1]}}
     finally:
         if own_store:
             st.close()
@@ -240,7 +289,8 @@ def _already_stamped(run: Run, stamper: Stamper) -> set[str]:
         p = run.path(rel)
         if not (p.is_file() and sha256_file(p) == digest):
             continue
-        if method == stamper.method or (method == "none" and not stamper.embeds(decode_rgb(p.read_bytes()))):
+        if method in (stamper.method, "unreadable") or (method == "none" and not stamper.embeds(
+                decode_rgb(p.read_bytes(), str(p)))):  # a mark that did not read back is not retried each rerun
             done.add(image_id)
     return done
 
@@ -248,22 +298,27 @@ def _already_stamped(run: Run, stamper: Stamper) -> set[str]:
 def _stamp_row(run: Run, stamper: Stamper, row: dict[str, Any]) -> dict[str, Any]:
     src = run.path(row["path"])
     rel = f"provenance/stamped/{row['prompt_id']}/{int(row['seed'])}.png"
-    stamp = stamper.stamp(src.read_bytes(), _generation(row, run), title=Path(rel).name,
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise InputError(f"{src}: cannot read ({e.strerror or e}); nothing more was stamped") from e
+    stamp = stamper.stamp(data, _generation(row, run), title=Path(rel).name,
                           ingredients=_ingredients(row, run.root), image_id=row["image_id"], run=run.name,
-                          stamped_path=str(run.root / rel))
+                          stamped_path=str(run.root / rel), name=str(src), pending=True)
     atomic_write_bytes(run.root / rel, stamp.data)
     return {"image_id": row["image_id"], "source_path": row["path"], "stamped_path": rel,
-            "format": stamp.format, "watermark": stamper.method if stamp.payload else "none",
+            "format": stamp.format, "watermark": stamp.watermark,
             "payload": stamp.payload, "manifest_label": stamp.manifest_label,
             "sha256": sha256_bytes(stamp.data), "phash": f"{stamp.phash:016x}", "status": stamp.status,
-            "failure_codes": stamp.failure_codes, "seconds": stamp.seconds}
+            "trust": stamp.trust, "failure_codes": stamp.failure_codes, "seconds": stamp.seconds}
 
 
 def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
                 identity: Identity | None = None, watermark: str = "dwtDctSvd",
                 store: ManifestStore | str | os.PathLike | None = None,
-                model: str | None = None) -> list[dict[str, Any]]:
-    """Stamp loose image files into ``out_dir`` (same name and format); originals are never modified."""
+                model: str | None = None, tsa_url: str | None = None) -> list[dict[str, Any]]:
+    """Stamp loose image files into ``out_dir`` (same name and format); originals are never modified. A
+    file that already carries credentials keeps them, as the new manifest's ``parentOf`` ingredient."""
     files = list(_expand(paths))
     if not files:
         raise InputError("no PNG, JPEG or WebP files to stamp")
@@ -277,47 +332,34 @@ def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
         with f.open("rb") as fh:
             if cc.sniff(fh.read(12)) is None:
                 raise InputError(f"{f}: not a PNG, JPEG or WebP image; nothing was stamped")
+        imaging.image_size(f)  # the header, and the pixel cap, before anything is written
+        imaging.check_pixels(*imaging.image_size(f), name=str(f))
+        if (out / rel).resolve() == f.resolve():
+            raise InputError(f"{f}: the output folder is the input's folder; choose another --out")
     own_store = not isinstance(store, ManifestStore)
     st = store if isinstance(store, ManifestStore) else ManifestStore(store)
     results = []
     try:
-        stamper = Stamper(identity, watermark=watermark, store=st)
+        stamper = Stamper(identity, watermark=watermark, store=st, tsa_url=tsa_url)
         for f, rel in progress_bar(files, "stamp"):
             target = out / rel
-            if target.resolve() == f.resolve():
-                raise InputError(f"{f}: the output folder is the input's folder; choose another --out")
             gen = {"model": model, "source_file": f.name}
-            stamp = stamper.stamp(f.read_bytes(), gen, title=f.name, stamped_path=str(target.resolve()))
-            atomic_write_bytes(target, stamp.data)
-            results.append({"file": str(f), "stamped": str(target), "status": stamp.status,
+            stamp = stamper.stamp(f.read_bytes(), gen, title=f.name, stamped_path=str(target.resolve()),
+                                  name=str(f), register=False)
+            atomic_write_bytes(target, stamp.data)  # the file first: a kill in between leaves no store orphan
+            st.add(manifest_label=stamp.manifest_label, method=watermark if stamp.payload else "none",
+                   payload=stamp.payload, phash=stamp.phash, sha256=sha256_bytes(stamp.data),
+                   credentials=stamp.credentials, manifest=stamp.manifest, stamped_path=str(target.resolve()),
+                   fingerprint=stamp.fingerprint, size=stamp.size)  # a restamped parent is this same picture: no source print
+            results.append({"file": str(f), "stamped": str(target), "status": stamp.status, "trust": stamp.trust,
+                            "watermark": stamp.watermark,
                             "payload": stamp.payload, "manifest_label": stamp.manifest_label,
+                            "restamped": any(a.get("action") == "c2pa.opened" for a in stamp.credentials["actions"]),
                             "seconds": round(stamp.seconds, 4)})
     finally:
         if own_store:
             st.close()
     return results
-
-
-# --- verify ------------------------------------------------------------------------------------
-
-@dataclass
-class VerifyResult:
-    """The verdict on one file: embedded credentials, and what the watermark and store say."""
-
-    path: str
-    status: str                                   # Trusted | Valid | Invalid | none
-    format: str | None = None
-    credentials: dict[str, Any] = field(default_factory=dict)
-    watermark: dict[str, Any] | None = None       # method, payload, confidence, corrected bits
-    recovered: dict[str, Any] | None = None       # a store match (how, distance, credentials)
-    problem: str | None = None
-
-    @property
-    def failure_codes(self) -> list[str]:
-        return list(self.credentials.get("failure_codes", []))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _expand(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, Path]]:
@@ -334,79 +376,3 @@ def _expand(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, Path]]:
             yield p, Path(p.name)
         else:
             raise InputError(f"{p}: no such file or folder")
-
-
-def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: ManifestStore | None = None,
-                 methods: Iterable[str] | None = None) -> VerifyResult:
-    """Verify one image's bytes; never raises on bad input (the problem is reported instead)."""
-    fmt = cc.sniff(data)
-    creds = cc.read_credentials(data, context)
-    result = VerifyResult(name, creds.status, fmt, creds.to_dict(), problem=creds.problem)
-    if creds.status in ("Trusted", "Valid") or fmt is None:
-        return result
-    try:
-        img = decode_image(data)
-    except InputError as e:
-        result.problem = result.problem or str(e)
-        return result
-    if methods is None:
-        methods = store.methods() if store is not None else ["dwtDctSvd"]
-    rgb = np.asarray(img)
-    for method in methods:
-        det = get(method).detect(rgb)
-        if det.detected:
-            result.watermark = {"method": method, "payload": det.payload,
-                                "confidence": round(det.confidence, 3), "corrected_bits": det.corrected}
-            break
-    if store is not None:
-        h = phash(img)
-        match = store.by_sha256(sha256_bytes(data))
-        if match is None and result.watermark:
-            match = store.by_payload(result.watermark["method"], result.watermark["payload"], h)
-        match = match or store.by_phash(h)
-        if match is not None:
-            result.recovered = _recovered(match)
-    return result
-
-
-def _recovered(match: Match) -> dict[str, Any]:
-    d = match.to_dict()
-    d["credentials"] = {k: match.credentials.get(k) for k in
-                        ("status", "manifest_label", "signer", "claim_generator", "generation", "ingredients")}
-    return d
-
-
-def verify_paths(paths: Iterable[str | os.PathLike], *, trust_anchors: str | os.PathLike | None = None,
-                 store: ManifestStore | str | os.PathLike | None = None,
-                 on_result: Callable[[VerifyResult], None] | None = None) -> list[VerifyResult]:
-    """Verify files and folders offline. ``store``: a store (or its path) to recover stripped credentials;
-    None uses the default store when it exists."""
-    from provenance.store import default_store_path
-
-    context = cc.reader_context(cc.load_trust(trust_anchors) if trust_anchors else None)
-    own = not isinstance(store, ManifestStore)
-    if isinstance(store, ManifestStore):
-        st: ManifestStore | None = store
-    elif store is not None:
-        if not Path(store).is_file():
-            raise InputError(f"no manifest store at {store}")
-        st = ManifestStore(store, readonly=True)
-    else:
-        st = ManifestStore(readonly=True) if default_store_path().is_file() else None
-    results = []
-    try:
-        methods = st.methods() if st is not None else ["dwtDctSvd"]
-        for p, _ in list(_expand(paths)):  # a missing path is an error before any file is verified
-            try:
-                data = p.read_bytes()
-            except OSError as e:
-                r = VerifyResult(str(p), "none", problem=f"cannot read: {e.strerror or e}")
-            else:
-                r = verify_bytes(data, name=str(p), context=context, store=st, methods=methods)
-            results.append(r)
-            if on_result is not None:
-                on_result(r)
-    finally:
-        if own and st is not None:
-            st.close()
-    return results

@@ -173,8 +173,10 @@ def png(size: int = 32) -> bytes:
 
 
 def test_provenance_upload_verifies_a_stamped_file_from_a_temp_folder(app, tmp_path, monkeypatch):
-    """A file stamped by the provenance stage, uploaded: Valid without anchors, Trusted with them, and
-    recovered from the manifest store once stripped; each upload lives in a temp folder only during the check."""
+    """A file stamped by the provenance stage, uploaded: Valid without anchors, Trusted with them; once stripped,
+    the default store under the home folder is not consulted (this run records no store: the page says so); each
+    upload lives in a temp folder only during the check. (Recovery from the run's own store:
+    tests/test_provenance_dashboard.py.)"""
     import provenance
     from provenance.store import default_store_path
 
@@ -200,16 +202,17 @@ def test_provenance_upload_verifies_a_stamped_file_from_a_temp_folder(app, tmp_p
     visit(app, "provenance")
     app.file_uploader(key="verify_upload").set_value(("photo.png", stamped.read_bytes(), "image/png")).run()
     assert not app.exception
-    assert app.info[-1].value.startswith("C2PA: **Valid**")
+    assert app.success[-1].value.startswith("Conclusion: **credentials intact**")
+    assert "**C2PA: Valid**" in texts(app)
     assert "signingCredential.untrusted: signed by a certificate outside your trust anchors" in texts(app)
 
     app.file_uploader(key="verify_anchors").set_value(("anchors.pem", identity.trust_anchors, "application/x-pem-file"))
     app.run()
-    assert [s.value for s in app.success][-1].startswith("C2PA: **Trusted**")
+    assert "**C2PA: Trusted** · Trusted (development root)" in texts(app)
 
     app.file_uploader(key="verify_upload").set_value(("shot.png", stripped.getvalue(), "image/png")).run()
-    assert app.warning[0].value.startswith("C2PA: **none**")
-    assert "**recovered**: how" in texts(app)
+    assert "**C2PA: none**" in texts(app) and "records no manifest store" in texts(app)
+    assert [i.value for i in app.info][-1].startswith("Conclusion: **no evidence**")
     assert len(seen) == 3 and all(p.name == "upload.png" for p in seen)
     assert not any(p.exists() or p.parent.exists() for p in seen)  # deleted after each check
 
