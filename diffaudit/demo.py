@@ -150,7 +150,7 @@ def write_reference_run(root: Path):
     from diffaudit.runs import Run, sha256_bytes
 
     run = Run.create(root, {"generation": {
-        "suite": "reference-photos", "model": "reference-photos", "reference_set": True,
+        "suite": "reference-photos", "model": "reference-photos", "kind": "reference", "reference_set": True,
         "source": "real photos shipped by scikit-image (astronaut, camera, lfw_subset); not generated"}})
     if run.has_table("generations"):
         return run

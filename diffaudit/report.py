@@ -318,7 +318,7 @@ def _stale_stages(run: Run, gens: pd.DataFrame) -> list[str]:
 def _bias(doc: Doc, run: Run) -> None:
     doc.h(2, "Bias")
     doc.p(CAVEAT)
-    if run.info.get("generation", {}).get("reference_set"):
+    if run.is_reference:
         doc.p("**These images are a reference set of real photos, not model output:** "
               + str(run.info["generation"].get("source", "real photos")) + ". They show what the probes say "
               "about real faces; no figure here describes a generative model.")

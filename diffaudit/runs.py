@@ -276,6 +276,13 @@ class Run:
         return self.root.name
 
     @property
+    def is_reference(self) -> bool:
+        """A reference set of real images (``import --kind reference``, the demo's photos): never model output,
+        so never stamped as AI-generated and always the baseline of a comparison."""
+        gen = self.info.get("generation") or {}
+        return gen.get("kind") == "reference" or bool(gen.get("reference_set"))
+
+    @property
     def info(self) -> dict[str, Any]:
         try:
             info = json.loads((self.root / RUN_FILE).read_text())

@@ -236,8 +236,12 @@ def progress_bar(items: list, desc: str, enabled: bool = True) -> Iterator:
 def stamp_run(run_dir: str | os.PathLike, *, identity: Identity | None = None, watermark: str = "dwtDctSvd",
               store: ManifestStore | str | os.PathLike | None = None, flush_every: int = 64,
               tsa_url: str | None = None) -> dict[str, Any]:
-    """Stamp every generated image of a run; return a summary (counts, seconds, images/s, statuses)."""
+    """Stamp every generated image of a run; return a summary (counts, seconds, images/s, statuses). A
+    reference run (real photos) is refused: a stamp would say its images were made by a model."""
     run = Run.open(run_dir)
+    if run.is_reference:
+        raise InputError(f"{run.root} is a reference set of real images: stamping would label them as "
+                         "AI-generated (trainedAlgorithmicMedia); stamp only a model's outputs")
     t0 = time.perf_counter()
     own_store = not isinstance(store, ManifestStore)
     st = store if isinstance(store, ManifestStore) else ManifestStore(store)
@@ -297,7 +301,11 @@ def _already_stamped(run: Run, stamper: Stamper) -> set[str]:
 
 def _stamp_row(run: Run, stamper: Stamper, row: dict[str, Any]) -> dict[str, Any]:
     src = run.path(row["path"])
-    rel = f"provenance/stamped/{row['prompt_id']}/{int(row['seed'])}.png"
+    # named after the run's own file (<seed>.png for generated images, <sha256 prefix>.<ext> for imported ones,
+    # which have no seed), in the format stamp() keeps
+    ext = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}.get(cc.sniff(src.read_bytes()[:16]) if src.is_file()
+                                                            else None, ".png")
+    rel = f"provenance/stamped/{row['prompt_id']}/{Path(row['path']).stem}{ext}"
     try:
         data = src.read_bytes()
     except OSError as e:

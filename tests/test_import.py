@@ -442,16 +442,29 @@ def test_newcombe_interval_and_fisher_test_match_published_values():
     assert v["p_value"] == pytest.approx(fisher_exact([[56, 14], [48, 32]]).pvalue)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=False,
-                   reason="provenance/stamp.py names stamped copies by int(seed); imported images have no seed "
-                          "until prov's stamp.py for imported runs lands (see the imp report)")
 def test_stamp_on_an_imported_run(audited, tmp_path):
+    from provenance.c2pa import read_credentials
     from provenance.keys import init_identity
     from provenance.stamp import stamp_run
 
-    summary = stamp_run(audited["model"], identity=init_identity(tmp_path / "id"), store=tmp_path / "s.sqlite")
-    assert summary["stamped"] == len(Run.open(audited["model"]).read_table("generations"))
+    identity = init_identity(tmp_path / "id")
+    summary = stamp_run(audited["model"], identity=identity, store=tmp_path / "s.sqlite")
+    run = Run.open(audited["model"])
+    gens = run.read_table("generations").set_index("image_id")
+    assert summary["stamped"] == len(gens)
     assert set(summary["status"]) <= {"Trusted", "Valid"}
+    stamps = run.read_table("provenance/stamps").set_index("image_id")
+    by_name = {Path(gens.loc[i, "original_path"]).name: stamps.loc[i] for i in stamps.index}
+    # imported images have no seed: each stamped copy is named after the run's own file, one per image
+    assert len({s["stamped_path"] for s in by_name.values()}) == len(gens)
+    signed = read_credentials(run.path(by_name["signed.png"]["stamped_path"]).read_bytes())
+    plain = read_credentials(run.path(by_name["plain.png"]["stamped_path"]).read_bytes())
+    # the other signer's credentials are kept as the parent ingredient; a plain file is stamped as created
+    assert [a["action"] for a in signed.actions][:2] == ["c2pa.opened", "c2pa.edited"]
+    assert [i["relationship"] for i in signed.ingredients] == ["parentOf"]
+    assert plain.actions[0]["action"] == "c2pa.created" and not plain.ingredients
+    with pytest.raises(InputError, match="reference set of real images"):
+        stamp_run(audited["reference"], identity=identity, store=tmp_path / "s.sqlite")
 
 
 def test_dashboard_on_imported_and_reference_runs(audited, monkeypatch):
