@@ -73,17 +73,27 @@ def index_query(
     top_k: int = typer.Option(5, "--top-k", min=1, help="Also list this many nearest codes."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
 ) -> None:
-    """Find training images near any image you bring (hash match within radius, then confirmed)."""
+    """Find training images near any image you bring: hash match within radius (the image, its mirror and
+    edited variants), then each candidate aligned and confirmed in pixels."""
     from audit.memorization.check import query_files
 
     for result in query_files([str(f) for f in files], index, radius=radius, top_k=top_k):
         if as_json:
             typer.echo(json.dumps(result))
             continue
-        typer.echo(f"{result['file']}  {result['hash']}  {len(result['matches'])} match(es) within {radius}")
+        verdict = result["verdict"] or "no candidate"
+        flat = "  (degenerate: too flat to judge)" if result["degenerate"] else ""
+        typer.echo(f"{result['file']}  {result['hash']}  {len(result['matches'])} candidate(s) within {radius}: "
+                   f"{verdict}{flat}")
         for m in result["matches"]:
-            extra = f"  tile_l2={m['tile_l2']} ssim={m['ssim']}" if "tile_l2" in m else ""
             crop = "[square]" if m["variant"] == "square" else ""
+            extra = ""
+            if m.get("agreement") is not None:
+                t = m["transform"] or {}
+                mirrored = " mirrored" if t.get("mirrored") else ""
+                extra = (f"  agreement={m['agreement']} ssim={m['ssim']} tile_l2={m['tile_l2']} "
+                         f"overlap={m['overlap']}/{m['train_overlap']} {t.get('method', '-')}{mirrored} "
+                         f"x{t.get('scale', 1):.2f} {t.get('rotation', 0):+.1f}deg  {m['confirm_ms']} ms")
             typer.echo(f"  {m.get('verdict', '-'):<15} d={m['hamming']:<3} {m['key']}{crop}  {m['uri'] or ''}{extra}")
         typer.echo("  nearest: " + ", ".join(f"{n['key']}{'[square]' if n['variant'] == 'square' else ''} "
                                          f"({n['hamming']})" for n in result["nearest"]))
@@ -95,7 +105,8 @@ def audit_memorization(
     index: Path = typer.Option(..., "--index", help="A training-set index (`diffaudit index build`)."),
     radius: int = typer.Option(10, "--radius", min=0, max=64, help="Hamming radius (exact search)."),
 ) -> None:
-    """Check a run's images against a training-set index -> memorization/matches + rates + evidence."""
+    """Check a run's images against a training-set index -> memorization/matches + rates + evidence (each
+    hash candidate aligned to the image and confirmed in pixels; counts as in run.json)."""
     from audit.memorization.check import check_run
 
     typer.echo(json.dumps(check_run(run, index, radius=radius), indent=2))
