@@ -6,8 +6,17 @@
 (b) exact radius-10 queries/s over N random 64-bit codes (10M; --quick: 1M): multi-index hashing vs
     FAISS ``IndexBinaryFlat.range_search`` (goal >= 15x), with recall against FAISS checked to be 1.0.
 (c) index build: seconds and bytes per million codes (shards on disk, search tables in memory).
+(d) held-out recall: N indexed images of ``diffaudit.corpus`` split ``heldout`` (every kind; photos from half
+    of its photo sources) in an index, each transformed copy (``audit.memorization.copies``) looked up as a
+    user would (``index query`` at the default radius): per transform the share whose source is a hash
+    candidate (hash hit), confirmed as a hit (memorized or near_duplicate) and as memorized, with 95%
+    Wilson intervals, beside the baseline of the same run (the previous check: plain and centre-crop codes,
+    no mirror, images stretched onto each other and compared in RGB); false confirmations on near
+    distractors (crops showing 16-36% of an indexed image) and far ones (other images of the same kinds,
+    photos of other sources), both through the search and forced against their nearest indexed images;
+    the confirmation's cost per candidate. Degenerate (too flat) images are counted apart, never as hits.
 
-    python bench/memorization.py [--quick] [--codes N] [--files N] [--workers N]
+    python bench/memorization.py [--quick] [--codes N] [--files N] [--workers N] [--recall-only]
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from audit.memorization.index import Index, MultiIndexHash, choose_m  # noqa: E4
 
 
 def emit(**fields) -> None:
-    print(json.dumps(fields), flush=True)
+    print(json.dumps(fields, default=lambda v: v.item() if hasattr(v, "item") else str(v)), flush=True)
 
 
 def make_jpegs(folder: Path, n: int, size: int = 512) -> list[str]:
@@ -170,6 +179,170 @@ def bench_search_variants(n_codes: int, n_queries: int, radius: int) -> None:
          numpy_scan_qps=round(flat_qps, 1), **out)
 
 
+# -- (d) held-out recall ------------------------------------------------------------------------------
+def _legacy_confirm(query, train) -> bool:
+    """The previous check (kept here as the baseline): centre crops of the query stretched onto the training
+    image at a common side, RGB tiled L2 (max of 4x4) <= 0.20 and grayscale SSIM >= 0.70."""
+    from PIL import Image
+    from skimage.metrics import structural_similarity
+
+    side = min(256, *query.size, *train.size)
+
+    def px(img):
+        return np.asarray(img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), np.float32) / 255
+
+    def crop(img, s):
+        w, h = img.size
+        dx, dy = round(w * (1 - s) / 2), round(h * (1 - s) / 2)
+        return img if s >= 1 else img.crop((dx, dy, w - dx, h - dy))
+
+    def tl2(a, b):
+        t = side // 4
+        d = ((a[:t * 4, :t * 4] - b[:t * 4, :t * 4]) ** 2).reshape(4, t, 4, t, 3).mean(axis=(1, 3, 4))
+        return float(np.sqrt(d.max()))
+
+    tr = px(train)
+    l2, s = min((tl2(px(crop(query, s)), tr), s) for s in (1.0, 0.95, 0.9))
+    gray = np.array([0.299, 0.587, 0.114], np.float32)
+    ssim = structural_similarity(px(crop(query, s)) @ gray, tr @ gray, data_range=1.0)
+    return l2 <= 0.20 and ssim >= 0.70
+
+
+def _interval(k: int, n: int) -> list[float]:
+    from audit.memorization.check import wilson
+
+    return [round(v, 3) for v in wilson(k, n)]
+
+
+def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10, workers: int = 1) -> None:
+    from PIL import Image
+
+    from audit.memorization import confirm as cf
+    from audit.memorization.build import build_index
+    from audit.memorization.calibration import split_photos
+    from audit.memorization.check import query_images
+    from audit.memorization.copies import TRANSFORMS, partial_crop
+    from audit.memorization.hashing import get_hasher
+    from audit.memorization.verdicts import MEMORIZED, is_hit
+    from diffaudit import corpus
+
+    drawn = list(corpus.corpus(4 * n, split="heldout", seed=seed, max_side=max_side))
+    indexed, others = split_photos(drawn, corpus.PHOTOS_HELDOUT)
+    indexed, far = indexed[:n], others[:n]
+    rng = np.random.default_rng([seed, 11])
+    hasher = get_hasher("phash")
+    legacy_codes = lambda img: hasher.codes([img] + [img.crop((round(img.width * (1 - s) / 2), round(img.height * (1 - s) / 2),  # noqa: E731
+                                                               img.width - round(img.width * (1 - s) / 2),
+                                                               img.height - round(img.height * (1 - s) / 2)))
+                                                     for s in (0.95, 0.9)])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "train"
+        folder.mkdir()
+        trains = []
+        for i, s in enumerate(indexed):
+            Image.fromarray(s.rgb).save(folder / f"{i:05d}.jpg", quality=95)
+            trains.append(Image.open(folder / f"{i:05d}.jpg").convert("RGB"))
+        build_index([str(folder)], str(Path(tmp) / "idx"), workers=workers, progress=False, square=False)
+        index = Index.open(Path(tmp) / "idx")
+        codes = np.asarray(index.codes)
+        keys = index.items(np.arange(index.count))["key"].tolist()
+        key_id = {k: int(k[:5]) for k in keys}  # key -> position in ``indexed``
+        id_pos = np.array([int(k[:5]) for k in keys])  # index id -> position in ``indexed``
+        prepared = [cf.prepare(t) for t in trains]
+        rows, costs, per_kind = [], [], {}
+        for name, tf in TRANSFORMS.items():
+            queries = [Image.fromarray(tf(s.rgb, rng)) for s in indexed]
+            t0 = time.perf_counter()
+            results = query_images(queries, index, radius=radius, top_k=0)
+            seconds = time.perf_counter() - t0
+            tally = dict.fromkeys(("judged", "degenerate", "hash_hit", "confirmed", "memorized", "base_hash_hit",
+                                   "base_confirmed", "other_confirmed"), 0)
+            for i, (q, r) in enumerate(zip(queries, results, strict=True)):
+                costs += [m["confirm_ms"] for m in r["matches"] if "confirm_ms" in m]
+                own = [m for m in r["matches"] if m["key"] == f"{i:05d}.jpg"]
+                degenerate = r["degenerate"] or (own and own[0]["verdict"] == "degenerate")
+                tally["degenerate" if degenerate else "judged"] += 1
+                if degenerate:
+                    continue
+                kind = per_kind.setdefault(indexed[i].kind, {"judged": 0, "confirmed": 0})
+                kind["judged"] += 1
+                tally["hash_hit"] += bool(own)
+                hit = bool(own) and is_hit(own[0]["verdict"])
+                tally["confirmed"] += int(hit)
+                kind["confirmed"] += int(hit)
+                tally["memorized"] += int(bool(own) and own[0]["verdict"] == MEMORIZED)
+                tally["other_confirmed"] += any(is_hit(m["verdict"]) and m["key"] != f"{i:05d}.jpg"
+                                                and indexed[key_id[m["key"]]].source != indexed[i].source
+                                                for m in r["matches"])
+                found = np.bitwise_count(codes[id_pos == i][0] ^ legacy_codes(q)).min() <= radius
+                tally["base_hash_hit"] += bool(found)
+                tally["base_confirmed"] += bool(found) and _legacy_confirm(q, trains[i])
+            j = tally["judged"]
+            row = {"bench": "recall", "split": "heldout", "transform": name, "radius": radius, **tally,
+                   "hash_hit_rate": round(tally["hash_hit"] / max(j, 1), 3),
+                   "hash_hit_ci": _interval(tally["hash_hit"], j),
+                   "confirmed_rate": round(tally["confirmed"] / max(j, 1), 3),
+                   "confirmed_ci": _interval(tally["confirmed"], j),
+                   "memorized_rate": round(tally["memorized"] / max(j, 1), 3),
+                   "baseline": "previous check (no mirror, no alignment)",
+                   "baseline_hash_hit_rate": round(tally["base_hash_hit"] / max(j, 1), 3),
+                   "baseline_confirmed_rate": round(tally["base_confirmed"] / max(j, 1), 3),
+                   "ratio": round(tally["confirmed"] / max(tally["base_confirmed"], 1), 2),
+                   "query_ms_per_image": round(1000 * seconds / len(queries), 1)}
+            rows.append(row)
+            emit(**row)
+        # distractors: through the search, and forced against their nearest indexed images
+        near = [(Image.fromarray(partial_crop(s.rgb, rng)), i, s.kind) for i, s in enumerate(indexed)]
+        far_q = [(Image.fromarray(s.rgb), None, s.kind) for s in far]
+        false = {}
+        for group, items in (("near", near), ("far", far_q)):
+            results = query_images([q for q, _, _ in items], index, radius=radius, top_k=0)
+            searched = judged = forced = forced_n = 0
+            for (q, src, kind), r in zip(items, results, strict=True):
+                if r["degenerate"]:
+                    continue
+                judged += 1
+                for m in r["matches"]:
+                    j = key_id[m["key"]]
+                    same_photo = src is not None and j != src and indexed[src].kind == "photo" \
+                        and indexed[j].source == indexed[src].source
+                    if is_hit(m["verdict"]) and not same_photo:  # another crop of the same photo may be a copy
+                        searched += 1
+                        break
+                qp = cf.prepare(q)
+                if src is not None:
+                    targets = [src]
+                else:  # the two indexed images of the same kind nearest by pHash: the hardest the index offers
+                    d = np.bitwise_count(codes ^ np.uint64(int(r["hash"], 16)))
+                    order = id_pos[np.argsort(d, kind="stable")]
+                    targets = [j for j in order if indexed[j].kind == kind][:2]
+                for j in targets:
+                    forced_n += 1
+                    forced += is_hit(cf.confirm_prepared(qp, prepared[j]).verdict)
+            false[group] = {"judged": judged, "searched_false": searched, "forced_pairs": forced_n,
+                            "forced_false": forced}
+        total = sum(v["judged"] for v in false.values())
+        wrong = sum(v["searched_false"] for v in false.values())
+        pairs = sum(v["forced_pairs"] for v in false.values())
+        forced = sum(v["forced_false"] for v in false.values())
+        emit(bench="false_confirmations", split="heldout", radius=radius, distractors=total, **{
+            f"{g}_{k}": v for g, d in false.items() for k, v in d.items()},
+            searched_false=wrong, searched_false_ci=_interval(wrong, total), forced_pairs=pairs, forced_false=forced,
+            forced_false_ci=_interval(forced, pairs), goal=0)
+        emit(bench="recall_by_kind", split="heldout", **{k: {**v, "rate": round(v["confirmed"] / max(v["judged"], 1), 3)}
+                                                         for k, v in sorted(per_kind.items())})
+        emit(bench="confirm_cost", candidates=len(costs), ms_per_candidate=round(float(np.mean(costs)), 1) if costs else None,
+             p95_ms=round(float(np.percentile(costs, 95)), 1) if costs else None,
+             note="one core; aligning (ORB + RANSAC, phase correlation) and scoring, mirrored too")
+        table = ["| transform | hash hit | confirmed (95% CI) | memorized | baseline: hash hit | baseline: confirmed |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            table.append(f"| {r['transform']} | {r['hash_hit_rate']:.0%} | {r['confirmed_rate']:.0%} "
+                         f"[{r['confirmed_ci'][0]:.0%}, {r['confirmed_ci'][1]:.0%}] | {r['memorized_rate']:.0%} | "
+                         f"{r['baseline_hash_hit_rate']:.0%} | {r['baseline_confirmed_rate']:.0%} |")
+        print("\n".join(table), file=sys.stderr)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1M codes, 200 files: a CI-scale sanity run")
@@ -178,12 +351,17 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=None)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--radius", type=int, default=10)
+    p.add_argument("--recall-only", action="store_true", help="only (d), the held-out recall table")
+    p.add_argument("--indexed", type=int, default=None, help="(d): indexed images (200; --quick: 40)")
     args = p.parse_args()
     n_codes = args.codes or (1_000_000 if args.quick else 10_000_000)
     n_files = args.files or (200 if args.quick else 1000)
     n_queries = args.queries or (1000 if args.quick else 5000)
     emit(bench="machine", cpus=os.cpu_count(), workers=args.workers, quick=args.quick,
          note="CPU figures on a shared machine; other jobs may have run at the same time")
+    bench_recall(args.indexed or (40 if args.quick else 200), radius=args.radius, workers=min(args.workers, 2))
+    if args.recall_only:
+        return
     bench_hashing(n_files, args.workers)
     bench_search_and_build(n_codes, n_queries, min(n_queries, 300 if args.quick else 500), args.radius)
     bench_search_variants(min(n_codes, 1_000_000), 200, args.radius)

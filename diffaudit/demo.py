@@ -101,8 +101,10 @@ def summary(run, config: AuditConfig) -> list[str]:
     prompted = set(gens.loc[gens["template"] != EDIT_TEMPLATE, "image_id"])  # what the bias shares count
     gender = clip[(clip["attribute"] == "perceived_gender") & clip["image_id"].isin(prompted)]
     faces = run.read_table("probes/faces")
+    from audit.memorization.verdicts import is_hit
+
     matches = run.read_table("memorization/matches")
-    confirmed = matches[matches["verdict"] != "unconfirmed"]
+    confirmed = matches[matches["verdict"].map(is_hit)]  # the hits run.json and the rates count
     anchors = Path(config.provenance.identity) / "root-ca.pem"
     verified = verify_paths([run.root / "provenance" / "stamped"], trust_anchors=anchors)
     states = {}

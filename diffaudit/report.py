@@ -687,34 +687,67 @@ def _versus_reference(doc: Doc, run: Run) -> None:
 
 
 def _memorization(doc: Doc, run: Run) -> None:
+    from audit.memorization import verdicts as vd
+
     doc.h(2, "Memorization")
     matches = run.read_table("memorization/matches")
     if not run.has_table("memorization/matches"):
         doc.p("No memorization check in this run (`diffaudit audit memorization RUN --index IDX`).")
         return
     rates = run.read_table("memorization/rates")
-    confirmed = matches[matches["verdict"] != "unconfirmed"]
-    doc.p(f"{matches['image_id'].nunique()} generated image(s) had a hash candidate in the training index; "
-          f"{confirmed['image_id'].nunique()} confirmed as near-copies by tile-L2/SSIM.")
+    flagged = int(rates["degenerate"].fillna(0).sum()) if "degenerate" in rates else 0
+    n = vd.image_counts(matches)
+    stage = (run.info.get("stages") or {}).get("memorization") or {}
+    searched = f" (searched with {stage['hash']} at radius {stage['radius']})" if {"hash", "radius"} <= set(stage) else ""
+    doc.p(f"{matches['image_id'].nunique()} generated image(s) had a hash candidate in the training index{searched}; "
+          f"**{n['matched_images']} matched** a training image once aligned and compared in pixels "
+          f"({n['memorized_images']} `{vd.MEMORIZED}`: {vd.HELP[vd.MEMORIZED]}; {n['near_duplicate_images']} "
+          f"`{vd.NEAR_DUPLICATE}`: {vd.HELP[vd.NEAR_DUPLICATE]}). "
+          f"{max(flagged, n['degenerate_images'])} image(s) are `{vd.DEGENERATE}` ({vd.HELP[vd.DEGENERATE]}) and "
+          "are never counted. A miss is not proof of absence: the hash search misses some edited copies.")
+    confirmed = matches[matches["verdict"].map(vd.is_hit)]
     if len(confirmed):
-        show = confirmed[["image_id", "train_key", "hamming", "tile_l2", "ssim", "verdict"]].copy()
+        show = confirmed[["image_id", "train_key", "hamming", "agreement", "ssim", "tile_l2", "overlap",
+                          "verdict"]].copy()
+        show["aligned by"] = [_alignment(r) for r in confirmed.itertuples(index=False)]
         doc.table(show.round(3))
         pairs = []
         gens = run.read_table("generations").set_index("image_id")
         for r in confirmed.head(6).itertuples(index=False):
             if r.image_id in gens.index:
                 pairs.append((f"generated {r.image_id}", _thumb(run.path(gens.loc[r.image_id, "path"]))))
-            if r.evidence_path:
+            aligned = getattr(r, "aligned_path", None)
+            if isinstance(aligned, str) and aligned:
+                pairs.append((f"training {r.train_key}, aligned", _thumb(run.path(aligned))))
+            elif r.evidence_path:
                 pairs.append((f"training {r.train_key}", _thumb(run.path(r.evidence_path))))
         if len(confirmed) > 6:
-            doc.p(f"Generated and training images of the first 6 of {len(confirmed)} pairs:")
+            doc.p(f"Generated and aligned training images of the first 6 of {len(confirmed)} pairs:")
         doc.images([p for p in pairs if p[1]])
     if len(rates):
-        doc.p("Per-prompt memorization rates (prompts with a match):")
+        doc.p("Per-prompt memorization rates (prompts with a match; rate = matched / judged, judged = images not "
+              "degenerate, 95% Wilson interval):")
         hit = rates[rates["matched"] > 0]
-        doc.table(hit.assign(rate=[_pct(v) for v in hit["rate"]],
+        judged = hit["judged"].fillna(hit["images"]).astype(int) if "judged" in hit else hit["images"]
+        doc.table(hit.assign(judged=judged, rate=[_pct(v) for v in hit["rate"]],
                              ci=[_interval(a, b) for a, b in zip(hit.ci_low, hit.ci_high, strict=True)])
-                  [["prompt_id", "images", "matched", "rate", "ci"]])
+                  [["prompt_id", "images", "judged", "matched", "rate", "ci"]])
+
+
+def _alignment(row) -> str:
+    """A matches row's alignment in words: method, mirrored, scale and rotation."""
+    import json
+
+    method = getattr(row, "alignment", None)
+    if not isinstance(method, str):
+        return "–"
+    words = [method] + (["mirrored"] if getattr(row, "mirrored", None) is True else [])
+    try:
+        t = json.loads(row.transform)
+        words.append(f"x{t['scale']:.2f}, {t['rotation']:+.1f}°")
+    except (TypeError, ValueError, KeyError):
+        pass
+    return ", ".join(words)
 
 
 def _thumb(path: Path, size: int = 160) -> bytes:

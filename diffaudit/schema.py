@@ -204,18 +204,33 @@ MEMORIZATION_MATCHES = pa.schema([
     _f("tile_l2", _f64, True),
     _f("ssim", _f64, True),
     _f("embedding_sim", _f64, True),
-    _f("verdict", _str),             # memorized | near_duplicate | unconfirmed
+    _f("verdict", _str),             # audit/memorization/verdicts.py: memorized | near_duplicate | unconfirmed |
+                                     # degenerate | unavailable (the first two are hits)
     _f("evidence_path", _str, True),  # relative path of the training-side evidence image
+    # added with aligned confirmation (older runs read them as null)
+    _f("agreement", _f64, True),     # share of textured tiles that agree once aligned
+    _f("overlap", _f64, True),       # share of the generated image the aligned training image covers
+    _f("train_overlap", _f64, True),  # share of the training image inside the generated one
+    _f("alignment", _str, True),     # resize | keypoints | phase
+    _f("mirrored", _bool, True),     # the training image matched mirrored
+    _f("transform", _str, True),     # JSON: scale, rotation, shift, 2x3 matrix (training px -> generated px)
+    _f("query_variant", _str, True),  # which search-time variant of the generated image hit (mirror, crop, ...)
+    _f("confirm_ms", _f64, True),    # cost of the pixel confirmation of this pair
+    _f("aligned_path", _str, True),  # relative path of the training image warped into the generated frame
 ])
 
 MEMORIZATION_RATES = pa.schema([
     _f("prompt_id", _str),
     _f("subject", _str),
     _f("images", _i64),
-    _f("matched", _i64),
-    _f("rate", _f64),
+    _f("matched", _i64),             # images whose best verdict is a hit (memorized or near_duplicate)
+    _f("rate", _f64),                # matched / judged (older runs: / images)
     _f("ci_low", _f64),
     _f("ci_high", _f64),
+    _f("memorized", _i64, True),     # of matched: best verdict memorized
+    _f("near_duplicate", _i64, True),  # of matched: best verdict near_duplicate
+    _f("degenerate", _i64, True),    # images too flat to judge (never counted)
+    _f("judged", _i64, True),        # images - degenerate: the rate's denominator
 ])
 
 # --- memorization scores without a training set (generate/scores.py, audit/memorization/prompt_scores.py) -

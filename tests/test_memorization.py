@@ -401,9 +401,12 @@ def test_check_run_flags_the_memorized_image(photo_run: Run, tmp_path, photos):
     assert summary["memorized_images"] == 1
     row = matches.loc[matches["verdict"] == "memorized"].iloc[0]
     assert row["prompt_id"] == "photo-coffee" and row["train_key"] == "coffee-q50.jpg" and row["hamming"] <= 10
-    assert row["tile_l2"] <= cf.MEMORIZED_L2 and row["ssim"] >= cf.MEMORIZED_SSIM
-    evidence = photo_run.path(row["evidence_path"])
-    assert evidence.is_file() and evidence.is_relative_to(photo_run.root) and Image.open(evidence).size[0] <= 384
+    assert row["agreement"] >= cf.MEMORIZED_AGREEMENT and row["ssim"] >= cf.MEMORIZED_SSIM
+    assert row["overlap"] > 0.95 and row["alignment"] in ("resize", "keypoints", "phase") and not row["mirrored"]
+    for rel in (row["evidence_path"], row["aligned_path"]):
+        evidence = photo_run.path(rel)
+        assert evidence.is_file() and evidence.is_relative_to(photo_run.root) and Image.open(evidence).size[0] <= 384
+    assert summary["matched_images"] == rates["matched"].sum() == 1 and summary["confirm_ms_per_candidate"] > 0
     assert len(rates) == 5 and rates.set_index("prompt_id")["matched"].to_dict()["photo-coffee"] == 1
     assert rates["matched"].sum() == 1 and (rates["ci_low"] <= rates["rate"]).all()
     assert photo_run.stage_done("memorization") and photo_run.info["stages"]["memorization"]["radius"] == 10

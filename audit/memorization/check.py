@@ -1,14 +1,25 @@
 """Check a run's images against a training-set index: hash, exact radius search, confirm, write tables.
 
-Writes ``memorization/matches.parquet`` (one row per image x confirmed-or-not candidate),
-``memorization/rates.parquet`` (per prompt: images, memorized images, rate with a Wilson 95% interval)
-and ``memorization/evidence/*.jpg`` (a thumbnail of each matched training image, shown beside the
-generated one by the dashboard; paths in the table are relative to the run).
+Search: each generated image is hashed as it is and in a few variants that undo common edits (its mirror
+image, centre crops, edge-padded "un-crops" at nine placements, turns of +-2 degrees; ``query_variants``),
+and every code is searched exactly within the radius; a candidate keeps its nearest variant. Images with
+almost no texture are flagged ``degenerate`` before any search result is trusted (their hash bits are
+rounding noise) and are never counted.
+
+Confirmation (``confirm.py``) aligns each training candidate to the generated image and compares them where
+they overlap. What counts as a hit, and an image's verdict (its best candidate's), is ``verdicts.py``'s.
+
+Writes ``memorization/matches.parquet`` (one row per image x candidate, nearest first),
+``memorization/rates.parquet`` (per prompt: images, judged, matched, memorized, near_duplicate, degenerate,
+rate = matched / judged with a Wilson 95% interval) and ``memorization/evidence/`` (per pair a thumbnail of
+the training image and the training image aligned into the generated image's frame; paths in the table
+are relative to the run). ``run.json`` records the same image counts.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -16,9 +27,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
-from audit.memorization.confirm import CROPS, center_crop, confirm
+from audit.memorization import confirm as cf
+from audit.memorization import verdicts as vd
 from audit.memorization.hashing import get_hasher, square_crop
 from audit.memorization.index import DEFAULT_RADIUS, Index
 from audit.memorization.sources import SkipImage, decode_image, file_key, load_train_image
@@ -28,6 +40,12 @@ from diffaudit.runs import Run, atomic_write_bytes
 MAX_CANDIDATES = 10          # confirmed per generated image, nearest first
 EVIDENCE_SIDE = 384
 EVIDENCE_DIR = "memorization/evidence"
+VARIANT_SIDE = 256           # variants are cut from the image downscaled to this (the hash sees 32x32)
+UNCROP = 1 / 0.9             # an un-crop pads the image back to the size it had before a 90% crop
+TURNS = (-2.0, 2.0)
+MATCH_COLUMNS = ["image_id", "prompt_id", "train_key", "train_uri", "hamming", "tile_l2", "ssim", "embedding_sim",
+                 "verdict", "evidence_path", "agreement", "overlap", "train_overlap", "alignment", "mirrored",
+                 "transform", "query_variant", "confirm_ms", "aligned_path"]
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -37,17 +55,64 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return (0.0, 1.0) if n == 0 else tuple(float(v) for v in proportion_confint(k, n, method="wilson"))
 
 
+# -- search ----------------------------------------------------------------------------------------
+def _variants_of(small: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Edited-copy variants of a downscaled RGB image: centre crops, un-crops at nine placements, turns."""
+    import cv2
+
+    h, w = small.shape[:2]
+    out = []
+    for keep in cf.CROPS[1:]:
+        dy, dx = round(h * (1 - keep) / 2), round(w * (1 - keep) / 2)
+        out.append((f"crop{round(keep * 100)}", small[dy:h - dy, dx:w - dx]))
+    ph, pw = round(h * UNCROP) - h, round(w * UNCROP) - w
+    for fy in (0.0, 0.5, 1.0):
+        for fx in (0.0, 0.5, 1.0):
+            top, left = round(ph * fy), round(pw * fx)
+            out.append((f"uncrop{fy:g},{fx:g}", cv2.copyMakeBorder(small, top, ph - top, left, pw - left,
+                                                                    cv2.BORDER_REPLICATE)))
+    for angle in TURNS:
+        turn = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+        out.append((f"turn{angle:+g}", cv2.warpAffine(small, turn, (w, h), flags=cv2.INTER_LINEAR,
+                                                       borderMode=cv2.BORDER_REPLICATE)))
+    return out
+
+
+def query_variants(img: Image.Image) -> list[tuple[str, Image.Image]]:
+    """The image and its search-time variants, each also mirrored (training pipelines flip at random).
+
+    The plain and mirrored codes come from the full image (the code the index holds for an exact copy);
+    the others from a ``VARIANT_SIDE`` px version (they approximate an edit anyway)."""
+    rgb = img.convert("RGB")
+    small = rgb.copy()
+    small.thumbnail((VARIANT_SIDE, VARIANT_SIDE), Image.Resampling.BILINEAR)
+    arr = np.asarray(small)
+    out: list[tuple[str, Image.Image]] = []
+    for mirrored in (False, True):
+        prefix = "mirror+" if mirrored else ""
+        base = arr[:, ::-1] if mirrored else arr
+        out.append((f"{prefix}full" if prefix else "full", ImageOps.mirror(rgb) if mirrored else rgb))
+        out += [(prefix + name, Image.fromarray(np.ascontiguousarray(v))) for name, v in _variants_of(base)]
+    return out
+
+
+VARIANT_NAMES = tuple(name for name, _ in query_variants(Image.new("RGB", (8, 8))))
+
+
 def query_codes(hasher, img: Image.Image) -> np.ndarray:
-    """Codes of an image's centre crops (``CROPS``): a copy cropped by a few percent still matches."""
-    return hasher.codes([center_crop(img, s) for s in CROPS])
+    """Codes of an image's search-time variants (``VARIANT_NAMES`` order)."""
+    return hasher.codes([v for _, v in query_variants(img)])
 
 
 def search_codes(index: Index, codes: np.ndarray, radius: int) -> list[pd.DataFrame]:
-    """Per image (a row of crop codes): candidate ids with their best Hamming distance, nearest first."""
+    """Per image (a row of variant codes): candidate ids with their best Hamming distance and the variant
+    that reached it, nearest first."""
     codes = np.asarray(codes, dtype=np.uint64).reshape(len(codes), -1)
     qi, ids, dist = index.search(codes.ravel(), radius)
-    found = pd.DataFrame({"image": qi // codes.shape[1], "id": ids, "hamming": dist})
-    found = found.sort_values(["image", "hamming", "id"]).drop_duplicates(["image", "id"])
+    per = codes.shape[1]
+    names = np.asarray(VARIANT_NAMES if per == len(VARIANT_NAMES) else [f"v{i}" for i in range(per)], dtype=object)
+    found = pd.DataFrame({"image": qi // per, "id": ids, "hamming": dist, "variant": names[qi % per]})
+    found = found.sort_values(["image", "hamming", "id"], kind="stable").drop_duplicates(["image", "id"])
     groups = dict(tuple(found.groupby("image")))
     return [groups.get(i, found.iloc[:0]).reset_index(drop=True) for i in range(len(codes))]
 
@@ -55,10 +120,12 @@ def search_codes(index: Index, codes: np.ndarray, radius: int) -> list[pd.DataFr
 def search_images(index: Index, images: list[Image.Image], radius: int) -> list[pd.DataFrame]:
     """``search_codes`` for decoded images."""
     hasher = get_hasher(index.hash_name)
-    codes = np.stack([query_codes(hasher, im) for im in images]) if images else np.empty((0, len(CROPS)), np.uint64)
+    codes = np.stack([query_codes(hasher, im) for im in images]) if images else np.empty((0, len(VARIANT_NAMES)),
+                                                                                           np.uint64)
     return search_codes(index, codes, radius)
 
 
+# -- decoding and evidence -------------------------------------------------------------------------
 def _open(path: str) -> Image.Image:
     try:
         return decode_image(path)
@@ -66,8 +133,7 @@ def _open(path: str) -> Image.Image:
         raise InputError(f"{path} is not a readable image ({e.reason}); replace or regenerate it") from None
 
 
-def _evidence(run: Run, img: Image.Image, key: str, item_id: int) -> str:
-    rel = f"{EVIDENCE_DIR}/{file_key(key)}-{item_id}.jpg"
+def _jpeg(run: Run, rel: str, img: Image.Image) -> str:
     thumb = img.convert("RGB")
     thumb.thumbnail((EVIDENCE_SIDE, EVIDENCE_SIDE))
     buf = io.BytesIO()
@@ -76,82 +142,23 @@ def _evidence(run: Run, img: Image.Image, key: str, item_id: int) -> str:
     return rel
 
 
-CONFIRMED = ("memorized", "near_duplicate")  # verdicts confirmed in pixels; "unconfirmed" is a hash hit only
+def _evidence(run: Run, img: Image.Image, key: str, item_id: int) -> str:
+    return _jpeg(run, f"{EVIDENCE_DIR}/{file_key(key)}-{item_id}.jpg", img)
 
 
-def _rates(gens: pd.DataFrame, matches: pd.DataFrame) -> pd.DataFrame:
-    """Per prompt: images with a near-copy confirmed in pixels (either verdict), with a Wilson interval."""
-    memorized = set(matches.loc[matches["verdict"].isin(CONFIRMED), "image_id"])
-    rows = []
-    for (prompt_id, subject), g in gens.groupby(["prompt_id", "subject"], sort=True):
-        n, k = len(g), int(g["image_id"].isin(memorized).sum())
-        lo, hi = wilson(k, n)
-        rows.append({"prompt_id": prompt_id, "subject": subject, "images": n, "matched": k,
-                     "rate": k / n if n else 0.0, "ci_low": lo, "ci_high": hi})
-    return pd.DataFrame(rows)
-
-
-def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAULT_RADIUS,
-              max_candidates: int = MAX_CANDIDATES, progress: bool = True) -> dict[str, Any]:
-    """Check every image of a run against an index; write matches, rates and evidence; return a summary."""
-    t0 = time.perf_counter()
-    run = Run.open(run_dir)
-    index = Index.open(index_dir)
-    gens = run.images()
-    if gens.empty:
-        raise InputError(f"run {run.root} has no images; generate into it first")
-    hasher = get_hasher(index.hash_name)
-    files = gens["file"].tolist()
-    if progress:
-        from tqdm import tqdm
-
-        files = tqdm(files, unit="img", desc="hash")
-    # stream: keep only codes; images are decoded again only for the few with candidates
-    codes = np.stack([query_codes(hasher, _open(f)) for f in files])
-    candidates = search_codes(index, codes, radius)
-    wanted = np.unique(np.concatenate([c["id"].to_numpy()[:max_candidates] for c in candidates] + [[]]))
-    items = index.items(wanted.astype(np.int64)).set_index("id") if len(wanted) else None
-    rows = []
-    pairs = [(i, c) for i, cands in enumerate(candidates) for c in cands.head(max_candidates).itertuples()]
-    if progress and pairs:
-        from tqdm import tqdm
-
-        pairs = tqdm(pairs, unit="pair", desc="confirm")
-    gen_img: tuple[int, Image.Image] | None = None  # pairs come grouped by image: decode each once
-    with run.lock():
-        for i, cand in pairs:
-            item = items.loc[int(cand.id)]
-            gen = gens.iloc[i]
-            row = {"image_id": gen["image_id"], "prompt_id": gen["prompt_id"], "train_key": item["key"],
-                   "train_uri": item["uri"], "hamming": int(cand.hamming), "tile_l2": None, "ssim": None,
-                   "embedding_sim": None, "verdict": "unconfirmed", "evidence_path": None}
-            train = _train_image(item)
-            if train is not None:
-                if gen_img is None or gen_img[0] != i:
-                    gen_img = (i, _open(gens["file"].iloc[i]))
-                c = confirm(gen_img[1], train)
-                row.update(tile_l2=c.tile_l2, ssim=c.ssim, embedding_sim=c.embedding_sim, verdict=c.verdict,
-                           evidence_path=_evidence(run, train, item["key"], int(cand.id)))
-            rows.append(row)
-        matches = pd.DataFrame(rows, columns=["image_id", "prompt_id", "train_key", "train_uri", "hamming",
-                                              "tile_l2", "ssim", "embedding_sim", "verdict", "evidence_path"])
-        run.write_table("memorization/matches", matches)
-        run.write_table("memorization/rates", _rates(gens, matches))
-        _prune_evidence(run, set(matches["evidence_path"].dropna()))
-    memorized = int(matches.loc[matches["verdict"] == "memorized", "image_id"].nunique())
-    summary = {"run": str(run.root), "index": str(index.root), "hash": index.hash_name, "radius": radius,
-               "images": len(gens), "candidates": len(matches), "memorized_images": memorized,
-               "verdicts": matches["verdict"].value_counts().to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
-    run.record_stage("memorization", seconds=summary["seconds"], index=summary["index"], hash=index.hash_name,
-                     radius=radius, images=len(gens), candidates=len(matches), memorized_images=memorized)
-    return summary
+def _aligned_evidence(run: Run, generated: Image.Image, train: Image.Image, c: cf.Confirmation, image_id: str,
+                      item_id: int) -> str | None:
+    aligned = cf.aligned_pair(generated, train, c)
+    if aligned is None:
+        return None
+    return _jpeg(run, f"{EVIDENCE_DIR}/aligned-{file_key(image_id)}-{item_id}.jpg", aligned)
 
 
 def _train_image(item: Any) -> Image.Image | None:
     """The indexed training image of an item row (its square crop for ``square`` codes), None if unreadable."""
     try:
         img = load_train_image(item["source"], item["member"], _int(item["offset"]), _int(item["size"]))
-    except (SkipImage, OSError):
+    except (SkipImage, OSError, InputError):
         return None
     return square_crop(img) if item["variant"] == "square" else img
 
@@ -168,31 +175,158 @@ def _prune_evidence(run: Run, keep: set[str]) -> None:
                 f.unlink()
 
 
-def query_files(files: list[str], index_dir: str | Path, *, radius: int = DEFAULT_RADIUS, top_k: int = 5,
-                confirm_matches: bool = True) -> list[dict[str, Any]]:
-    """Look up images a user brings: matches within ``radius`` (confirmed) and the ``top_k`` nearest codes."""
+def confirmation_fields(c: cf.Confirmation) -> dict[str, Any]:
+    """The matches-table columns of one confirmation."""
+    a = c.alignment
+    return {"tile_l2": c.tile_l2, "ssim": c.ssim, "embedding_sim": c.embedding_sim, "verdict": c.verdict,
+            "agreement": c.agreement, "overlap": c.overlap, "train_overlap": c.train_overlap,
+            "alignment": a.method if a else None, "mirrored": a.mirrored if a else None,
+            "transform": json.dumps(a.describe()) if a else None, "confirm_ms": round(1000 * c.seconds, 2)}
+
+
+# -- counts (what counts is ``verdicts.py``'s) --------------------------------------------------
+def _rates(gens: pd.DataFrame, matches: pd.DataFrame, degenerate: set[str] | None = None) -> pd.DataFrame:
+    """Per prompt: images, judged (not degenerate), matched (best verdict a hit) with a Wilson interval of
+    matched / judged, and the matched images split by verdict."""
+    best = vd.image_verdicts(matches)
+    flagged = set(degenerate or ()) | set(best.index[best == vd.DEGENERATE])
+    rows = []
+    for (prompt_id, subject), g in gens.groupby(["prompt_id", "subject"], sort=True):
+        ids = g["image_id"]
+        b = ids.map(best)
+        n_deg = int(ids.isin(flagged).sum())
+        judged = len(g) - n_deg
+        k = int(b.map(vd.is_hit).sum())
+        lo, hi = wilson(k, judged)
+        rows.append({"prompt_id": prompt_id, "subject": subject, "images": len(g), "matched": k,
+                     "rate": k / judged if judged else 0.0, "ci_low": lo, "ci_high": hi,
+                     "memorized": int((b == vd.MEMORIZED).sum()), "near_duplicate": int((b == vd.NEAR_DUPLICATE).sum()),
+                     "degenerate": n_deg, "judged": judged})
+    return pd.DataFrame(rows)
+
+
+# -- the run check ---------------------------------------------------------------------------------
+def _hash_all(hasher, files: list[str], progress: bool) -> tuple[np.ndarray, list[bool]]:
+    """Variant codes and the degenerate flag of every generated image (each decoded once here)."""
+    it = files
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(files, unit="img", desc="hash")
+    codes, flat = [], []
+    for f in it:
+        img = _open(f)
+        codes.append(query_codes(hasher, img))
+        flat.append(cf.prepare(img).degenerate)
+    return (np.stack(codes) if codes else np.empty((0, len(VARIANT_NAMES)), np.uint64)), flat
+
+
+def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAULT_RADIUS,
+              max_candidates: int = MAX_CANDIDATES, progress: bool = True) -> dict[str, Any]:
+    """Check every image of a run against an index; write matches, rates and evidence; return a summary."""
+    t0 = time.perf_counter()
+    run = Run.open(run_dir)
     index = Index.open(index_dir)
+    gens = run.images()
+    if gens.empty:
+        raise InputError(f"run {run.root} has no images; generate into it first")
+    hasher = get_hasher(index.hash_name)
+    # stream: keep only codes; images are decoded again only for the few with candidates
+    codes, flat = _hash_all(hasher, gens["file"].tolist(), progress)
+    degenerate = set(gens["image_id"][np.asarray(flat, bool)]) if len(flat) else set()
+    candidates = search_codes(index, codes, radius)
+    wanted = np.unique(np.concatenate([c["id"].to_numpy()[:max_candidates] for c in candidates] + [[]]))
+    items = index.items(wanted.astype(np.int64)).set_index("id") if len(wanted) else None
+    pairs = [(i, c) for i, cands in enumerate(candidates) for c in cands.head(max_candidates).itertuples()]
+    if progress and pairs:
+        from tqdm import tqdm
+
+        pairs = tqdm(pairs, unit="pair", desc="confirm")
+    rows, confirm_s = [], []
+    current: tuple[int, Image.Image, cf.Prepared] | None = None  # pairs come grouped by image: decode each once
+    with run.lock():
+        for i, cand in pairs:
+            item = items.loc[int(cand.id)]
+            gen = gens.iloc[i]
+            row = dict.fromkeys(MATCH_COLUMNS)
+            row.update(image_id=gen["image_id"], prompt_id=gen["prompt_id"], train_key=item["key"],
+                       train_uri=item["uri"], hamming=int(cand.hamming), query_variant=cand.variant)
+            if gen["image_id"] in degenerate:
+                row["verdict"] = vd.DEGENERATE  # never confirmed, never counted, no evidence kept
+                rows.append(row)
+                continue
+            train = _train_image(item)
+            if train is None:
+                row["verdict"] = vd.UNAVAILABLE
+                rows.append(row)
+                continue
+            if current is None or current[0] != i:
+                img = _open(gens["file"].iloc[i])
+                current = (i, img, cf.prepare(img))
+            c = cf.confirm_prepared(current[2], cf.prepare(train))
+            confirm_s.append(c.seconds)
+            row.update(confirmation_fields(c))
+            row["evidence_path"] = _evidence(run, train, item["key"], int(cand.id))
+            row["aligned_path"] = _aligned_evidence(run, current[1], train, c, gen["image_id"], int(cand.id))
+            rows.append(row)
+        matches = pd.DataFrame(rows, columns=MATCH_COLUMNS).sort_values("hamming", kind="stable")
+        rates = _rates(gens, matches, degenerate)
+        run.write_table("memorization/matches", matches)
+        run.write_table("memorization/rates", rates)
+        _prune_evidence(run, set(matches["evidence_path"].dropna()) | set(matches["aligned_path"].dropna()))
+    n = vd.image_counts(matches, degenerate)
+    assert n["matched_images"] == int(rates["matched"].sum())  # one definition: the tables agree by construction
+    per_pair = round(1000 * float(np.mean(confirm_s)), 1) if confirm_s else None
+    summary = {"run": str(run.root), "index": str(index.root), "hash": index.hash_name, "radius": radius,
+               "images": len(gens), **n, "verdicts": matches["verdict"].value_counts().to_dict(),
+               "confirm_ms_per_candidate": per_pair, "seconds": round(time.perf_counter() - t0, 3)}
+    run.record_stage("memorization", seconds=summary["seconds"], index=summary["index"], hash=index.hash_name,
+                     radius=radius, images=len(gens), confirm_ms_per_candidate=per_pair, **n)
+    return summary
+
+
+def query_files(files: list[str], index_dir: str | Path | Index, *, radius: int = DEFAULT_RADIUS, top_k: int = 5,
+                confirm_matches: bool = True, max_candidates: int = MAX_CANDIDATES) -> list[dict[str, Any]]:
+    """Look up images a user brings: matches within ``radius`` (confirmed, nearest ``max_candidates``) and
+    the ``top_k`` nearest codes of the plain image."""
     images = [_open(f) for f in files]
+    return [{"file": f, **r} for f, r in zip(files, query_images(images, index_dir, radius=radius, top_k=top_k,
+                                                                  confirm_matches=confirm_matches,
+                                                                  max_candidates=max_candidates), strict=True)]
+
+
+def query_images(images: list[Image.Image], index_dir: str | Path | Index, *, radius: int = DEFAULT_RADIUS,
+                 top_k: int = 5, confirm_matches: bool = True, max_candidates: int = MAX_CANDIDATES
+                 ) -> list[dict[str, Any]]:
+    """``query_files`` for decoded images: per image its hash, degenerate flag, best verdict, whether that is
+    a hit, the candidates (key, Hamming, the variant that hit, the confirmation) and the nearest codes."""
+    index = index_dir if isinstance(index_dir, Index) else Index.open(index_dir)
     hasher = get_hasher(index.hash_name)
     results = []
-    near_ids, near_d = index.topk(np.asarray([hasher.hash_image(im) for im in images], np.uint64), top_k)
-    for f, img, cands, nid, nd in zip(files, images, search_images(index, images, radius), near_ids, near_d,
-                                      strict=True):
+    if top_k and index.count:
+        near_ids, near_d = index.topk(np.asarray([hasher.hash_image(im) for im in images], np.uint64), top_k)
+    else:
+        near_ids = near_d = np.zeros((len(images), 0), np.int64)
+    for img, cands, nid, nd in zip(images, search_images(index, images, radius), near_ids, near_d, strict=True):
+        query = cf.prepare(img)
         matches = []
+        cands = cands.head(max_candidates)
         if len(cands):
             items = index.items(cands["id"].to_numpy())
-            for item, ham in zip(items.to_dict("records"), cands["hamming"], strict=True):
-                m = {"key": item["key"], "variant": item["variant"], "uri": item["uri"], "hamming": int(ham)}
-                train = _train_image(item) if confirm_matches else None
-                if train is not None:
-                    c = confirm(img, train)
-                    m.update(tile_l2=round(c.tile_l2, 4), ssim=round(c.ssim, 4), verdict=c.verdict)
+            for item, ham, var in zip(items.to_dict("records"), cands["hamming"], cands["variant"], strict=True):
+                m = {"id": int(item["id"]), "key": item["key"], "variant": item["variant"], "uri": item["uri"],
+                     "hamming": int(ham), "query_variant": var}
+                if query.degenerate:
+                    m["verdict"] = vd.DEGENERATE
                 elif confirm_matches:
-                    m.update(verdict="unconfirmed")
+                    train = _train_image(item)
+                    m.update(cf.confirm_prepared(query, cf.prepare(train)).describe() if train is not None
+                             else {"verdict": vd.UNAVAILABLE})
                 matches.append(m)
         near = index.items(nid)
         nearest = [{"key": k, "variant": v, "hamming": int(d)}
                    for k, v, d in zip(near["key"], near["variant"], nd, strict=True)]
-        results.append({"file": f, "hash": format(hasher.hash_image(img), "016x"), "matches": matches,
-                        "nearest": nearest})
+        verdict = vd.best(m.get("verdict") for m in matches) if matches else None
+        results.append({"hash": format(hasher.hash_image(img), "016x"), "degenerate": query.degenerate,
+                        "verdict": verdict, "hit": vd.is_hit(verdict), "matches": matches, "nearest": nearest})
     return results

@@ -1,54 +1,361 @@
-"""Second-stage confirmation of hash candidates: tiled normalized L2 (Carlini et al. 2023) and SSIM.
+"""Second-stage confirmation of hash candidates, in a common frame: align, then compare the overlap.
 
-Hashes match unrelated images at large radii and miss small crops, so every candidate pair is compared
-in pixels. *Tiled L2* follows "Extracting Training Data from Diffusion Models" (Carlini et al., USENIX
-Security 2023, Sec. 4): images scaled to [0, 1], normalized L2 ``sqrt(mean((a - b)**2))``, computed on each
-of 4x4 non-overlapping tiles and the maximum taken, so that a copy must match everywhere and a large
-flat background cannot hide a different subject (the paper uses 128x128 tiles of 512x512 images and
-calls a generation extracted below 0.15). Here both images are resized to a common square side: 256, or
-the smaller image's shorter side when that is below 256 (a 64 px generation holds no detail at 256, and
-upscaling it would be judged as blur, not as a different image). SSIM is
-``skimage.metrics.structural_similarity`` on the same grayscale pair.
+Hashes match unrelated images at large radii and miss edited copies, so every candidate pair is compared in
+pixels. The training image is first put into the query's frame (``align.py``: a plain stretch, ORB keypoints
+with a RANSAC similarity, or phase correlation; each on the training image and on its mirror image), then
+the pair is scored on luminance (a grayscale copy is a copy) where the two overlap, after matching the
+overlap's mean and contrast (a brighter copy is a copy):
 
-Small crops are handled by also comparing centre crops of the generated image (scales ``CROPS``) and
-keeping the best; the reported distances are that best pair's.
+- ``tile_l2``: the tiled L2 of "Extracting Training Data from Diffusion Models" (Carlini et al., USENIX
+  Security 2023, Sec. 4): RMS difference on each of 4x4 tiles (of the overlap; tiles less than half covered
+  are left out), the maximum taken, images in [0, 1] (the paper: RGB, 0.15 at 128 px tiles of 512 px);
+- ``ssim``: SSIM (Wang et al. 2004; Gaussian window, sigma 1.5) averaged over the overlap;
+- ``agreement``: the share of the 8x8 grid's textured tiles (some luminance variation in either image) whose
+  own RMS difference and SSIM both pass, so an overlaid caption or logo (up to about a quarter of the tiles)
+  does not hide a copy, and blank regions that any two documents share prove nothing;
+- ``overlap``: the share of the query the aligned training image covers, and ``train_overlap``: the share
+  of the training image that lies inside the query. A copy must show most of its training image: a crop
+  of a quarter of it is not called a copy, however well it matches.
 
-Verdicts, calibrated on the 18 photos shipped with scikit-image and scikit-learn (tests): their copies
-(JPEG q50, half size, 5% centre crop, brightness x1.2) reach tile_l2 <= 0.16 (brightness costs the most)
-and ssim >= 0.89, while the closest distinct pairs reach tile_l2 0.14 (brick vs moon, ssim 0.38) and
-ssim 0.77 (clock vs moon, tile_l2 0.25; at 64 px: 0.25 and 0.61). Hence ``memorized`` needs both
-tile_l2 <= 0.20 (Carlini's 0.15 plus room for global brightness changes) and ssim >= 0.85;
-``near_duplicate`` needs tile_l2 <= 0.20 and ssim >= 0.70 (the demo's 64 px img2img outputs of a photo
-reach tile_l2 0.11-0.13 and ssim 0.82-0.84 against it); anything else is ``unconfirmed``.
+The frame is the query's own pixels, downscaled to ``SIDE`` (256) on the longer side, or the query's size
+when it is smaller: a 64 px generation holds no detail at 256, and upscaling it would be judged as blur.
+
+Images with almost no texture (``texture_level`` below ``DEGENERATE_TEXTURE``: one colour, faint noise or a
+gradient) are ``degenerate``: their pHash bits are set by rounding noise (``diffaudit.imaging``) and any two
+of them agree in pixels, so they are never counted as copies of anything.
+
+The verdict names and what counts as a hit are defined once, in ``verdicts.py``; the thresholds here were
+chosen on the calibration split (``calibration.py``; the figures are in its docstring and the README).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-SIZE = 256
-TILES = 4
-CROPS = (1.0, 0.95, 0.9)
-MEMORIZED_L2 = 0.20
-MEMORIZED_SSIM = 0.85
-NEAR_L2 = 0.20
-NEAR_SSIM = 0.70
+from audit.memorization import align
+from audit.memorization.verdicts import DEGENERATE, MEMORIZED, NEAR_DUPLICATE, UNCONFIRMED, rank
 
-#: Optional third opinion: a callable (generated, training) -> cosine similarity of image embeddings.
-#: Left as a hook (None): no embedding model ships offline; a caller may set one (e.g. open_clip).
-EMBEDDING: Callable[[Image.Image, Image.Image], float] | None = None
+SIDE = 256
+TILES = 4                      # Carlini's tiles (reported)
+GRID = 8                       # agreement tiles
+MIN_TILE_COVER = 0.5           # a tile counts when the overlap covers at least this much of it
+DEGENERATE_TEXTURE = 3.0       # texture_level (of 255) below which an image is degenerate
+GAIN = (0.5, 2.0)              # contrast change allowed by the photometric match
+
+# Thresholds chosen on the calibration split (``python -m audit.memorization.calibration``: 160 indexed images,
+# their 11 copies each, 160 near and 320 far distractor pairs). There, every copy of an image that is not
+# degenerate was a hit (crop90 133/138, rotate2 130/139, overlay 128/139, the others 139/139), no distractor
+# was, and the closest distractor reached agreement 0.55 (a crop showing a third of its training image,
+# stretched onto it): ``near_duplicate`` sits 0.07 above it, ``memorized`` 0.17.
+TEXTURED = 0.03                # a tile with luminance std (of 1) at least this is textured
+TILE_CORR = 0.5                # a textured tile agrees when correlated at least this much ...
+TILE_L2 = 0.12                 # ... and its RMS difference is at most this
+FLAT_DIFF = 0.1                # two flat tiles whose means differ by more than this disagree
+MIN_EVIDENCE_TILES = 4         # textured tiles (of 64) needed to say anything
+MEMORIZED_AGREEMENT = 0.725
+MEMORIZED_SSIM = 0.475
+NEAR_AGREEMENT = 0.625
+NEAR_SSIM = 0.45
+MIN_OVERLAP = 0.6              # of the query
+MIN_TRAIN_OVERLAP = 0.5        # of the training image
+
+#: kept for callers of the old centre-crop search (``check.query_codes``)
+CROPS = (1.0, 0.95, 0.9)
 
 
 @dataclass(frozen=True)
 class Confirmation:
+    """One candidate pair, compared in the query's frame. Scores are None when there was nothing to align."""
+
+    verdict: str
+    tile_l2: float | None = None
+    ssim: float | None = None
+    agreement: float | None = None
+    overlap: float | None = None
+    train_overlap: float | None = None
+    alignment: align.Alignment | None = None
+    embedding_sim: float | None = None
+    seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready fields (``index query --json``)."""
+        out: dict[str, Any] = {"verdict": self.verdict}
+        for name in ("tile_l2", "ssim", "agreement", "overlap", "train_overlap"):
+            value = getattr(self, name)
+            out[name] = None if value is None else round(float(value), 4)
+        out["transform"] = self.alignment.describe() if self.alignment is not None else None
+        out["confirm_ms"] = round(1000 * self.seconds, 1)
+        return out
+
+
+@dataclass
+class Prepared:
+    """An image reduced for confirmation once (it may meet several candidates)."""
+
+    size: tuple[int, int]                  # original (w, h)
+    lum: np.ndarray                        # float32 luminance in [0, 1] at working resolution
+    scale: tuple[float, float]             # working / original, per axis
+    texture: float                         # ``texture_level``
+    tile_std: np.ndarray                   # luminance std of each tile of the 8x8 grid
+    _features: dict[bool, align.Features] | None = None
+
+    def is_degenerate(self, t: Thresholds | None = None) -> bool:
+        """Too little texture to tell a copy from a look-alike: near-flat overall, or fewer textured tiles
+        than a verdict needs."""
+        t = t or DEFAULT
+        return self.texture < DEGENERATE_TEXTURE or int((self.tile_std >= t.textured).sum()) < t.min_evidence
+
+    @property
+    def degenerate(self) -> bool:
+        return self.is_degenerate()
+
+    def features(self, mirrored: bool = False) -> align.Features:
+        if self._features is None:
+            self._features = {}
+        if mirrored not in self._features:
+            lum8 = np.clip(np.rint(self.lum * 255), 0, 255).astype(np.uint8)
+            self._features[mirrored] = align.orb_features(np.ascontiguousarray(lum8[:, ::-1]) if mirrored else lum8)
+        return self._features[mirrored]
+
+
+def texture_level(lum: np.ndarray) -> float:
+    """How much an image varies beyond a plane (luminance std of 255, at 64 px on the longer side): flat
+    colours, faint noise and gradients are near 0, photos, documents and graphics well above 5."""
+    import cv2
+
+    h, w = lum.shape
+    s = min(1.0, 64 / max(h, w))
+    small = cv2.resize(lum.astype(np.float32), (max(4, round(w * s)), max(4, round(h * s))),
+                       interpolation=cv2.INTER_AREA) * 255.0
+    yy, xx = np.mgrid[0:small.shape[0], 0:small.shape[1]]
+    a = np.stack([np.ones(small.size), xx.ravel(), yy.ravel()], axis=1)
+    coef, *_ = np.linalg.lstsq(a, small.ravel().astype(np.float64), rcond=None)
+    return float((small.ravel() - a @ coef).std())
+
+
+def prepare(img: Image.Image, side: int = SIDE) -> Prepared:
+    """Luminance at the working resolution (the longer side at most ``side``) and the texture level."""
+    import cv2
+
+    lum8 = np.asarray(img.convert("L"), dtype=np.uint8)
+    h, w = lum8.shape
+    s = min(1.0, side / max(h, w))
+    if s < 1.0:
+        size = (max(4, round(w * s)), max(4, round(h * s)))
+        lum8 = cv2.resize(lum8, size, interpolation=cv2.INTER_AREA)
+    lum = lum8.astype(np.float32) / 255.0
+    area = _tile_sums(np.ones_like(lum), GRID)
+    mean = _tile_sums(lum, GRID) / area
+    std = np.sqrt(np.maximum(_tile_sums(lum * lum, GRID) / area - mean ** 2, 0.0))
+    return Prepared(size=(w, h), lum=lum, scale=(lum.shape[1] / w, lum.shape[0] / h), texture=texture_level(lum),
+                    tile_std=std)
+
+
+@functools.lru_cache(maxsize=256)
+def _edges(length: int, n: int) -> np.ndarray:
+    return np.linspace(0, length, n + 1).round().astype(np.intp)[:-1]
+
+
+def _tile_sums(x: np.ndarray, n: int) -> np.ndarray:
+    """Sums of ``x`` over an n x n grid of (nearly) equal tiles."""
+    h, w = x.shape
+    return np.add.reduceat(np.add.reduceat(x, _edges(h, n), axis=0), _edges(w, n), axis=1)
+
+
+def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    import cv2
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(x, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT)
+
+    mu_a, mu_b = blur(a), blur(b)
+    va = blur(a * a) - mu_a ** 2
+    vb = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What makes a tile agree and a pair a copy (the defaults are the calibrated constants above)."""
+
+    textured: float = TEXTURED
+    tile_corr: float = TILE_CORR
+    tile_l2: float = TILE_L2
+    flat_diff: float = FLAT_DIFF
+    min_evidence: int = MIN_EVIDENCE_TILES
+    memorized_agreement: float = MEMORIZED_AGREEMENT
+    memorized_ssim: float = MEMORIZED_SSIM
+    near_agreement: float = NEAR_AGREEMENT
+    near_ssim: float = NEAR_SSIM
+    min_overlap: float = MIN_OVERLAP
+    min_train_overlap: float = MIN_TRAIN_OVERLAP
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One aligned pair: global scores and the 8x8 grid's per-tile statistics (tiles the overlap covers)."""
+
     tile_l2: float
     ssim: float
-    embedding_sim: float | None
-    verdict: str
+    overlap: float
+    train_overlap: float
+    std_q: np.ndarray          # per tile: luminance std of the query
+    std_t: np.ndarray          # ... of the aligned, photometrically matched training image
+    corr: np.ndarray           # Pearson correlation of the two
+    rms: np.ndarray            # RMS difference
+    mean_diff: np.ndarray      # |mean difference|
+
+    def agreement(self, t: Thresholds) -> tuple[float, int]:
+        """(share of evidence tiles that agree, number of evidence tiles). A tile textured in both agrees when
+        correlated and close; textured in one only, it disagrees; flat in both, it is evidence only when the
+        two means differ (then it disagrees)."""
+        tq, tt = self.std_q >= t.textured, self.std_t >= t.textured
+        half_q, half_t = self.std_q >= t.textured / 2, self.std_t >= t.textured / 2
+        both = (tq | tt) & half_q & half_t
+        one = (tq & ~half_t) | (tt & ~half_q)
+        flat_differ = ~(tq | tt) & (self.mean_diff > t.flat_diff)
+        agree = both & (self.corr >= t.tile_corr) & (self.rms <= t.tile_l2)
+        evidence = int(both.sum() + one.sum() + flat_differ.sum())
+        return (float(agree.sum()) / evidence if evidence else 0.0), int(both.sum())
+
+    def verdict(self, t: Thresholds | None = None) -> str:
+        t = t or DEFAULT
+        if self.overlap < t.min_overlap or self.train_overlap < t.min_train_overlap:
+            return UNCONFIRMED
+        share, textured = self.agreement(t)
+        if textured < t.min_evidence:
+            return UNCONFIRMED
+        if share >= t.memorized_agreement and self.ssim >= t.memorized_ssim:
+            return MEMORIZED
+        if share >= t.near_agreement and self.ssim >= t.near_ssim:
+            return NEAR_DUPLICATE
+        return UNCONFIRMED
+
+
+DEFAULT = Thresholds()
+
+
+def score(query: Prepared, train: Prepared, matrix: np.ndarray) -> Scores | None:
+    """Scores of ``train`` warped into ``query``'s frame by ``matrix`` (working pixels); None if they barely
+    overlap."""
+    import cv2
+
+    q = query.lum
+    hq, wq = q.shape
+    ht, wt = train.lum.shape
+    warped = cv2.warpAffine(train.lum, matrix, (wq, hq), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                            borderValue=0.0)
+    cover = cv2.warpAffine(np.ones((ht, wt), np.float32), matrix, (wq, hq), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    valid = cover > 0.999
+    n_valid = int(valid.sum())
+    if n_valid < 0.1 * hq * wq:
+        return None
+    overlap = n_valid / (hq * wq)
+    train_overlap = min(1.0, n_valid / (ht * wt * abs(np.linalg.det(matrix[:, :2]))))
+    qv, wv = q[valid], warped[valid]
+    gain = float(np.clip(qv.std() / wv.std(), *GAIN)) if wv.std() > 1e-4 and qv.std() > 1e-4 else 1.0
+    matched = np.where(valid, (warped - wv.mean()) * gain + qv.mean(), q).astype(np.float32)
+    vf = valid.astype(np.float32)
+
+    def sums(x: np.ndarray, n: int) -> np.ndarray:
+        return _tile_sums(np.where(valid, x, 0.0).astype(np.float32), n)
+
+    def cover_ok(n: int) -> tuple[np.ndarray, np.ndarray]:
+        cnt = _tile_sums(vf, n)
+        return cnt, cnt >= MIN_TILE_COVER * _tile_sums(np.ones_like(vf), n)
+
+    diff2 = (q - matched) ** 2
+    cnt4, keep4 = cover_ok(TILES)
+    rms4 = np.sqrt(sums(diff2, TILES) / np.maximum(cnt4, 1))
+    tile_l2 = float(rms4[keep4].max()) if keep4.any() else 1.0
+    smap = _ssim_map(q, matched)
+    inner = cv2.erode(valid.astype(np.uint8), np.ones((11, 11), np.uint8)).astype(bool)
+    ssim_mean = float(smap[inner if inner.any() else valid].mean())
+    cnt, keep = cover_ok(GRID)
+    c = np.maximum(cnt, 1)
+    mq, mt = sums(q, GRID) / c, sums(matched, GRID) / c
+    vq = np.maximum(sums(q * q, GRID) / c - mq ** 2, 0.0)
+    vt = np.maximum(sums(matched * matched, GRID) / c - mt ** 2, 0.0)
+    cov = sums(q * matched, GRID) / c - mq * mt
+    corr = cov / np.sqrt(np.maximum(vq * vt, 1e-12))
+    rms = np.sqrt(sums(diff2, GRID) / c)
+    return Scores(tile_l2=tile_l2, ssim=ssim_mean, overlap=overlap, train_overlap=float(train_overlap),
+                  std_q=np.sqrt(vq)[keep], std_t=np.sqrt(vt)[keep], corr=corr[keep], rms=rms[keep],
+                  mean_diff=np.abs(mq - mt)[keep])
+
+
+def candidates(query: Prepared, train: Prepared) -> list[align.Alignment]:
+    """Every alignment worth scoring (working pixels): stretch, keypoints, and phase correlation where
+    keypoints found nothing; each for the training image as it is and mirrored."""
+    shape_t, shape_q = train.lum.shape, query.lum.shape
+    flip = align.flip_matrix(shape_t[1])
+    out = []
+    for mirrored in (False, True):
+        pre = flip if mirrored else np.eye(3)
+        out.append(align.Alignment("resize", (align._h(align.resize_alignment(shape_t, shape_q)) @ pre)[:2]))
+        found = align.keypoint_alignment(train.features(mirrored), query.features())
+        if found is not None:
+            out.append(align.Alignment("keypoints", (align._h(found[0]) @ pre)[:2], inliers=found[1]))
+            continue
+        src = np.ascontiguousarray(train.lum[:, ::-1]) if mirrored else train.lum
+        m, response = max(align.phase_alignment(src, query.lum), key=lambda x: x[1])
+        out.append(align.Alignment("phase", (align._h(m) @ pre)[:2], response=response))
+    return out
+
+
+def scored_candidates(query: Prepared, train: Prepared) -> list[tuple[align.Alignment, Scores]]:
+    """Every candidate alignment with its scores (the calibration reuses these under other thresholds)."""
+    out = []
+    for a in candidates(query, train):
+        s = score(query, train, a.matrix)
+        if s is not None:
+            out.append((a, s))
+    return out
+
+
+def decide(query: Prepared, train: Prepared, scored: list[tuple[align.Alignment, Scores]],
+           t: Thresholds | None = None, seconds: float = 0.0) -> Confirmation:
+    """The confirmation of the best candidate under thresholds ``t`` (best verdict, then most agreement)."""
+    t = t or DEFAULT
+    if query.is_degenerate(t) or train.is_degenerate(t):
+        return Confirmation(verdict=DEGENERATE, seconds=seconds)
+    best = None
+    for a, s in scored:
+        v = s.verdict(t)
+        share = s.agreement(t)[0]
+        key = (rank(v), -share)
+        if best is None or key < best[0]:
+            best = (key, a, s, v, share)
+    if best is None:
+        return Confirmation(verdict=UNCONFIRMED, seconds=seconds)
+    _, a, s, v, share = best
+    full = align.Alignment(a.method, align.to_frame(a.matrix, train.scale, query.scale), a.inliers, a.response)
+    return Confirmation(verdict=v, tile_l2=s.tile_l2, ssim=s.ssim, agreement=share, overlap=s.overlap,
+                        train_overlap=s.train_overlap, alignment=full, seconds=seconds)
+
+
+def confirm_prepared(query: Prepared, train: Prepared, t: Thresholds | None = None) -> Confirmation:
+    """``confirm`` for prepared images."""
+    t0 = time.perf_counter()
+    if query.is_degenerate(t) or train.is_degenerate(t):
+        return Confirmation(verdict=DEGENERATE, seconds=time.perf_counter() - t0)
+    scored = scored_candidates(query, train)
+    return decide(query, train, scored, t, seconds=time.perf_counter() - t0)
+
+
+def confirm(generated: Image.Image, training: Image.Image) -> Confirmation:
+    """Compare a generated (or any query) image with a training candidate in the query's frame."""
+    return confirm_prepared(prepare(generated), prepare(training))
 
 
 def center_crop(img: Image.Image, scale: float) -> Image.Image:
@@ -60,40 +367,14 @@ def center_crop(img: Image.Image, scale: float) -> Image.Image:
     return img.crop((dx, dy, w - dx, h - dy))
 
 
-def _pixels(img: Image.Image, side: int) -> np.ndarray:
-    return np.asarray(img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+def aligned_pair(generated: Image.Image, training: Image.Image, c: Confirmation) -> Image.Image | None:
+    """The training image warped into the generated image's frame (outside the overlap: grey), for evidence."""
+    import cv2
 
-
-def tiled_l2(a: np.ndarray, b: np.ndarray, tiles: int = TILES) -> float:
-    """Max over tiles x tiles non-overlapping tiles of the normalized L2 (RMS) difference, images in [0, 1]."""
-    h, w = a.shape[:2]
-    th, tw = h // tiles, w // tiles
-    diff = (a[: th * tiles, : tw * tiles] - b[: th * tiles, : tw * tiles]) ** 2
-    per_tile = diff.reshape(tiles, th, tiles, tw, -1).mean(axis=(1, 3, 4))
-    return float(np.sqrt(per_tile.max()))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    gray = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return float(structural_similarity(a @ gray, b @ gray, data_range=1.0))
-
-
-def verdict(tile_l2: float, ssim_value: float) -> str:
-    if tile_l2 <= MEMORIZED_L2 and ssim_value >= MEMORIZED_SSIM:
-        return "memorized"
-    if tile_l2 <= NEAR_L2 and ssim_value >= NEAR_SSIM:
-        return "near_duplicate"
-    return "unconfirmed"
-
-
-def confirm(generated: Image.Image, training: Image.Image) -> Confirmation:
-    """Compare a generated image with a training candidate; the best of the centre crops counts."""
-    side = min(SIZE, *generated.size, *training.size)
-    train = _pixels(training, side)
-    best = min((tiled_l2(_pixels(center_crop(generated, s), side), train), s) for s in CROPS)
-    gen = _pixels(center_crop(generated, best[1]), side)
-    s = ssim(gen, train)
-    emb = float(EMBEDDING(generated, training)) if EMBEDDING is not None else None
-    return Confirmation(tile_l2=best[0], ssim=s, embedding_sim=emb, verdict=verdict(best[0], s))
+    if c.alignment is None:
+        return None
+    g = generated.convert("RGB")
+    rgb = np.asarray(training.convert("RGB"))
+    out = cv2.warpAffine(rgb, c.alignment.matrix, g.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=(128, 128, 128))
+    return Image.fromarray(out)

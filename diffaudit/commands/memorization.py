@@ -76,7 +76,8 @@ def index_query(
                                                          "or on Ray (default: $DIFFAUDIT_SEARCH_ENGINE)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
 ) -> None:
-    """Find training images near any image you bring (hash match within radius, then confirmed)."""
+    """Find training images near any image you bring: hash match within radius (the image, its mirror and
+    edited variants), then each candidate aligned and confirmed in pixels."""
     from audit.memorization.check import query_files
     from audit.memorization.search import use_engine
 
@@ -86,10 +87,19 @@ def index_query(
         if as_json:
             typer.echo(json.dumps(result))
             continue
-        typer.echo(f"{result['file']}  {result['hash']}  {len(result['matches'])} match(es) within {radius}")
+        verdict = result["verdict"] or "no candidate"
+        flat = "  (degenerate: too flat to judge)" if result["degenerate"] else ""
+        typer.echo(f"{result['file']}  {result['hash']}  {len(result['matches'])} candidate(s) within {radius}: "
+                   f"{verdict}{flat}")
         for m in result["matches"]:
-            extra = f"  tile_l2={m['tile_l2']} ssim={m['ssim']}" if "tile_l2" in m else ""
             crop = "[square]" if m["variant"] == "square" else ""
+            extra = ""
+            if m.get("agreement") is not None:
+                t = m["transform"] or {}
+                mirrored = " mirrored" if t.get("mirrored") else ""
+                extra = (f"  agreement={m['agreement']} ssim={m['ssim']} tile_l2={m['tile_l2']} "
+                         f"overlap={m['overlap']}/{m['train_overlap']} {t.get('method', '-')}{mirrored} "
+                         f"x{t.get('scale', 1):.2f} {t.get('rotation', 0):+.1f}deg  {m['confirm_ms']} ms")
             typer.echo(f"  {m.get('verdict', '-'):<15} d={m['hamming']:<3} {m['key']}{crop}  {m['uri'] or ''}{extra}")
         typer.echo("  nearest: " + ", ".join(f"{n['key']}{'[square]' if n['variant'] == 'square' else ''} "
                                          f"({n['hamming']})" for n in result["nearest"]))
@@ -109,7 +119,8 @@ def audit_memorization(
     statistic: str = typer.Option(None, "--statistic", help="step1 (default) or mean (over the first steps)."),
 ) -> None:
     """Flag memorized prompts from the scores recorded while generating (Wen et al. 2024) and, with an index,
-    check the run's images against the training set -> memorization/prompt_scores (+ matches, rates, evidence)."""
+    check the run's images against the training set (each hash candidate aligned to the image and confirmed
+    in pixels) -> memorization/prompt_scores (+ matches, rates, evidence; counts as in run.json)."""
     from audit.memorization.prompt_scores import score_run
     from diffaudit.errors import InputError
 
