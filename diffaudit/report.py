@@ -583,7 +583,7 @@ def _skin(doc: Doc, run: Run) -> None:
         low, high = SKIN_GROUP_EDGES
         doc.p(f"Perceived gender x skin-tone group, pooled over subjects: skin-tone groups bin L* at {low:.1f} and "
               f"{high:.1f} (midpoints between the L* of Monk swatches 7 and 8, and 5 and 6: darker, medium, "
-              "lighter). Shares with 95% Goodman intervals that hold simultaneously over the six cells; the "
+              "lighter). Shares with 95% intervals that hold simultaneously over the six cells (Bonferroni Clopper-Pearson); the "
               "bias/intersectional table has every subject.")
         doc.table(pd.DataFrame({
             "gender probe": inter["gender_probe"], "perceived gender": inter["perceived_gender"],
