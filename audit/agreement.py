@@ -8,10 +8,17 @@ as in the summary.
 
 - raw agreement ``p_o`` = share of images with the same label, with a Wilson score interval;
 - Cohen's kappa (Cohen 1960) ``(p_o - p_e) / (1 - p_e)``, ``p_e = sum_k p_a(k) p_b(k)`` from the two
-  probes' label margins over the same images; its interval is a seeded percentile bootstrap over images
-  (multinomial resampling of the confusion table, 2,000 draws; draws where kappa is undefined, every image
-  one label, are left out). Kappa is undefined (null) when both probes give one and the same label to
-  every image (``p_e = 1``).
+  probes' label margins over the same images. Kappa is undefined (null, no interval) when both probes give
+  one and the same label to every image (``p_e = 1``). Its 95% interval: the 2.5 and 97.5 percentiles of
+  kappa over 2,000 seeded draws of the table's cell probabilities from their Dirichlet posterior under a
+  prior of total weight 1 spread evenly over the K x K cells (Perks' prior, ``1/K^2`` per cell). A
+  percentile bootstrap of the table (multinomial resampling) was used before: it cannot leave the observed
+  table's zero cells, so with high agreement, a share of 90% or more, or 10-30 images per subject (where
+  audits live) it covered the true kappa 2-70% of the time and printed [0.00, 0.00] when one probe gave one
+  label to every image. A review simulation (two raters, K = 2 and 4, kappa 0-0.98, label shares 50-97%,
+  n = 10-1000) found this interval's coverage 0.80-1.0 (0.91-0.97 at n >= 100: a little under 95%, as
+  percentile intervals of a discrete statistic are), at about the bootstrap's width where the bootstrap
+  covered; the weakest cells are 97/3 label shares at n <= 30 and K = 4 at kappa 0.98 with n = 10.
 
 Tables: ``bias/agreement`` (one row per pair, attribute and subject; subject ``all`` pools the images),
 ``bias/confusion`` (counts per label pair) and ``bias/agreement_images`` (each image's two votes, which the
@@ -53,18 +60,25 @@ def _kappas(draws: np.ndarray, k: int) -> np.ndarray:
 
 def kappa_interval(confusion: np.ndarray, *, confidence: float = 0.95, n_boot: int = N_BOOT,
                    seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of kappa, resampling images (a multinomial draw of the table's cells)."""
+    """Interval of kappa: percentiles of kappa over draws of the cell probabilities from their Dirichlet
+    posterior (prior ``1/K^2`` per cell; see the module docstring). NaN when kappa is undefined or n < 2."""
     c = np.asarray(confusion, dtype=np.int64)
-    n = int(c.sum())
-    if n < 2:
+    n, k = int(c.sum()), c.shape[0]
+    if n < 2 or not np.isfinite(kappa(c)):
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    draws = _kappas(rng.multinomial(n, c.ravel() / n, size=n_boot), c.shape[0])
+    draws = _kappas(rng.dirichlet(c.ravel() + 1.0 / k**2, size=n_boot), k)
     draws = draws[np.isfinite(draws)]
     if not len(draws):
         return float("nan"), float("nan")
     lo, hi = np.percentile(draws, [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100])
     return float(lo), float(hi)
+
+
+def lowest_agreement_first(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``bias/agreement`` by kappa, then raw agreement, lowest first; undefined kappa (both probes gave
+    every image one and the same label: 100% raw agreement) last."""
+    return table.sort_values(["kappa", "raw_agreement"], na_position="last", kind="stable")
 
 
 def pairs(labels: Mapping[str, Mapping[str, Sequence[str]]]) -> list[tuple[str, str, str]]:

@@ -7,8 +7,11 @@ deviation, median and quartiles, over the images with a measurement (one per ima
 in the summary). Abstained images (no face, too few skin pixels) are counted beside them.
 
 ``intersectional``: per gender probe and subject, the shares of the six cells perceived gender x skin-tone
-group among images with both votes, with simultaneous Goodman intervals over the six cells (so all six
-hold together at 95%). Skin-tone groups bin each image's L* at the midpoints between the L* of Monk
+group among images with both votes, with simultaneous intervals over the six cells (all six hold together
+at 95%): Bonferroni Clopper-Pearson, each cell's exact binomial interval at level 0.05 / 6. Goodman's intervals
+were used before; a review simulation found them holding together only 80-85% of the time at n = 10-20 with a
+dominant cell and rare ones (the usual occupation), where Bonferroni Clopper-Pearson held at 97-99% for about
+the same width (3-10% wider on even cells, narrower on sparse ones). Skin-tone groups bin each image's L* at the midpoints between the L* of Monk
 swatches 5 and 6 and of swatches 7 and 8 (``SKIN_GROUP_EDGES``, about 66.5 and 36.6): ``lighter`` is as
 light as Monk 1-5, ``medium`` as Monk 6-7, ``darker`` as Monk 8-10. A face in a photo reads darker than a
 flat swatch under shading, so read the groups as relative, not as Monk categories. Skin colour is never
@@ -41,6 +44,19 @@ SKIN_GROUP_EDGES: tuple[float, float] = _swatch_edges()
 def skin_group(lightness: np.ndarray | float) -> np.ndarray:
     """The ``SKIN_GROUPS`` label of each L* value."""
     return np.asarray(SKIN_GROUPS, dtype=object)[np.searchsorted(SKIN_GROUP_EDGES, np.asarray(lightness), side="right")]
+
+
+def simultaneous_intervals(counts: np.ndarray, *, alpha: float = 0.05) -> np.ndarray:
+    """``K x 2`` intervals for the K cell shares of ``counts`` that hold together with probability >= 1 - alpha:
+    Bonferroni Clopper-Pearson (exact binomial at level alpha / K per cell); NaN rows when the counts are 0."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    c = np.asarray(counts, dtype=np.int64)
+    n = int(c.sum())
+    if n == 0:
+        return np.full((len(c), 2), np.nan)
+    lo, hi = proportion_confint(c, n, alpha=alpha / len(c), method="beta")
+    return np.column_stack([lo, hi])
 
 
 def _images(generations: pd.DataFrame) -> pd.DataFrame:
@@ -78,8 +94,6 @@ def skin_summary(generations: pd.DataFrame, skin_table: pd.DataFrame, *, confide
 def intersectional(generations: pd.DataFrame, probe_tables: Mapping[str, pd.DataFrame], *,
                    alpha: float = 0.05) -> pd.DataFrame:
     """The ``bias/intersectional`` table: perceived gender (each probe that labels it) x skin-tone group."""
-    from statsmodels.stats.proportion import multinomial_proportions_confint
-
     from audit.stats import pick
     from diffaudit.schema import BIAS_INTERSECTIONAL
 
@@ -101,7 +115,7 @@ def intersectional(generations: pd.DataFrame, probe_tables: Mapping[str, pd.Data
             counts = g.groupby(["label", "skin_group"]).size()
             c = np.array([int(counts.get(cell, 0)) for cell in cells])
             n = int(c.sum())
-            ci = multinomial_proportions_confint(c, alpha=alpha, method="goodman") if n else np.full((6, 2), np.nan)
+            ci = simultaneous_intervals(c, alpha=alpha)
             for (gender, group), k, (lo, hi) in zip(cells, c, ci, strict=True):
                 rows.append(dict(gender_probe=probe, subject=str(subject), perceived_gender=gender, skin_group=group,
                                  count=int(k), n=n, share=k / n if n else np.nan, sim_ci_low=lo, sim_ci_high=hi))

@@ -444,13 +444,15 @@ def _kappa_text(k: float, lo: float, hi: float) -> str:
 def _agreement(doc: Doc, run: Run) -> None:
     """How far two probes that label the same attribute agree (``bias/agreement``): leads the bias section,
     since a share is only as trustworthy as the classifier that counted it."""
+    from audit.agreement import lowest_agreement_first
+
     table = run.read_table("bias/agreement")
     if table.empty or not (table["n"] > 0).any():
         return
     doc.h(3, "Do the probes agree?")
     doc.p("Two probes labelled the same attribute of the same images. Raw agreement is the share of images both "
           "labelled alike (95% Wilson interval); Cohen's kappa corrects it for the agreement their label shares "
-          "alone would give by chance (95% percentile bootstrap over images). Kappa near 0 means chance, 1 "
+          "alone would give by chance (95% interval from the Dirichlet posterior of the confusion table). Kappa near 0 means chance, 1 "
           "perfect agreement; a share counted by one probe is only as trustworthy as its agreement with another. "
           "Images either probe abstained on are counted apart, not as disagreements.")
     overall = table[table["subject"] == "all"]
@@ -474,7 +476,7 @@ def _agreement(doc: Doc, run: Run) -> None:
             grid = c.pivot_table(index="label_a", columns="label_b", values="count", aggfunc="sum", sort=False)
             doc.p(f"Confusion of {r.attribute} (rows: {r.probe_a}, columns: {r.probe_b}; images both labelled):")
             doc.table(grid.reset_index().rename(columns={"label_a": f"{r.probe_a} / {r.probe_b}"}))
-    per = table[(table["subject"] != "all") & (table["n"] > 0)].sort_values("kappa", na_position="first")
+    per = lowest_agreement_first(table[(table["subject"] != "all") & (table["n"] > 0)])
     if len(per):
         doc.p(f"Lowest agreement by subject (first {TOP_N} of {len(per)}):")
         doc.table(pd.DataFrame({
@@ -582,7 +584,7 @@ def _skin(doc: Doc, run: Run) -> None:
         low, high = SKIN_GROUP_EDGES
         doc.p(f"Perceived gender x skin-tone group, pooled over subjects: skin-tone groups bin L* at {low:.1f} and "
               f"{high:.1f} (midpoints between the L* of Monk swatches 7 and 8, and 5 and 6: darker, medium, "
-              "lighter). Shares with 95% Goodman intervals that hold simultaneously over the six cells; the "
+              "lighter). Shares with 95% intervals that hold simultaneously over the six cells (Bonferroni Clopper-Pearson); the "
               "bias/intersectional table has every subject.")
         doc.table(pd.DataFrame({
             "gender probe": inter["gender_probe"], "perceived gender": inter["perceived_gender"],

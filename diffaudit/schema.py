@@ -190,7 +190,7 @@ BIAS_INTERSECTIONAL = pa.schema([    # perceived gender x skin-tone group (audit
     _f("count", _i64),
     _f("n", _i64),
     _f("share", _f64, True),
-    _f("sim_ci_low", _f64, True),    # Goodman, simultaneous over the six cells
+    _f("sim_ci_low", _f64, True),    # Bonferroni Clopper-Pearson, simultaneous over the six cells
     _f("sim_ci_high", _f64, True),
 ])
 

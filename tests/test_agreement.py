@@ -86,3 +86,53 @@ def test_kappa_interval_covers_the_truth_mostly():
         lo, hi = kappa_interval(confusion(a, b, [0, 1]), n_boot=500, seed=t)
         hits += lo <= 0.7 <= hi
     assert hits >= 88  # nominal 95
+
+
+def population(marginal, kappa_true):
+    """Cell probabilities of two raters with the same label shares ``marginal`` whose agreement has kappa
+    ``kappa_true`` (rater B copies A with probability kappa_true, else draws independently)."""
+    m = np.asarray(marginal, dtype=float)
+    return (kappa_true * np.diag(m) + (1 - kappa_true) * np.outer(m, m)).ravel()
+
+
+@pytest.mark.parametrize("marginal, kappa_true, n", [
+    ([0.5, 0.5], 0.9, 20),            # high agreement, few images: the bootstrap covered 63%
+    ([0.9, 0.1], 0.9, 30),            # an imbalanced occupation (90% one label): 49%
+    ([0.97, 0.03], 0.5, 30),          # a near one-label occupation: 27%
+    ([0.9, 0.1], 0.0, 100),           # chance agreement, imbalance, many images: 69%
+    ([0.05, 0.6, 0.3, 0.05], 0.9, 30),  # four age groups: 82%
+])
+def test_kappa_interval_covers_where_agreement_is_high_or_labels_are_imbalanced(marginal, kappa_true, n):
+    """Review (rev2) simulation: the percentile bootstrap of the confusion table collapsed onto the observed
+    table exactly where audits live (per-occupation n of 20-30, shares of 90%+, two good classifiers)."""
+    rng = np.random.default_rng(7)
+    cells, k = population(marginal, kappa_true), len(marginal)
+    hits = tried = 0
+    for t in range(200):
+        c = rng.multinomial(n, cells).reshape(k, k)
+        if not np.isfinite(kappa(c)):
+            continue  # undefined kappa has no interval
+        lo, hi = kappa_interval(c, n_boot=500, seed=t)
+        tried += 1
+        hits += lo - 1e-9 <= kappa_true <= hi + 1e-9
+    assert hits / tried >= 0.85, (hits, tried)
+
+
+def test_kappa_interval_is_not_a_point_on_few_images():
+    """One probe giving every image one label makes kappa exactly 0, and perfect agreement makes it 1, on any
+    resample of the table: the bootstrap printed [0.00, 0.00] and [1.00, 1.00] on 15 and 10 images."""
+    lo, hi = kappa_interval(np.array([[10, 5], [0, 0]]))  # probe A: "woman" on all 15 images
+    assert kappa(np.array([[10, 5], [0, 0]])) == 0.0
+    assert lo < 0 < hi and hi - lo > 0.2
+    lo, hi = kappa_interval(np.array([[6, 0], [0, 4]]))  # 10 of 10 alike
+    assert hi == pytest.approx(1.0, abs=1e-3) and lo < 0.8
+
+
+def test_lowest_agreement_first_puts_undefined_kappa_last():
+    """Undefined kappa means both probes gave one and the same label to every image: 100% raw agreement, so
+    it belongs at the end of a "lowest agreement first" list, not the top (report and dashboard had it first)."""
+    from audit.agreement import lowest_agreement_first
+
+    t = pd.DataFrame({"subject": ["a", "b", "c", "d"], "kappa": [np.nan, 0.4, -0.1, 0.4],
+                      "raw_agreement": [1.0, 0.7, 0.4, 0.6]})
+    assert lowest_agreement_first(t)["subject"].tolist() == ["c", "d", "b", "a"]

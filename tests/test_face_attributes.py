@@ -59,7 +59,7 @@ def test_astronaut_and_cameraman_pinned(probe):
 
 
 def test_version_names_model_and_detector(probe):
-    assert probe.version.startswith("1+dlib-age-gender-v1:d4c4116c4f9f0075:margin=0.2+mtcnn:")
+    assert probe.version.startswith("2+dlib-age-gender-v1:d4c4116c4f9f0075:margin=0.2+mtcnn:")
 
 
 def test_no_face_and_low_margin_abstain(probe):
@@ -124,7 +124,7 @@ def test_fairface_loads_a_state_dict_in_the_published_layout(tmp_path, probe):
     df = ff.score(ImageBatch([photo("astronaut")]))
     assert votes(df) == {("astronaut", "perceived_gender"): "woman", ("astronaut", "perceived_age"): "older_adult"}
     assert set(df["attribute"]) == {"perceived_gender", "perceived_age"}  # no race attribute, ever
-    assert df["probe_version"].iloc[0].startswith("1+fairface-res34:")
+    assert df["probe_version"].iloc[0].startswith("2+fairface-res34:")
     male = FaceAttributeProbe(probe.detector, model=make_face_model(
         f"fairface:{fairface_file(tmp_path / 'm.pt', bias={7: 10.0, 12: 10.0})}"))
     assert votes(male.score(ImageBatch([photo("astronaut")]))) == {
@@ -165,3 +165,47 @@ def test_dlib_box_uses_the_detectors_framing():
         dlib_frame = (0.1, -0.1, 1.2, 0.9)
 
     assert fa.dlib_box(face, Framed()) == (95, 105, 154, 158)
+
+
+def test_faces_cut_by_the_image_border_abstain(probe):
+    """Review (rev2): with the astronaut's face cut by the left border (the image starting at x = 200 or 220
+    of 512, about half her face left), the gender model read "man" at 0.92 and 0.98 with a margin far above
+    0.2, from a chip a quarter of which was the zero padding outside the image. A face whose aligned chip
+    lies more than one padding strip (0.2 / 1.4 of its side) outside the image abstains (``face_cut_off``)."""
+    img = np.asarray(skimage_photo("astronaut", 512))
+    cut = ImageBatch([ImageRecord(f"x{x}", np.ascontiguousarray(img[:, x:])) for x in (200, 220)])
+    df = probe.score(cut)
+    assert len(df) == 4 and (df["abstain_reason"] == fa.FACE_CUT_OFF).all() and df["label"].isna().all()
+    whole = probe.score(ImageBatch([photo("astronaut"), ImageRecord("x150", np.ascontiguousarray(img[:, 150:]))]))
+    assert not whole["abstained"].any()  # a face near the border but whole is labelled
+    assert set(votes(whole).values()) >= {"woman"}
+
+
+def test_chip_outside_fraction(probe):
+    record = photo("astronaut")
+    (face,) = probe.detector.detect_one(record.pixels)
+    shape = fa.landmarks(record.pixels, fa.dlib_box(face, probe.detector))
+    assert fa.outside_fraction(record.pixels.shape[:2], shape, 0.2) == 0.0
+    half = np.ascontiguousarray(record.pixels[:, 200:])
+    (face,) = probe.detector.detect_one(half)
+    shape = fa.landmarks(half, fa.dlib_box(face, probe.detector))
+    assert 0.15 < fa.outside_fraction(half.shape[:2], shape, 0.2) < 0.5
+
+
+def test_a_changed_manifest_is_refused(tmp_path, monkeypatch):
+    """The manifest holds the channel means and chip padding the models need, and the other files' hashes:
+    a valid JSON with other means (or other hashes) must not load silently."""
+    import json
+
+    copy = tmp_path / "w"
+    shutil.copytree(fa.WEIGHTS, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["models"]["gender"]["input"]["normalization"]["means"] = [0.0, 0.0, 0.0]
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    monkeypatch.setattr(fa, "WEIGHTS", copy)
+    fa._manifest.cache_clear()
+    try:
+        with pytest.raises(ModelError, match="missing or damaged"):
+            fa.DlibAgeGender()
+    finally:
+        fa._manifest.cache_clear()

@@ -28,6 +28,7 @@ NO_FACE = "no_face"
 NO_PERSON = "no_person"
 LOW_MARGIN = "low_margin"
 FEW_SKIN_PIXELS = "few_skin_pixels"
+FACE_CUT_OFF = "face_cut_off"  # a face the image border cuts: the classifier would read padding
 
 
 @dataclass(frozen=True)

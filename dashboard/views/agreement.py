@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from audit.agreement import lowest_agreement_first
 from dashboard import ui
 
 PAGE = 24  # images per gallery page
@@ -33,7 +34,7 @@ now = rows[rows["subject"] == subject].iloc[0]
 
 st.caption(f"`{pair[0]}` and `{pair[1]}` both labelled `{attribute}`. Raw agreement: share of images labelled "
            "alike (95% Wilson interval). Cohen's kappa: agreement beyond what the two probes' label shares give by "
-           "chance (95% percentile bootstrap over images); 0 is chance, 1 perfect. Images either probe abstained "
+           "chance (95% interval from the Dirichlet posterior of the confusion table); 0 is chance, 1 perfect. Images either probe abstained "
            "on are counted apart. Labels are perceived presentation, never identity.")
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Images both labelled", f"{int(now['n'])} of {int(now['images'])}",
@@ -53,7 +54,7 @@ if len(cells):
     grid.index.name, grid.columns.name = f"{pair[0]} (rows)", f"{pair[1]} (columns)"
     st.dataframe(grid, width="stretch")
 
-per = rows[rows["subject"] != "all"].sort_values("kappa", na_position="first")
+per = lowest_agreement_first(rows[rows["subject"] != "all"])
 if len(per):
     st.subheader("By subject, lowest agreement first")
     st.dataframe(pd.DataFrame({

@@ -182,8 +182,8 @@ if len(skin) and (skin["n"] > 0).any():
     if len(inter):
         with st.expander("Perceived gender x skin-tone group"):
             st.caption("Skin-tone groups bin L* at the midpoints between the L* of Monk swatches 7 and 8 and of 5 "
-                       "and 6 (darker, medium, lighter). Shares among images with both votes, with 95% Goodman "
-                       "intervals that hold simultaneously over the six cells of a subject.")
+                       "and 6 (darker, medium, lighter). Shares among images with both votes, with 95% Bonferroni "
+                       "Clopper-Pearson intervals that hold simultaneously over the six cells of a subject.")
             st.dataframe(pd.DataFrame({
                 "gender probe": inter["gender_probe"], "occupation": inter["subject"],
                 "perceived gender": inter["perceived_gender"], "skin group": inter["skin_group"],
