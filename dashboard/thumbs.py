@@ -10,7 +10,7 @@ import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
 from dashboard import data
-from diffaudit.imaging import max_pixels
+from diffaudit.imaging import max_pixels, to_8bit
 from diffaudit.runs import Run
 
 THUMB = 192
@@ -24,7 +24,7 @@ def _thumbnail(path: str, mtime_ns: int, size: int) -> bytes:
         if img.width * img.height > max_pixels():  # the one pixel cap (diffaudit.imaging)
             raise UnidentifiedImageError(f"{img.width}x{img.height} is too large to preview")
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale
-        img = img.convert("RGB")
+        img = to_8bit(img).convert("RGB")  # a 16-bit or float image scaled as viewers show it, not clipped white
         img.thumbnail((size, size), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)

@@ -86,7 +86,7 @@ class MemorizationConfig(Frozen):
 
 class ProvenanceConfig(Frozen):
     identity: str | None = None  # folder made by `diffaudit keys init`; None: the default identity
-    watermark: str = "dwtDctSvd"  # a registered watermark method, or "none"
+    watermark: str = "ssTile"  # a registered watermark method, or "none" (provenance.watermark.DEFAULT_METHOD)
     store: str | None = None  # manifest store (SQLite) for durable credentials; None: the default store
 
 

@@ -43,7 +43,7 @@ def demo_config(runs_dir: str | Path = "runs", images_per_prompt: int = 4,
         bias=BiasConfig(clip_model="tiny"),
         memorization=MemorizationConfig(index=str(runs_dir / "demo-index"),
                                         sources=(str(runs_dir / "demo-training"),)),
-        provenance=ProvenanceConfig(identity=str(runs_dir / "demo-identity"), watermark="dwtDctSvd",
+        provenance=ProvenanceConfig(identity=str(runs_dir / "demo-identity"), watermark="ssTile",
                                     store=str(runs_dir / "demo-store.sqlite")),
     )
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffaudit.errors import InputError
 
@@ -167,14 +168,35 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 
 def decode_rgb(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
-    """RGB uint8 pixels of encoded bytes: header size checked first, then OpenCV (fast) or Pillow."""
+    """RGB uint8 pixels of encoded bytes: header size checked first, then OpenCV (fast) or Pillow. Pixels
+    as stored, like ``open_image``: OpenCV's own EXIF rotation is turned off (see ``upright``)."""
     check_pixels(*image_size(data, name), name=name)
     import cv2
 
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
     if bgr is None or bgr.dtype != np.uint8:
         return np.asarray(open_image(data, name=name, mode="RGB"))
     return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
+def upright(img: Image.Image) -> Image.Image | None:
+    """``img`` turned as its EXIF orientation tells viewers to (phone and camera photos), or None when it
+    has none to apply (or EXIF too damaged to read one: then it stays as stored).
+
+    The orientation policy: every stage reads pixels *as stored* (both decoders above), so a hash, a
+    probe or a watermark means the same pixels wherever it is computed. The two places where a user's file
+    becomes a new file, ``import`` and ``stamp``, write the picture upright (as viewers show it) without
+    the tag, so what the stages read is what people see."""
+    try:
+        if img.getexif().get(_ORIENTATION, 1) in (None, 1):
+            return None
+        return ImageOps.exif_transpose(img)
+    except (ValueError, TypeError, KeyError, IndexError, OSError, SyntaxError, struct.error):
+        return None
 
 
 def max_file_bytes(width: int, height: int) -> int:
@@ -205,6 +227,21 @@ def read_bytes_checked(path: str | os.PathLike) -> bytes:
     """A file's bytes after ``check_file`` passed (for callers that read a whole file and decode it later)."""
     check_file(path)
     return Path(path).read_bytes()
+
+
+def read_bytes_bounded(path: str | os.PathLike) -> bytes:
+    """A file's bytes for callers that take any file type (``verify``): an image whose file is larger than
+    its header's pixels can take (``max_file_bytes``; the pixel cap stands in for an over-cap header) is
+    refused as padded before it is read; a file Pillow does not know (PDF, MP4, ...) is read as it is."""
+    p = Path(path)
+    try:
+        width, height = image_size(p)
+    except ImageTooLarge:
+        width, height = max_pixels(), 1
+    except UnreadableImage:
+        return p.read_bytes()
+    check_file_bytes(p.stat().st_size, width, height, name=str(p))
+    return p.read_bytes()
 
 
 # -- pHash ------------------------------------------------------------------------------------------

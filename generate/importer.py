@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import time
 import unicodedata
 from collections import Counter
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from PIL import Image, ImageOps
 
 from diffaudit import imaging
 from diffaudit.errors import ConfigError, InputError
@@ -56,7 +54,6 @@ _VERBATIM = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # formats every st
 _INT64 = (-(2**63), 2**63 - 1)
 _FLUSH_SECONDS = 2.0
 _CHUNK = 32
-_ORIENTATION = 0x0112          # the EXIF orientation tag
 MAX_ID = 64                    # longest subject or template id
 
 
@@ -467,7 +464,7 @@ def _inspect(item: Item) -> _Inspected:
         out.skip = "unreadable"
         return out
     fmt = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}.get(img.format or "")
-    turned = _upright(img)
+    turned = imaging.upright(img)
     if turned is not None:  # viewers turn it by its EXIF orientation; the stages read pixels as stored
         img, fmt = turned, None
     out.width, out.height = img.size
@@ -478,17 +475,6 @@ def _inspect(item: Item) -> _Inspected:
         img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
         out.stored, out.converted = buf.getvalue(), True
     return out
-
-
-def _upright(img: Image.Image) -> Image.Image | None:
-    """``img`` turned as its EXIF orientation tells viewers to (phone and camera photos), or None when it
-    has no orientation to apply (or EXIF too damaged to read one: then it stays as stored)."""
-    try:
-        if img.getexif().get(_ORIENTATION, 1) in (None, 1):
-            return None
-        return ImageOps.exif_transpose(img)
-    except (ValueError, TypeError, KeyError, IndexError, OSError, SyntaxError, struct.error):
-        return None
 
 
 def _inspected(items: list[Item], workers: int) -> Iterator[_Inspected]:

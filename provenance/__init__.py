@@ -3,7 +3,7 @@
 The API the CLI and the end-to-end command call::
 
     init_identity(dir) -> Identity                       # provenance.keys
-    stamp_run(run_dir, *, identity=None, watermark="dwtDctSvd", store=None) -> dict
+    stamp_run(run_dir, *, identity=None, watermark="ssTile", store=None) -> dict
     verify_paths(paths, *, trust_anchors=None, allowed_list=None, trust_config=None, store=None)
         -> list[VerifyResult]                             # provenance.verify: evidence + one conclusion
     robustness(images, *, methods=("ssTile", "dwtDctSvd"), identity=None, c2pa=True) -> DataFrame

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance, ImageFilter
 
+from diffaudit import imaging
 from diffaudit.errors import InputError
 from provenance.keys import Identity
 
@@ -38,7 +39,7 @@ def _save(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 
 def _open(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    return imaging.open_image(data, mode="RGB")  # the one decode policy: the pixel cap before decoding
 
 
 def jpeg(quality: int) -> Callable[[bytes], bytes]:
@@ -217,8 +218,9 @@ def _fits(data: bytes) -> bool:
     from provenance.watermark import MIN_PIXELS
 
     try:
-        w, h = Image.open(io.BytesIO(data)).size
-    except (OSError, ValueError):
+        w, h = imaging.image_size(data)
+        imaging.check_pixels(w, h)
+    except InputError:  # not an image, or over the pixel cap: skipped, never decoded
         return False
     return w * h >= MIN_PIXELS
 

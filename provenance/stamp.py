@@ -14,6 +14,7 @@ recorded as ``Trusted (development root)``: self-certification, not a third part
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -36,7 +37,7 @@ from provenance.fingerprint import Fingerprint, fingerprint
 from provenance.keys import Identity, init_identity, load_identity
 from provenance.store import ManifestStore
 from provenance.verify import VerifyResult, verify_bytes, verify_paths  # noqa: F401  (the old home of verify)
-from provenance.watermark import Watermark, embed_verified, get
+from provenance.watermark import DEFAULT_METHOD, Watermark, embed_verified, get
 
 GENERATION_FIELDS = ("image_id", "prompt_id", "suite", "prompt", "negative_prompt", "mode", "source_image",
                      "mask", "strength", "seed", "model", "model_revision", "scheduler", "steps",
@@ -81,8 +82,14 @@ def encode_image(rgb: np.ndarray, fmt: str) -> bytes:
 
 def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """RGB uint8 pixels, after the header passed the one pixel cap (``diffaudit.imaging``); a truncated or
-    damaged file is an ``InputError`` naming it."""
-    return imaging.decode_rgb(data, name=name)
+    damaged file is an ``InputError`` naming it. A photo with an EXIF orientation is turned upright: the
+    stamped copy carries no EXIF, so it shows as the original did (``imaging.upright``)."""
+    rgb = imaging.decode_rgb(data, name=name)
+    try:
+        turned = imaging.upright(Image.open(io.BytesIO(data)))
+    except (OSError, ValueError):
+        turned = None
+    return np.asarray(turned.convert("RGB")) if turned is not None else rgb
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -113,7 +120,7 @@ class Stamp:
 class Stamper:
     """Watermark + sign + self-check + register, with everything expensive created once."""
 
-    def __init__(self, identity: Identity | None = None, *, watermark: str = "dwtDctSvd",
+    def __init__(self, identity: Identity | None = None, *, watermark: str = DEFAULT_METHOD,
                  store: ManifestStore | None = None, thumbnail: bool = False, tsa_url: str | None = None):
         self.identity = identity if identity is not None else default_identity()
         self.watermark: Watermark | None = None if watermark == "none" else get(watermark)
@@ -233,7 +240,7 @@ def progress_bar(items: list, desc: str, enabled: bool = True) -> Iterator:
     return iter(tqdm(items, desc=desc, unit="img", disable=None))
 
 
-def stamp_run(run_dir: str | os.PathLike, *, identity: Identity | None = None, watermark: str = "dwtDctSvd",
+def stamp_run(run_dir: str | os.PathLike, *, identity: Identity | None = None, watermark: str = DEFAULT_METHOD,
               store: ManifestStore | str | os.PathLike | None = None, flush_every: int = 64,
               tsa_url: str | None = None) -> dict[str, Any]:
     """Stamp every generated image of a run; return a summary (counts, seconds, images/s, statuses). A
@@ -303,13 +310,12 @@ def _stamp_row(run: Run, stamper: Stamper, row: dict[str, Any]) -> dict[str, Any
     src = run.path(row["path"])
     # named after the run's own file (<seed>.png for generated images, <sha256 prefix>.<ext> for imported ones,
     # which have no seed), in the format stamp() keeps
-    ext = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}.get(cc.sniff(src.read_bytes()[:16]) if src.is_file()
-                                                            else None, ".png")
-    rel = f"provenance/stamped/{row['prompt_id']}/{Path(row['path']).stem}{ext}"
     try:
-        data = src.read_bytes()
+        data = imaging.read_bytes_checked(src)
     except OSError as e:
         raise InputError(f"{src}: cannot read ({e.strerror or e}); nothing more was stamped") from e
+    ext = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}.get(cc.sniff(data[:16]), ".png")
+    rel = f"provenance/stamped/{row['prompt_id']}/{Path(row['path']).stem}{ext}"
     stamp = stamper.stamp(data, _generation(row, run), title=Path(rel).name,
                           ingredients=_ingredients(row, run.root), image_id=row["image_id"], run=run.name,
                           stamped_path=str(run.root / rel), name=str(src), pending=True)
@@ -322,7 +328,7 @@ def _stamp_row(run: Run, stamper: Stamper, row: dict[str, Any]) -> dict[str, Any
 
 
 def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
-                identity: Identity | None = None, watermark: str = "dwtDctSvd",
+                identity: Identity | None = None, watermark: str = DEFAULT_METHOD,
                 store: ManifestStore | str | os.PathLike | None = None,
                 model: str | None = None, tsa_url: str | None = None) -> list[dict[str, Any]]:
     """Stamp loose image files into ``out_dir`` (same name and format); originals are never modified. A
@@ -340,8 +346,7 @@ def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
         with f.open("rb") as fh:
             if cc.sniff(fh.read(12)) is None:
                 raise InputError(f"{f}: not a PNG, JPEG or WebP image; nothing was stamped")
-        imaging.image_size(f)  # the header, and the pixel cap, before anything is written
-        imaging.check_pixels(*imaging.image_size(f), name=str(f))
+        imaging.check_file(f)  # the header, the pixel cap and the file's size, before anything is written
         if (out / rel).resolve() == f.resolve():
             raise InputError(f"{f}: the output folder is the input's folder; choose another --out")
     own_store = not isinstance(store, ManifestStore)
@@ -352,7 +357,7 @@ def stamp_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
         for f, rel in progress_bar(files, "stamp"):
             target = out / rel
             gen = {"model": model, "source_file": f.name}
-            stamp = stamper.stamp(f.read_bytes(), gen, title=f.name, stamped_path=str(target.resolve()),
+            stamp = stamper.stamp(imaging.read_bytes_checked(f), gen, title=f.name, stamped_path=str(target.resolve()),
                                   name=str(f), register=False)
             atomic_write_bytes(target, stamp.data)  # the file first: a kill in between leaves no store orphan
             st.add(manifest_label=stamp.manifest_label, method=watermark if stamp.payload else "none",

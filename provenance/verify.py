@@ -35,6 +35,7 @@ from diffaudit.runs import sha256_bytes
 from provenance import c2pa as cc
 from provenance import fingerprint as F
 from provenance.store import ManifestStore, StoredIngredient, StoredStamp, default_store_path
+from provenance.watermark import UNSTORED_METHODS
 
 #: Formats whose pixels are decoded (through ``diffaudit.imaging``) for the watermark and fingerprint.
 PIXEL_TYPES = {"image/png", "image/jpeg", "image/webp", "image/tiff", "image/gif", "image/avif", "image/bmp"}
@@ -227,7 +228,7 @@ def verify_bytes(data: bytes, *, name: str = "<bytes>", context=None, store: Man
     det = None
     if rgb is not None:
         methods = list(methods) if methods is not None else (store.methods() if store is not None else []) or \
-            ["dwtDctSvd"]
+            list(UNSTORED_METHODS)
         result.watermark, det = _watermark(rgb, methods, store)
     query = F.fingerprint(rgb) if rgb is not None else None
     if query is not None:
@@ -397,13 +398,15 @@ def verify_paths(paths: Iterable[str | os.PathLike], *, trust_anchors: str | os.
     own = not isinstance(store, ManifestStore)
     results = []
     try:
-        methods = (st.methods() if st is not None else []) or ["dwtDctSvd"]
+        methods = (st.methods() if st is not None else []) or list(UNSTORED_METHODS)
         for p in files:
             try:
-                data = p.read_bytes()
+                data = imaging.read_bytes_bounded(p)
             except OSError as e:
                 r = VerifyResult(str(p), "none", problem=f"cannot read: {e.strerror or e}",
                                  reason="the file could not be read")
+            except InputError as e:  # a padded image file, or one that vanished or is unreadable
+                r = VerifyResult(str(p), "none", problem=str(e), reason="the file was not read")
             else:
                 r = verify_bytes(data, name=str(p), context=context, store=st, methods=methods, trust=trust)
             results.append(r)

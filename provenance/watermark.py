@@ -65,6 +65,11 @@ import numpy as np
 import pywt
 
 MAGIC = b"DA"
+# What `stamp` embeds unless told otherwise, and what `verify` tries on a file no store knows: ssTile is the
+# method that survives crops, resizes, rotations and screenshots on the held-out benchmark (README); the
+# older dwtDctSvd stays readable so files stamped with it before still verify.
+DEFAULT_METHOD = "ssTile"
+UNSTORED_METHODS = ("ssTile", "dwtDctSvd")
 MIN_PIXELS = 256 * 256  # imwatermark's own lower bound; fewer blocks make too few votes per bit
 _U_TO_RGB = np.array([0.0, -0.395, 2.032], dtype=np.float32)  # OpenCV YUV->RGB coefficients of U
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)     # BT.601 luma from RGB

@@ -72,3 +72,50 @@ def test_probe_decoding_refuses_a_bomb_from_its_header(tmp_path):
     path.write_bytes(_png_header_only(20000, 20000))
     with pytest.raises(imaging.ImageTooLarge, match="cannot read image x at .*the cap of"):
         decode("x", str(path))
+
+
+def test_a_padded_image_file_is_refused_before_it_is_read_by_verify_and_stamp(tmp_path):
+    """A valid 32x32 PNG followed by 100 MB (a sparse file: a bomb by size, not by pixels) is not read whole;
+    a file type Pillow does not know is still read, for C2PA to look at."""
+    from provenance.stamp import stamp_files
+    from provenance.verify import verify_paths
+
+    padded = tmp_path / "padded.png"
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, format="PNG")
+    padded.write_bytes(buf.getvalue())
+    with padded.open("r+b") as f:
+        f.truncate(imaging.max_file_bytes(32, 32) + 1)
+    with pytest.raises(imaging.ImageTooLarge, match="padded"):
+        imaging.read_bytes_bounded(padded)
+    r = verify_paths([padded], default_store=False)[0]
+    assert r.status == "none" and "padded" in r.problem
+    with pytest.raises(imaging.ImageTooLarge, match="padded"):
+        stamp_files([padded], tmp_path / "out", identity=None, store=tmp_path / "s.sqlite")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.sqlite").exists()
+    other = tmp_path / "doc.pdf"
+    other.write_bytes(b"%PDF-1.4\n%%EOF\n")
+    assert imaging.read_bytes_bounded(other) == other.read_bytes()
+
+
+def test_both_decoders_read_pixels_as_stored_and_stamp_writes_them_upright(tmp_path):
+    """One orientation policy: ``decode_rgb`` (OpenCV) and ``open_image`` (Pillow) agree on a phone photo
+    with EXIF orientation 6 (OpenCV alone would turn it); ``stamp`` writes the picture upright."""
+    from provenance.keys import init_identity
+    from provenance.stamp import Stamper
+
+    identity = init_identity(tmp_path / "id")
+    rng = np.random.default_rng(5)
+    stored = np.repeat(np.repeat(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8), 16, 0), 16, 1)  # 192x320
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    data = buf.getvalue()
+    a = imaging.decode_rgb(data)
+    b = np.asarray(imaging.open_image(data, mode="RGB"))
+    assert a.shape == b.shape == stored.shape and np.abs(a.astype(int) - b).mean() < 2
+    out = Stamper(identity, watermark="none").stamp(data, {"model": "m"}, title="phone.jpg")
+    shown = np.asarray(imaging.open_image(out.data, mode="RGB"))
+    assert shown.shape == (320, 192, 3)  # as viewers show the original
+    assert Image.open(io.BytesIO(out.data)).getexif().get(0x0112, 1) == 1

@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from fixtures_runs import APP, build_evil_run, build_runs_dir, gender_attribute, open_app
@@ -358,3 +359,13 @@ def test_command_rejects_a_missing_folder(tmp_path):
     result = CliRunner().invoke(cli, ["dashboard", str(tmp_path / "missing")])
     assert result.exit_code != 0
     assert "no folder at" in str(result.exception)
+
+
+def test_thumbnails_of_16_bit_images_are_scaled_not_clipped_white(tmp_path):
+    from dashboard.thumbs import _thumbnail
+
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 8).save(path)  # 0..32760: dark to mid
+    assert Image.open(path).mode.startswith("I")
+    thumb = np.asarray(Image.open(io.BytesIO(_thumbnail(str(path), 0, 32))).convert("L"), dtype=float)
+    assert 40 < thumb.mean() < 90 and thumb.max() < 140  # Pillow's plain convert shows this all white

@@ -57,7 +57,7 @@ def test_report_sections_and_offline_html(demo):
         assert section in md, section
     assert "perceived" in md and "tiny model" in md
     assert "Not every stage covers every image" not in md  # the demo's stages each saw all of its images
-    assert "Invisible watermark (dwtDctSvd): embedded in 0 of" in md  # 64 px: too small, said so
+    assert "Invisible watermark (ssTile): embedded in 0 of" in md  # 64 px: too small, said so
     # abstention over the images the shares count (edits of source photos left out), reasons included
     gens = run.read_table("generations")
     prompted = int((gens["template"] != "edit").sum())

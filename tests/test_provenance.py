@@ -298,7 +298,7 @@ def test_stamp_run_writes_copies_table_store_and_resumes(photo_run, identity, an
     assert summary["stamped"] == 5 and summary["status"] == {"Trusted": 5}
     assert {r["image_id"]: sha256_file(r["file"]) for r in run.images().to_dict("records")} == originals
     table = run.read_table("provenance/stamps")
-    assert len(table) == 5 and set(table["watermark"]) == {"dwtDctSvd"}
+    assert len(table) == 5 and set(table["watermark"]) == {"ssTile"}
     assert all(sha256_file(run.path(p)) == h for p, h in zip(table["stamped_path"], table["sha256"], strict=True))
     assert run.stage_done("stamp")
     with ManifestStore(db) as store:

@@ -221,7 +221,7 @@ def test_restamping_keeps_the_credentials_as_parent_with_its_hash(tmp_path, iden
     assert c["ingredients"][0]["relationship"] == "parentOf"
     assert c["ingredients"][0]["manifest"] == first["manifest_label"]
     assert c["ingredients"][0]["sha256"] == sha256_file(tmp_path / "one" / "a.png")
-    assert c["soft_binding"]["alg"] == "org.diffaudit.watermark.dwtDctSvd.1"
+    assert c["soft_binding"]["alg"] == "org.diffaudit.watermark.ssTile.1"
     assert c["soft_binding"]["blocks"][0]["value"]
 
 
@@ -244,8 +244,8 @@ def test_remote_manifest_is_named_not_fetched(tmp_path, identity):
 def test_a_version_1_store_is_read_as_it_is_and_migrated_for_writing(tmp_path, identity):
     from provenance.store import _SCHEMA_V1
 
-    st = Stamper(identity).stamp(png_bytes(skimage_photo("astronaut", 384)), {"model": "m", "prompt": "p"},
-                                 title="a.png")
+    st = Stamper(identity, watermark="dwtDctSvd").stamp(png_bytes(skimage_photo("astronaut", 384)),
+                                                        {"model": "m", "prompt": "p"}, title="a.png")
     db = tmp_path / "old.sqlite"
     con = sqlite3.connect(db)
     con.executescript(_SCHEMA_V1)

@@ -102,7 +102,7 @@ def keys_show(folder: Path = typer.Option(None, "--dir", help="Identity folder."
 @app.command("stamp")
 def stamp(
     targets: list[Path] = typer.Argument(..., help="A run folder, or image files/folders."),
-    watermark: WatermarkChoice = typer.Option(WatermarkChoice.dwtDctSvd, "--watermark"),
+    watermark: WatermarkChoice = typer.Option(WatermarkChoice.ssTile, "--watermark"),
     identity: Path = typer.Option(None, "--identity", help="Identity folder (default: the default identity, "
                                   "created on first use)."),
     cert: Path = typer.Option(None, "--cert", help="Your PEM chain (leaf first), with --key."),
