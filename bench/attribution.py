@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffaudit import corpus  # noqa: E402
 from diffaudit import verdicts as V  # noqa: E402
+from provenance.watermark import DEFAULT_METHOD  # noqa: E402
 
 
 def png(img: Image.Image | np.ndarray) -> bytes:
@@ -168,7 +169,7 @@ def splice(signed: bytes, new_png: bytes) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + body
 
 
-def build(n_base: int, seed: int, *, split: str = "heldout", watermark: str = "dwtDctSvd",
+def build(n_base: int, seed: int, *, split: str = "heldout", watermark: str = DEFAULT_METHOD,
           log=print) -> tuple[list[Query], Path, object]:
     """Stamp half of ``n_base`` corpus images (plus near-identical twins and img2img outputs) into a fresh
     store and return the queries, the store path and the temp folder (kept alive by the caller)."""
@@ -320,7 +321,7 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lo, hi
 
 
-def benchmark(n_base: int, seed: int, watermark: str = "dwtDctSvd") -> dict:
+def benchmark(n_base: int, seed: int, watermark: str = DEFAULT_METHOD) -> dict:
     from provenance import c2pa as cc
     from provenance.store import ManifestStore
     from provenance.verify import verify_bytes
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibrate", action="store_true", help="print the calibration-split distributions")
     ap.add_argument("--base", type=int, default=None, help="corpus images to draw (default 300, quick 60)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--watermark", default="dwtDctSvd", help="stamp with this method (default: stamp's default)")
+    ap.add_argument("--watermark", default=DEFAULT_METHOD, help="stamp with this method (default: stamp's default)")
     args = ap.parse_args(argv)
     if args.calibrate:
         calibrate(args.base or (60 if args.quick else 200), args.seed)
