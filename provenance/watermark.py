@@ -1043,12 +1043,16 @@ def _trustmark_model(encoder_path: Path, decoder_path: Path) -> _TrustMarkModel:
         got = ", ".join(f"{a.name} {_dims(a)}" for a in args) or "none"
         return InputError(f"trustMark: {path} does not look like a TrustMark {what} (it has {got})")
 
-    try:
-        enc, dec = _onnx_session(encoder_path, "trustMark"), _onnx_session(decoder_path, "trustMark")
-    except ImportError:
-        raise
-    except Exception as e:  # onnxruntime's own error for a file that is not an ONNX model
-        raise InputError(f"trustMark: cannot load {encoder_path.parent}: {str(e).splitlines()[0][:200]}") from e
+    def load(path: Path):
+        try:
+            return _onnx_session(path, "trustMark")
+        except ImportError:
+            raise
+        except Exception as e:  # onnxruntime's own error for a file that is not an ONNX model
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise InputError(f"trustMark: cannot load {path} as an ONNX model ({why})") from e
+
+    enc, dec = load(encoder_path), load(decoder_path)
     ins = {a.name: a for a in enc.get_inputs()}
     cover = next((n for n in _TM_COVER if n in ins), None)
     secret = next((n for n in _TM_SECRET if n in ins), None)
