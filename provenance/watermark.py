@@ -998,7 +998,8 @@ def trustmark_files(folder: str | os.PathLike | None = None, variant: str | None
     if variant is None:
         variant = "Q" if "Q" in found or len(found) != 1 else next(iter(found))
     if variant not in found:
-        have = f"it has variant(s) {', '.join(sorted(found))}" if found else "it has no encoder/decoder pair"
+        have = (f"it has variant(s) {', '.join(sorted(found))} (choose with {TRUSTMARK_VARIANT_ENV})" if found
+                else "it has no encoder/decoder pair")
         raise ConfigError(f"{TRUSTMARK_ENV}: no TrustMark variant {variant} in {path} (expected encoder_{variant}.onnx "
                           f"and decoder_{variant}.onnx, or trustmark_{variant}_encoder.onnx and "
                           f"trustmark_{variant}_decoder.onnx); {have}")
@@ -1070,8 +1071,11 @@ def _trustmark_model(encoder_path: Path, decoder_path: Path) -> _TrustMarkModel:
     if len(d) != 4 or _fixed(d[1]) != 3 or _fixed(d[3]) != side or (side is not None and side < 32):
         raise fail(decoder_path, "decoder: expected one input stego [B,3,S,S]", dins)
     side = side or 256
-    fixed = [b for b in (_fixed(c[0]), _fixed(s[0]), _fixed(d[0])) if b is not None]
-    batch = min(fixed) if fixed else 16
+    fixed = {b for b in (_fixed(c[0]), _fixed(s[0]), _fixed(d[0])) if b is not None}
+    if fixed - {1}:
+        raise InputError(f"trustMark: {encoder_path.parent} has a fixed batch of {max(fixed)}; export it with "
+                         "batch 1 or a dynamic batch axis")
+    batch = 1 if fixed else 16
     rng = np.random.default_rng(0)
     probes = np.stack([np.zeros((3, side, side), np.float32),
                        rng.uniform(-1, 1, (3, side, side)).astype(np.float32)])
