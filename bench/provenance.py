@@ -13,13 +13,15 @@ the stamped size, as the store knows it): decode rate with its 95% Wilson interv
 seconds per stamp and per decode; then the false-positive rate of the same robust decoder on
 ``--false-positives`` (default 1000) clean held-out images from another seed stream, with the union bound
 over its tries. Strengths and thresholds were chosen on the ``calibration`` split only. rivaGan costs ~1 s
-per decode on a CPU, so it gets ``--riva-images`` / ``--riva-false-positives`` images. Prints JSON lines,
+per decode on a CPU, so it (and trustMark, a larger network whose weights the user supplies through
+``$DIFFAUDIT_TRUSTMARK``) gets ``--riva-images`` / ``--riva-false-positives`` images. Prints JSON lines,
 then the Markdown table the README shows. ``--quick``: 40 images, 200 clean, 8 / 40 for rivaGan.
 
 ``--false-positives N`` alone: only the false-positive part.
 
     python bench/provenance.py --images 24 --size 512
     python bench/provenance.py --heldout --methods ssTile,dwtDctSvd,rivaGan
+    DIFFAUDIT_TRUSTMARK=~/trustmark-onnx python bench/provenance.py --heldout --methods ssTile,trustMark
     python bench/provenance.py --heldout --quick
     python bench/provenance.py --false-positives 1000
 """
@@ -39,6 +41,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: Methods with a network per image: fewer images (``--riva-images``, ``--riva-false-positives``).
+SLOW_METHODS = ("rivaGan", "trustMark")
 
 
 def _photos(n: int, size: int) -> list[bytes]:
@@ -126,7 +131,7 @@ def false_positives(n: int, methods: list[str], riva_n: int) -> dict[str, dict]:
     out = {}
     for method in methods:
         wm = get(method)
-        count = riva_n if method == "rivaGan" else n
+        count = riva_n if method in SLOW_METHODS else n
         detected, check_passed, bound, sync, t0 = 0, 0, 0.0, [], time.perf_counter()
         for sample in _clean(count):
             det = wm.detect_robust(sample.rgb)
@@ -158,7 +163,7 @@ def heldout(n: int, methods: list[str], riva_n: int, fp_n: int, riva_fp: int, sk
 
     tables = {}
     for method in methods:
-        count = riva_n if method == "rivaGan" else n
+        count = riva_n if method in SLOW_METHODS else n
         samples = list(corpus(count, split="heldout", seed=0, max_side=1024))
         images = []
         for s in samples:

@@ -76,6 +76,7 @@ WATERMARKS = Registry("watermarks", {
     "dwtDctSvd": "provenance.watermark:DwtDctSvd",
     "dwtDct": "provenance.watermark:DwtDct",
     "rivaGan": "provenance.watermark:RivaGan",
+    "trustMark": "provenance.watermark:TrustMark",  # user-supplied weights: $DIFFAUDIT_TRUSTMARK
 })
 
 REGISTRIES: dict[str, Registry] = {"probes": PROBES, "hashes": HASHES, "watermarks": WATERMARKS}

@@ -25,6 +25,7 @@ class WatermarkChoice(StrEnum):
     dwtDctSvd = "dwtDctSvd"
     ssTile = "ssTile"
     rivaGan = "rivaGan"
+    trustMark = "trustMark"  # needs $DIFFAUDIT_TRUSTMARK (a folder with TrustMark's ONNX encoder/decoder)
     dwtDct = "dwtDct"
     none = "none"
 
@@ -221,7 +222,7 @@ def robustness(
     targets: list[Path] = typer.Argument(None, help="A run folder, image files or folders (default: a sample of "
                                          "the held-out corpus, images no test or threshold uses)."),
     methods: str = typer.Option("ssTile,dwtDctSvd", "--methods", help="Comma-separated; add rivaGan (slow on "
-                                "a CPU: ~1 s per image and attack)."),
+                                "a CPU: ~1 s per image and attack) or trustMark (weights from $DIFFAUDIT_TRUSTMARK)."),
     limit: int = typer.Option(24, "--limit", min=1, help="At most this many images."),
     attacks: str = typer.Option(None, "--attacks", help="Comma-separated subset of the fixed grid (default: all)."),
     identity: Path = typer.Option(None, "--identity"),
