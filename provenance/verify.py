@@ -128,10 +128,12 @@ def _watermark(rgb: np.ndarray, methods: list[str], store: ManifestStore | None)
     """The first detection among ``methods`` by each method's robust decoder (as is, mirrored, rescaled to
     the sizes the store's stamps had, or to common generation sizes without a store), as the detector
     reports it; ``false_positive_bound_all`` is the union bound over every method tried."""
-    from provenance.watermark import get
+    from provenance.watermark import available, get
 
+    usable = set(available())
     tried, last, bound = [], None, 0.0
-    for method in methods:
+    skipped = [m for m in methods if m not in usable]  # e.g. trustMark stamps in the store, no weights here
+    for method in (m for m in methods if m in usable):
         sizes = store.sizes(method) if store is not None else []
         det = get(method).detect_robust(rgb, sizes=sizes or None)
         tried.append(method)
@@ -140,12 +142,14 @@ def _watermark(rgb: np.ndarray, methods: list[str], store: ManifestStore | None)
         if det.detected:
             break
     if last is None:
-        return {"detected": False, "tried": tried}, None
+        return {"detected": False, "tried": tried, "not_tried": skipped}, None
     d = {k: v for k, v in asdict(last).items() if k != "bits" and not isinstance(v, np.ndarray)}
     d = {k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()}
     d["corrected_bits"] = d.pop("corrected", 0)
     d["crc_ok"] = d.pop("check_ok", False)
     d["tried"] = tried
+    if skipped:
+        d["not_tried"] = skipped  # said, never silently dropped: a mark of these methods cannot be read here
     d["false_positive_bound_all"] = min(1.0, bound)
     return d, last if last.detected else None
 
@@ -452,6 +456,9 @@ def iter_lines(r: VerifyResult) -> Iterator[str]:
                    f"{w.get('false_positive_bound_all', w.get('false_positive_bound', 0)):.1e}")
         else:
             yield f"  watermark   none found (tried {', '.join(w.get('tried') or [])})"
+        if w.get("not_tried"):
+            yield (f"  watermark   not tried: {', '.join(w['not_tried'])} (the store holds such stamps; its "
+                   "weights are not configured here)")
     fp = r.fingerprint
     if fp:
         if fp.get("degenerate"):

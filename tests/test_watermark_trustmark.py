@@ -341,6 +341,10 @@ def test_soft_binding_alg_is_ours_not_adobes(weights, tmp_path, monkeypatch):
         Image.open(io.BytesIO(stamp.data)).convert("RGB").save(resaved, "PNG")
         r = verify_bytes(resaved.getvalue(), store=store)
         assert r.watermark["method"] == "trustMark" and r.watermark["payload"] == stamp.payload
+        monkeypatch.delenv(W.TRUSTMARK_ENV)  # a verifier without the weights: said, not an error
+        get.cache_clear()
+        r = verify_bytes(resaved.getvalue(), store=store)
+        assert r.watermark["not_tried"] == ["trustMark"] and "trustMark" not in r.watermark["tried"]
 
 
 def test_cli_stamp_without_weights_is_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -76,6 +76,9 @@ def show_result(result: dict[str, Any]) -> None:
                         f"{float(w.get('false_positive_bound') or 0):.1e}")
         else:
             st.markdown(f"**watermark**: none found (tried {ui.md(', '.join(w.get('tried') or []))})")
+        if w.get("not_tried"):
+            st.markdown(f"**watermark**: not tried: {ui.md(', '.join(w['not_tried']))} (the store holds such "
+                        "stamps; their weights are not configured here)")
     fp = result.get("fingerprint")
     if fp:
         if fp.get("degenerate"):
