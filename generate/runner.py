@@ -216,6 +216,7 @@ class _Generator:
                     self._flush_rows(force=True)
         finally:
             bar.close()
+            self.speed.release()
         seconds = time.perf_counter() - start
         n = len(todo)
         self.run.record_stage("generate", seconds=seconds, images=len(self.plan.jobs), generated=n,
@@ -443,6 +444,18 @@ class FastPath:
             self.notes.append(fast.apply_fp8(unet, device))
         if self.graphs:
             self._graphed[id(unet)] = fast.GraphedUNet(unet).install()
+
+    def release(self) -> None:
+        """At the end of a run: the UNets get their own forward back, so that a later run on the same pipelines
+        (a benchmark's warm-up then timed run, tests) wraps the plain UNet again instead of this run's graph
+        wrapper (which would nest one wrapper in another). The record keeps what the graphs did."""
+        for graphed in self._graphed.values():
+            if graphed._eager is not None:
+                forward = graphed._eager
+                graphed.uninstall()
+                if getattr(forward, "__func__", None) is type(graphed.unet).forward:
+                    del graphed.unet.forward  # the class's own method again, not an instance attribute
+        self._prepared.clear()
 
     @contextlib.contextmanager
     def during(self, pipe):
