@@ -435,3 +435,52 @@ def test_a_threshold_inside_the_scores_flags_the_top_half_in_report_and_dashboar
     assert result.exit_code == 0, result.output
     flagged = _check_report_and_dashboard(plain_runs, monkeypatch)
     assert len(flagged) == 4 and flagged["rank"].astype(int).tolist() == [1, 2, 3, 4]
+
+
+def test_with_an_index_flagged_prompts_say_whether_a_copy_was_found_end_to_end(tmp_path, monkeypatch):
+    """Tiny run with img2img edits at strength 0.1 of photos that the index holds (their outputs are the photos:
+    real copies) beside txt2img prompts (noise): `audit memorization RUN --index IDX` marks exactly the edits'
+    prompts as copies, and the report and the dashboard say so per flagged prompt."""
+    from fixtures_runs import open_app
+
+    from audit.memorization.build import build_index
+    from dashboard import data
+    from diffaudit.config import GenerationConfig
+    from diffaudit.demo import write_training_photos
+    from generate.runner import generate_run
+
+    suite = tmp_path / "copies.yaml"
+    suite.write_text(textwrap.dedent("""\
+        name: copies
+        description: two edits of indexed photos, two prompts from noise
+        sources: ["test"]
+        templates: [{id: coco, text: "a photo of {a} {subject}"}]
+        subjects: [{id: owl, text: owl}, {id: tram, text: tram}]
+        edits:
+          - {id: astronaut, mode: img2img, prompt: "a photo of an astronaut", source: "skimage:astronaut", strength: 0.1}
+          - {id: coffee, mode: img2img, prompt: "a photo of a cup of coffee", source: "skimage:coffee", strength: 0.1}
+        """))
+    runs = tmp_path / "runs"
+    cfg = GenerationConfig(suite=str(suite), model="tiny", images_per_prompt=1, steps=10, seed=0, batch_size=4)
+    generate_run(runs / "copies", cfg, progress=False)
+    build_index([str(p) for p in write_training_photos(tmp_path / "training")], str(tmp_path / "idx"), progress=False)
+    result = CliRunner().invoke(app, ["audit", "memorization", str(runs / "copies"), "--index", str(tmp_path / "idx"),
+                                      "--threshold", "0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["prompt_scores"]
+    run = Run.open(runs / "copies")
+    table = run.read_table("memorization/prompt_scores")
+    copies = table.set_index("prompt_id")["copy_found"].to_dict()
+    assert copies == {"img2img-astronaut": True, "img2img-coffee": True, "coco-owl": False, "coco-tram": False}
+    assert summary["index_check"] == {"flagged_with_copy": 2, "flagged_without_copy": 2, "flagged_not_checked": 0}
+
+    assert CliRunner().invoke(app, ["report", str(runs / "copies")]).exit_code == 0
+    _, rows = _report_flagged_rows((runs / "copies" / "report.md").read_text())
+    assert {r["prompt"]: r["copy found"] for r in rows} == {
+        p: "yes" if copies[i] else "no" for i, p in zip(table["prompt_id"], table["prompt"], strict=True)}
+    assert data.prompt_scores(run).flagged["copy_found"].tolist() == table["copy_found"].tolist()
+    at = open_app(runs, ["copies"], monkeypatch)
+    at.switch_page("views/memorization_scores.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = at.table[0].value
+    assert shown["copy found"].tolist() == ["yes" if c else "no" for c in table["copy_found"]]
