@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -234,3 +235,30 @@ def beside_fair_diffusion(run: Run, shares: pd.DataFrame) -> pd.DataFrame:
 
     suite = (run.info.get("generation") or {}).get("suite")
     return beside(shares, suite) if suite in list_suites() else pd.DataFrame()
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """What ``diffaudit audit memorization`` wrote about the prompts (``memorization/prompt_scores`` and the
+    ``memorization_scores`` stage in run.json), split as the page shows it; nothing is recomputed here."""
+
+    table: pd.DataFrame    # every prompt, in rank order as written
+    scored: pd.DataFrame   # the prompts with a score
+    flagged: pd.DataFrame  # the scored prompts above the threshold, in rank order
+    threshold: float | None
+    stage: dict
+
+    def images(self, run: Run, prompt_id: str) -> pd.DataFrame:
+        """The prompt's images (image_id, path, mem_score_step1), as the generations table recorded them."""
+        gens = table(run, "generations")
+        return gens.loc[gens["prompt_id"] == prompt_id, ["image_id", "path", "mem_score_step1"]].reset_index(drop=True)
+
+
+def prompt_scores(run: Run) -> PromptScores:
+    """The run's memorization prompt scores; empty frames (and no threshold) when it has none yet."""
+    rows = table(run, "memorization/prompt_scores")
+    stage = (run.info.get("stages") or {}).get("memorization_scores") or {}
+    scored = rows[rows["score"].notna()]
+    flagged = scored[scored["flagged"].fillna(False).astype(bool)]
+    threshold = stage.get("threshold", rows["threshold"].iloc[0] if len(rows) else None)
+    return PromptScores(rows, scored, flagged, None if threshold is None else float(threshold), stage)

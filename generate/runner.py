@@ -75,6 +75,7 @@ class Plan:
     pipes: Pipelines
     settings: dict[str, Any]
     sources: dict[tuple[str, str | None], tuple[Image.Image, Image.Image | None]] = field(default_factory=dict)
+    fresh: bool = True  # the run holds no image yet (new, or every earlier attempt stopped before one)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -128,7 +129,7 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
             "latent_shape": [pipes.txt2img.unet.config.out_channels, height // pipes.txt2img.vae_scale_factor,
                              width // pipes.txt2img.vae_scale_factor]},
     }
-    _check_resume(Path(run_dir), plan.settings)
+    plan.fresh = _check_resume(Path(run_dir), plan.settings)
     return plan
 
 
@@ -138,6 +139,8 @@ def generate_run(run_dir: str | os.PathLike, config: GenerationConfig, *, progre
     plan = plan_run(run_dir, config, pipelines=pipelines, progress=progress)
     run = Run.create(run_dir)
     with run.lock():
+        if plan.fresh:  # no image yet: the settings are replaced whole, not merged with an earlier attempt's
+            run.update_info({"generation": None})
         run.update_info({"generation": plan.settings})
         return _Generator(run, plan, progress).execute()
 
@@ -213,6 +216,7 @@ class _Generator:
                     self._flush_rows(force=True)
         finally:
             bar.close()
+            self.speed.release()
         seconds = time.perf_counter() - start
         n = len(todo)
         self.run.record_stage("generate", seconds=seconds, images=len(self.plan.jobs), generated=n,
@@ -441,6 +445,18 @@ class FastPath:
         if self.graphs:
             self._graphed[id(unet)] = fast.GraphedUNet(unet).install()
 
+    def release(self) -> None:
+        """At the end of a run: the UNets get their own forward back, so that a later run on the same pipelines
+        (a benchmark's warm-up then timed run, tests) wraps the plain UNet again instead of this run's graph
+        wrapper (which would nest one wrapper in another). The record keeps what the graphs did."""
+        for graphed in self._graphed.values():
+            if graphed._eager is not None:
+                forward = graphed._eager
+                graphed.uninstall()
+                if getattr(forward, "__func__", None) is type(graphed.unet).forward:
+                    del graphed.unet.forward  # the class's own method again, not an instance attribute
+        self._prepared.clear()
+
     @contextlib.contextmanager
     def during(self, pipe):
         """The per-call contexts: the attention backend, DeepCache."""
@@ -584,12 +600,18 @@ def _remove_stale_temp_files(root: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_resume(root: Path, settings: dict[str, Any]) -> None:
-    """A run resumes only with the settings that made its images."""
+def _check_resume(root: Path, settings: dict[str, Any]) -> bool:
+    """A run resumes only with the settings that made its images. A run that holds no image yet (its run.json
+    written, then killed during the model load or the first batch, or stopped by an out-of-memory error at
+    batch 1) has nothing to keep consistent: it takes new settings. Returns whether the run is fresh."""
     if not Run.is_run(root):
-        return
-    old = Run.open(root).info.get("generation", {})
+        return True
+    run = Run.open(root)
+    if run.read_table("generations").empty:
+        return True
+    old = run.info.get("generation", {})
     diff = [f"{k}: {old[k]!r} -> {settings[k]!r}" for k in CONTENT_KEYS if k in old and old[k] != settings[k]]
     if diff:
         raise ConfigError(f"run {root} was generated with other settings ({'; '.join(diff)}); "
                           "use the same settings to resume or a new --out")
+    return False

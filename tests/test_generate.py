@@ -295,6 +295,37 @@ def test_resume_with_other_settings_is_refused(tmp_path, pipes):
     assert (tmp_path / "run" / "generations.parquet").read_bytes() == table
 
 
+def test_a_run_that_made_no_image_yet_takes_new_settings(tmp_path, pipes, monkeypatch):
+    """run.json written, then the first batch ran out of memory at batch 1 (as a too-large --size does on a
+    GPU): no image to keep consistent, so a retry with another size and steps is accepted, and run.json holds
+    the retry's settings, not a merge with the failed attempt's."""
+    import torch
+
+    def out_of_memory(self, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    cfg = config(write_suite(tmp_path / "s"), images_per_prompt=1, edits=(), batch_size=1, width=64, height=64)
+    with monkeypatch.context() as m:
+        m.setattr(runner._Generator, "_call", out_of_memory)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            generate_run(tmp_path / "run", cfg, progress=False, pipelines=pipes)
+    run = Run.open(tmp_path / "run")
+    assert run.info["generation"]["width"] == 64 and run.read_table("generations").empty
+    retry = cfg.model_copy(update={"width": 48, "height": 32, "steps": 3})
+    assert plan_run(tmp_path / "run", retry, pipelines=pipes).fresh
+    summary = generate_run(tmp_path / "run", retry, progress=False, pipelines=pipes)
+    assert summary["generated"] == 2
+    gen = run.info["generation"]
+    assert (gen["width"], gen["height"], gen["steps"]) == (48, 32, 3)
+    assert gen["memorization_score"]["latent_shape"] == [4, 16, 24]  # replaced whole, not merged
+    gens = assert_valid_run(run, retry)
+    assert set(zip(gens["width"], gens["height"], gens["steps"], strict=True)) == {(48, 32, 3)}
+    # Now it holds images: other settings are refused again.
+    assert not plan_run(tmp_path / "run", retry, pipelines=pipes).fresh
+    with pytest.raises(ConfigError, match="width"):
+        plan_run(tmp_path / "run", cfg, pipelines=pipes)
+
+
 def test_resume_regenerates_images_whose_suite_entry_was_edited(tmp_path, pipes):
     suite = write_suite(tmp_path / "s")
     cfg = config(suite, images_per_prompt=1, edits=("astro",))

@@ -224,3 +224,43 @@ def test_recorder_skips_calls_without_both_halves():
     np.testing.assert_allclose(mean, [8.0, 8.0])
     assert rec.calls == 4
     assert pa.types.is_float64(schema.GENERATIONS.field("mem_score_step1").type)
+
+
+def test_a_run_gives_the_unet_its_own_forward_back(tmp_path, pipes, monkeypatch):
+    """The CUDA-graph wrapper (stood in for by a pass-through one: no GPU here) is removed when a run ends, so a
+    second run on the same pipelines (a benchmark's warm-up then timed run) wraps the plain UNet once, not the
+    first run's wrapper again: every UNet call goes through exactly one wrapper, and scores are unchanged."""
+    from generate import fast
+
+    seen: list[int] = []
+
+    class PassThrough(fast.GraphedUNet):
+        def install(self):
+            self._eager = self.unet.forward
+            self.unet.forward = self.forward
+            return self
+
+        def forward(self, *args, **kwargs):
+            seen.append(id(self))
+            return self._eager(*args, **kwargs)
+
+    setup = runner.FastPath.setup
+
+    def with_graphs(plan, batch_size):
+        speed = setup(plan, batch_size)
+        speed.graphs = True
+        return speed
+
+    monkeypatch.setattr(runner.FastPath, "setup", staticmethod(with_graphs))
+    monkeypatch.setattr(fast, "GraphedUNet", PassThrough)
+    unet = pipes.txt2img.unet
+    cfg = config(write_suite(tmp_path / "s"), images_per_prompt=1, edits=(), steps=3, batch_size=4)
+    counts = []
+    for k in range(2):
+        before = len(seen)
+        generate_run(tmp_path / f"r{k}", cfg, progress=False, pipelines=pipes)
+        assert "forward" not in vars(unet)  # the class's own forward again
+        counts.append((len(seen) - before, len(set(seen[before:]))))
+    assert counts == [(3, 1), (3, 1)]  # one batch of 2 images, 3 UNet calls, one wrapper each run
+    first, second = scores_by_image(tmp_path / "r0"), scores_by_image(tmp_path / "r1")
+    np.testing.assert_allclose(second.loc[first.index, "mem_score_step1"], first["mem_score_step1"], rtol=SCORE_RTOL)

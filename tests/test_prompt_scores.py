@@ -296,3 +296,191 @@ def ui_md(text: str) -> str:
     from dashboard.ui import md
 
     return md(text)
+
+
+# --- end to end with the default threshold: the report and the dashboard say what the table says ----------
+
+def _md_cells(line: str) -> list[str]:
+    """A Markdown table row's cells, with the report's escaping (a backslash before punctuation) undone."""
+    import re
+
+    return [re.sub(r"\\(.)", r"\1", c.strip()) for c in line.strip().strip("|").split(" | ")]
+
+
+def _report_flagged_rows(md: str) -> tuple[str, list[dict[str, str]]]:
+    """The memorization-scores section of report.md and its flagged-prompt table as dicts of cells."""
+    section = md[md.index("## Memorization scores"):]
+    section = section[:section.index("\n## ", 3)] if "\n## " in section[3:] else section
+    lines = section.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| rank |")), None)
+    if start is None:
+        return section, []
+    header = _md_cells(lines[start])
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, _md_cells(line), strict=True)))
+    return section, rows
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory) -> Path:
+    """A runs root with one tiny run of eight ordinary prompts, two images each, not scored yet."""
+    from diffaudit.config import GenerationConfig
+    from generate.runner import generate_run
+
+    root = tmp_path_factory.mktemp("plain")
+    suite = root.parent / "plain-suite.yaml"
+    suite.write_text(textwrap.dedent("""\
+        name: plain
+        description: eight ordinary prompts
+        sources: ["test"]
+        templates: [{id: coco, text: "a photo of {a} {subject}"}, {id: art, text: "{subject}, digital art"}]
+        subjects: [{id: owl, text: owl}, {id: bridge, text: stone bridge}, {id: kettle, text: kettle},
+                   {id: tram, text: tram}]
+        """))
+    cfg = GenerationConfig(suite=str(suite), model="tiny", images_per_prompt=2, steps=2, width=32, height=32,
+                           seed=3, batch_size=8)
+    generate_run(root / "plain", cfg, progress=False)
+    return root
+
+
+def _check_report_and_dashboard(runs: Path, monkeypatch) -> pd.DataFrame:
+    """`diffaudit report RUN` and the dashboard's loader and page show exactly the parquet's flagged prompts:
+    ranks, scores, counts, threshold; returns the parquet's flagged rows."""
+    from fixtures_runs import open_app
+
+    from dashboard import data
+
+    run_dir = runs / "plain"
+    run = Run.open(run_dir)
+    table = run.read_table("memorization/prompt_scores")
+    stage = run.info["stages"]["memorization_scores"]
+    flagged = table[table["flagged"].fillna(False).astype(bool)].sort_values("rank")
+    gens = run.read_table("generations")
+    assert table["flagged"].tolist() == [s > stage["threshold"] for s in table["score"]]
+    assert table.set_index("prompt_id")["score"].to_dict() == pytest.approx(
+        gens.groupby("prompt_id")["mem_score_step1"].mean().to_dict(), rel=1e-12)
+
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    section, rows = _report_flagged_rows((run_dir / "report.md").read_text())
+    assert f"{len(table)} of {len(table)} prompts scored" in section
+    assert f"**{len(flagged)} flagged** above the threshold {stage['threshold']:.3g}" in section
+    assert [r["prompt"] for r in rows] == flagged["prompt"].tolist()
+    assert [int(float(r["rank"])) for r in rows] == flagged["rank"].astype(int).tolist()
+    assert [float(r["score"]) for r in rows] == [round(s, 3) for s in flagged["score"]]
+    assert [r["images above"] for r in rows] == [f"{a}/{n}" for a, n in zip(flagged["images_above"],
+                                                                            flagged["scored"], strict=True)]
+    assert {r["copy found"] for r in rows} <= {"–"}  # no index check in this run
+    if len(flagged):
+        shown = [f"#{int(r.rank)} {r.prompt_id}" for r in flagged.head(6).itertuples()]
+        assert "*(evidence images in report.html: " + ", ".join(shown) + ")*" in section.replace("\\", "")
+
+    loaded = data.prompt_scores(run)
+    pd.testing.assert_frame_equal(loaded.table.reset_index(drop=True), table.reset_index(drop=True))
+    assert loaded.flagged["prompt_id"].tolist() == flagged["prompt_id"].tolist()
+    assert loaded.threshold == stage["threshold"]
+    if len(flagged):
+        first = loaded.images(run, flagged["prompt_id"].iloc[0])
+        mine = gens[gens["prompt_id"] == flagged["prompt_id"].iloc[0]]
+        assert first["mem_score_step1"].tolist() == mine["mem_score_step1"].tolist()
+
+    at = open_app(runs, ["plain"], monkeypatch)
+    at.switch_page("views/memorization_scores.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Prompts flagged"] == f"{len(flagged)} of {len(table)}"
+    assert metrics["Threshold"] == f"{stage['threshold']:.3g}"
+    if len(flagged):
+        shown = at.table[0].value
+        assert shown["prompt_id"].tolist() == [ui_md(p) for p in flagged["prompt_id"]]
+        assert shown["score"].tolist() == [f"{s:.3f}" for s in flagged["score"]]
+        assert shown["rank"].astype(int).tolist() == flagged["rank"].astype(int).tolist()
+        captions = [c for img in at.image for c in img.captions]
+        mine = gens[gens["prompt_id"] == flagged["prompt_id"].iloc[0]]
+        assert captions == [f"{ui_md(i)} · score {s:.3f}" for i, s in zip(mine["image_id"], mine["mem_score_step1"],
+                                                                           strict=True)]
+    else:
+        assert any("No prompt is above the threshold" in i.value for i in at.info)
+    return flagged
+
+
+def test_default_threshold_end_to_end_report_and_dashboard_agree_with_the_table(plain_runs, monkeypatch):
+    """`audit memorization RUN` with no index and no threshold: the documented default, scaled to the tiny
+    model's 4x16x16 latent and said to be uncalibrated; report and dashboard show the table's numbers."""
+    run_dir = plain_runs / "plain"
+    result = CliRunner().invoke(app, ["audit", "memorization", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    expected = ps.DEFAULT_THRESHOLD * np.sqrt(4 * 16 * 16 / (4 * 64 * 64))
+    assert summary["threshold"]["source"] == "default" and summary["threshold"]["value"] == pytest.approx(expected)
+    assert "uncalibrated" in summary["threshold"]["note"] and summary["index_check"] is None
+    table = Run.open(run_dir).read_table("memorization/prompt_scores")
+    assert summary["scored_images"] == 16 and summary["prompts"] == len(table) == 8
+    assert summary["flagged_prompts"] == int(table["flagged"].sum())
+    assert [(p["prompt_id"], p["score"]) for p in summary["most_suspicious"]] == [
+        (r.prompt_id, round(r.score, 4)) for r in table.head(ps.TOP).itertuples()]
+    _check_report_and_dashboard(plain_runs, monkeypatch)
+
+
+def test_a_threshold_inside_the_scores_flags_the_top_half_in_report_and_dashboard(plain_runs, monkeypatch):
+    """A threshold between the run's prompt scores (the median: plumbing, not a tuned operating point) so that
+    the flagged table has rows and unflagged prompts stay out of it."""
+    run_dir = plain_runs / "plain"
+    gens = Run.open(run_dir).read_table("generations")
+    median = float(np.median(gens.groupby("prompt_id")["mem_score_step1"].mean()))
+    result = CliRunner().invoke(app, ["audit", "memorization", str(run_dir), "--threshold", repr(median)])
+    assert result.exit_code == 0, result.output
+    flagged = _check_report_and_dashboard(plain_runs, monkeypatch)
+    assert len(flagged) == 4 and flagged["rank"].astype(int).tolist() == [1, 2, 3, 4]
+
+
+def test_with_an_index_flagged_prompts_say_whether_a_copy_was_found_end_to_end(tmp_path, monkeypatch):
+    """Tiny run with img2img edits at strength 0.1 of photos that the index holds (their outputs are the photos:
+    real copies) beside txt2img prompts (noise): `audit memorization RUN --index IDX` marks exactly the edits'
+    prompts as copies, and the report and the dashboard say so per flagged prompt."""
+    from fixtures_runs import open_app
+
+    from audit.memorization.build import build_index
+    from dashboard import data
+    from diffaudit.config import GenerationConfig
+    from diffaudit.demo import write_training_photos
+    from generate.runner import generate_run
+
+    suite = tmp_path / "copies.yaml"
+    suite.write_text(textwrap.dedent("""\
+        name: copies
+        description: two edits of indexed photos, two prompts from noise
+        sources: ["test"]
+        templates: [{id: coco, text: "a photo of {a} {subject}"}]
+        subjects: [{id: owl, text: owl}, {id: tram, text: tram}]
+        edits:
+          - {id: astronaut, mode: img2img, prompt: "a photo of an astronaut", source: "skimage:astronaut", strength: 0.1}
+          - {id: coffee, mode: img2img, prompt: "a photo of a cup of coffee", source: "skimage:coffee", strength: 0.1}
+        """))
+    runs = tmp_path / "runs"
+    cfg = GenerationConfig(suite=str(suite), model="tiny", images_per_prompt=1, steps=10, seed=0, batch_size=4)
+    generate_run(runs / "copies", cfg, progress=False)
+    build_index([str(p) for p in write_training_photos(tmp_path / "training")], str(tmp_path / "idx"), progress=False)
+    result = CliRunner().invoke(app, ["audit", "memorization", str(runs / "copies"), "--index", str(tmp_path / "idx"),
+                                      "--threshold", "0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["prompt_scores"]
+    run = Run.open(runs / "copies")
+    table = run.read_table("memorization/prompt_scores")
+    copies = table.set_index("prompt_id")["copy_found"].to_dict()
+    assert copies == {"img2img-astronaut": True, "img2img-coffee": True, "coco-owl": False, "coco-tram": False}
+    assert summary["index_check"] == {"flagged_with_copy": 2, "flagged_without_copy": 2, "flagged_not_checked": 0}
+
+    assert CliRunner().invoke(app, ["report", str(runs / "copies")]).exit_code == 0
+    _, rows = _report_flagged_rows((runs / "copies" / "report.md").read_text())
+    assert {r["prompt"]: r["copy found"] for r in rows} == {
+        p: "yes" if copies[i] else "no" for i, p in zip(table["prompt_id"], table["prompt"], strict=True)}
+    assert data.prompt_scores(run).flagged["copy_found"].tolist() == table["copy_found"].tolist()
+    at = open_app(runs, ["copies"], monkeypatch)
+    at.switch_page("views/memorization_scores.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = at.table[0].value
+    assert shown["copy found"].tolist() == ["yes" if c else "no" for c in table["copy_found"]]

@@ -8,19 +8,20 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import ui
+from dashboard import data, ui
+from diffaudit.errors import DiffauditError
 
 st.title("Memorization scores")
 run = ui.current_run()
-table = ui.table(run, "memorization/prompt_scores")
+try:
+    scores = data.prompt_scores(run)
+except DiffauditError as e:  # a table that fails its schema check: said on the page, not a broken page
+    st.error(f"memorization/prompt_scores: {e}")
+    st.stop()
+table, scored, flagged, threshold, stage = scores.table, scores.scored, scores.flagged, scores.threshold, scores.stage
 if table.empty:
     ui.missing_stage("memorization score", f"diffaudit audit memorization {run.root}")
     st.stop()
-
-stage = (run.info.get("stages") or {}).get("memorization_scores") or {}
-scored = table[table["score"].notna()].copy()
-flagged = scored[scored["flagged"].fillna(False).astype(bool)]
-threshold = float(stage.get("threshold", table["threshold"].iloc[0]))
 st.caption("Wen et al. (ICLR 2024): a prompt that makes the model reproduce a training image gives an abnormally "
            "large text-conditional noise prediction || eps(x_t, prompt) - eps(x_t, empty) || from the first step. "
            "A flag is evidence, not proof: confirm it against an index of the training data.")
@@ -65,8 +66,7 @@ else:
     st.table(ui.md_table(show[["rank", "prompt_id", "prompt", "suite", "score", "above", "copy"]].rename(
         columns={"above": "images above", "copy": "copy found"}), "prompt_id", "prompt", "suite"), hide_index=True)
     pick = st.selectbox("Images of a flagged prompt", flagged["prompt_id"].tolist(), key="score_pick")
-    gens = ui.table(run, "generations")
-    mine = gens[gens["prompt_id"] == pick]
+    mine = scores.images(run, pick)
     ui.image_grid(run, mine["path"], [f"{i} · score {ui.number(v, 3)}"
                                       for i, v in zip(mine["image_id"], mine["mem_score_step1"], strict=True)])
 
