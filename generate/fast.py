@@ -18,7 +18,7 @@ behind a fidelity gate (``generate.fidelity``): ``DeepCache`` (Ma, Fang, Wang, C
 UNet features between full steps) and FP8 linear layers via torchao on GPUs of compute capability 8.9+.
 
 Nothing here is measured on a GPU in this repository's tests (CI has none): the logic is tested on the CPU
-with fake timers and the tiny model; ``bench/fast.py`` measures the speed and the pixels on a GPU.
+with fake timers and the tiny model; ``bench/h200.py`` (one prepared script) measures the speed and the pixels on a GPU.
 """
 
 from __future__ import annotations
