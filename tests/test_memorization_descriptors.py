@@ -16,7 +16,7 @@ from PIL import Image
 
 from audit.memorization import descriptors as ds
 from audit.memorization.build import build_index
-from audit.memorization.check import check_run, query_files, search_images
+from audit.memorization.check import query_files, search_images
 from audit.memorization.index import Index
 from diffaudit import corpus
 from diffaudit.errors import DiffauditError, InputError, ModelError
@@ -206,7 +206,7 @@ def test_descriptors_embed_unit_vectors_and_onnx_equals_torchscript(models):
     assert not np.allclose(sscd.embed([wide]), square.embed([wide]), atol=1e-3)
 
 
-def test_clip_descriptor_reuses_the_probe_encoder():
+def test_clip_descriptor_reuses_the_probe_encoder(tmp_path, train_index):
     from audit.probes.clip import ClipProbe
 
     clip = ds.load_descriptor("clip:tiny")
@@ -215,6 +215,10 @@ def test_clip_descriptor_reuses_the_probe_encoder():
     assert clip.name == "clip-tiny" and clip.dim == probe.encode_images(imgs).shape[1]
     assert np.allclose(clip.embed(imgs), probe.encode_images(imgs).numpy(), atol=1e-5)
     assert ds.load_descriptor("clip:tiny").sha256 == clip.sha256  # seeded weights: the same fingerprint
+    index = copy_index(train_index, tmp_path / "idx")
+    ds.embed_index(index.root, clip, calibration_images=0, progress=False)
+    assert ds.resolve("clip", index).spec == "clip:tiny"  # plain `clip`: the CLIP the index was embedded with
+    assert [m["name"] for m in ds.list_descriptors(index)] == ["clip-tiny"]
 
 
 # -- index embed and FAISS -------------------------------------------------------------------------
