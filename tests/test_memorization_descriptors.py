@@ -4,6 +4,7 @@ a TorchScript conv net saved like Meta's SSCD files, the same weights as an ONNX
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -137,9 +138,7 @@ def train_index(tmp_path_factory):
 
 
 def copy_index(src: Index, dst) -> Index:
-    import shutil
-
-    shutil.copytree(src.root, dst, ignore=shutil.ignore_patterns(".lock", "descriptors"))
+    shutil.copytree(src.root, dst, ignore=shutil.ignore_patterns(".lock", "descriptors"), dirs_exist_ok=True)
     return Index.open(dst)
 
 
@@ -281,6 +280,20 @@ def test_index_embed_resumes_after_an_interruption_and_after_growth(tmp_path, mo
         ds.embed_index(index.root, desc, chunk=3, calibration_images=0, progress=False)
     folder = tmp_path / "idx" / "descriptors" / desc.name
     assert not (folder / "meta.json").exists() and len(list((folder / "parts").glob("*.npy"))) == 2
+    other = tiny_net()  # another model of the same name never reuses those parts
+    with torch.no_grad():
+        other.fc.weight.mul_(-1)
+    torch.jit.script(other).save(str(tmp_path / "tiny_sscd.torchscript.pt"))
+    other_spec = f"sscd:{tmp_path / 'tiny_sscd.torchscript.pt'}"
+    other_desc = ds.load_descriptor(other_spec)
+    assert other_desc.name == desc.name and other_desc.sha256 != desc.sha256
+    shutil.copytree(folder / "parts", tmp_path / "idx3" / "descriptors" / desc.name / "parts")
+    copy_index(train_index, tmp_path / "idx3")
+    calls: list[int] = []
+    real_other = other_desc._forward
+    other_desc._forward = lambda images: calls.append(len(images)) or real_other(images)
+    ds.embed_index(tmp_path / "idx3", other_desc, chunk=3, calibration_images=0, progress=False)
+    assert sum(calls) == index.count  # the parts were the first model's: every image embedded again
     embedded.clear()
     desc._forward = lambda images: embedded.append(len(images)) or real(images)
     meta = ds.embed_index(index.root, desc, chunk=3, calibration_images=0, progress=False)
@@ -302,13 +315,8 @@ def test_index_embed_resumes_after_an_interruption_and_after_growth(tmp_path, mo
     assert sum(embedded) == 1 and meta["count"] == 13 and meta["embedded_now"] == 1
     assert np.array_equal(np.load(folder / "vectors.npy")[:12], expected)
     # another model under the same name is refused, not mixed in
-    other = tiny_net()
-    with torch.no_grad():
-        other.fc.weight.mul_(-1)
-    torch.jit.script(other).save(str(tmp_path / "tiny_sscd.torchscript.pt"))
     with pytest.raises(InputError, match="another model"):
-        ds.embed_index(tmp_path / "idx", f"sscd:{tmp_path / 'tiny_sscd.torchscript.pt'}", calibration_images=0,
-                       progress=False)
+        ds.embed_index(tmp_path / "idx", other_spec, calibration_images=0, progress=False)
 
 
 def test_default_min_similarity_is_chosen_on_the_calibration_split(models, monkeypatch):

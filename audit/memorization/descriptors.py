@@ -39,6 +39,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -449,12 +450,12 @@ def embed_index(index_dir: str | os.PathLike, spec: str | Descriptor, *, device:
         if meta:
             _check_same_model(meta, desc, folder)
         parts = folder / "parts"
-        if parts.is_dir():
-            for p in parts.glob("*.npy"):
-                with contextlib.suppress(ValueError, OSError):
-                    arr = np.load(p, mmap_mode="r")
-                    if arr.ndim != 2 or arr.shape[1] != desc.dim:
-                        p.unlink()
+        if parts.is_dir() and _read_json(parts / "model.json") != desc.identity():  # another model's work
+            for p in parts.iterdir():
+                p.unlink()
+        from diffaudit.runs import atomic_write_bytes, atomic_write_text, now
+
+        atomic_write_text(parts / "model.json", json.dumps(desc.identity()))
         done = int(meta["count"]) if meta and (folder / "vectors.npy").is_file() else 0
         total = index.count
         if done > total:
@@ -467,8 +468,6 @@ def embed_index(index_dir: str | os.PathLike, spec: str | Descriptor, *, device:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(min(s + chunk, total) - s for s in todo), unit="img", desc=f"embed {desc.name}")
-        from diffaudit.runs import atomic_write_bytes
-
         for s in todo:
             end = min(s + chunk, total)
             vecs = _embed_items(desc, index.items(np.arange(s, end)))
@@ -484,15 +483,10 @@ def embed_index(index_dir: str | os.PathLike, spec: str | Descriptor, *, device:
         cal = old_cal if old_cal and (old_cal.get("calibrated") or calibration_images <= 0) else \
             calibrate(desc, calibration_images)
         unreadable = int((np.linalg.norm(vectors, axis=1) == 0).sum())
-        from diffaudit.runs import atomic_write_text, now
-
         meta = {**desc.identity(), "count": total, "unreadable": unreadable, "faiss": fmeta, "min_similarity": cal,
                 "index_hash": index.hash_name, "created": (meta or {}).get("created", now()), "updated": now()}
         atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
-        for p in (parts.glob("*.npy") if parts.is_dir() else ()):
-            p.unlink()
-        with contextlib.suppress(OSError):
-            parts.rmdir()
+        shutil.rmtree(parts, ignore_errors=True)
     return {**meta, "path": str(folder), "embedded_now": total - done, "seconds": round(time.perf_counter() - t0, 3)}
 
 
