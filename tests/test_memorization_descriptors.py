@@ -313,6 +313,9 @@ def test_index_embed_resumes_after_an_interruption_and_after_growth(tmp_path, mo
     embedded.clear()
     meta = ds.embed_index(tmp_path / "idx", desc, chunk=3, calibration_images=0, progress=False)
     assert sum(embedded) == 1 and meta["count"] == 13 and meta["embedded_now"] == 1
+    stamp = (folder / "faiss.index").stat().st_mtime_ns
+    assert ds.embed_index(tmp_path / "idx", desc, calibration_images=0, progress=False)["embedded_now"] == 0
+    assert sum(embedded) == 1 and (folder / "faiss.index").stat().st_mtime_ns == stamp  # nothing to do: nothing done
     assert np.array_equal(np.load(folder / "vectors.npy")[:12], expected)
     # another model under the same name is refused, not mixed in
     with pytest.raises(InputError, match="another model"):

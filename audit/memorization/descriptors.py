@@ -461,6 +461,10 @@ def embed_index(index_dir: str | os.PathLike, spec: str | Descriptor, *, device:
         if done > total:
             raise InputError(f"{folder} holds {done} vectors but the index has {total} images; remove it and "
                              "embed again")
+        if (meta and done == total and (folder / "faiss.index").is_file()
+                and meta["faiss"]["exact"] == (total < flat_limit)
+                and (meta["min_similarity"].get("calibrated") or calibration_images <= 0)):
+            return {**meta, "path": str(folder), "embedded_now": 0, "seconds": round(time.perf_counter() - t0, 3)}
         starts = list(range(done, total, max(1, chunk)))
         todo = [s for s in starts if not (parts / f"{s:012d}-{min(s + chunk, total):012d}.npy").is_file()]
         bar = None
