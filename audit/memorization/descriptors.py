@@ -449,13 +449,6 @@ def embed_index(index_dir: str | os.PathLike, spec: str | Descriptor, *, device:
         meta = _read_json(folder / "meta.json")
         if meta:
             _check_same_model(meta, desc, folder)
-        parts = folder / "parts"
-        if parts.is_dir() and _read_json(parts / "model.json") != desc.identity():  # another model's work
-            for p in parts.iterdir():
-                p.unlink()
-        from diffaudit.runs import atomic_write_bytes, atomic_write_text, now
-
-        atomic_write_text(parts / "model.json", json.dumps(desc.identity()))
         done = int(meta["count"]) if meta and (folder / "vectors.npy").is_file() else 0
         total = index.count
         if done > total:
@@ -465,6 +458,13 @@ def embed_index(index_dir: str | os.PathLike, spec: str | Descriptor, *, device:
                 and meta["faiss"]["exact"] == (total < flat_limit)
                 and (meta["min_similarity"].get("calibrated") or calibration_images <= 0)):
             return {**meta, "path": str(folder), "embedded_now": 0, "seconds": round(time.perf_counter() - t0, 3)}
+        parts = folder / "parts"
+        if parts.is_dir() and _read_json(parts / "model.json") != desc.identity():  # another model's work
+            for p in parts.iterdir():
+                p.unlink()
+        from diffaudit.runs import atomic_write_bytes, atomic_write_text, now
+
+        atomic_write_text(parts / "model.json", json.dumps(desc.identity()))
         starts = list(range(done, total, max(1, chunk)))
         todo = [s for s in starts if not (parts / f"{s:012d}-{min(s + chunk, total):012d}.npy").is_file()]
         bar = None
