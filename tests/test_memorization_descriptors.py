@@ -251,7 +251,8 @@ def test_hnsw_recall_is_measured_against_exact_search():
     assert fmeta == {"type": "IndexFlatIP", "exact": True, "recall_at_10": 1.0}
     hnsw, meta = ds.build_faiss(x, flat_limit=1000, sample=300)
     assert meta["type"] == "IndexHNSWFlat" and not meta["exact"] and meta["recall_sample"] == 300
-    q = x[rng.choice(len(x), 300, replace=False)]
+    q = ds.l2_normalise(x[rng.choice(len(x), 300, replace=False)] + 0.6 * rng.normal(size=(300, 32)).astype(np.float32)
+                        / np.sqrt(32))
     truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
     got = hnsw.search(q, 10)[1]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth.tolist(), got.tolist(), strict=True)])
