@@ -362,6 +362,8 @@ def test_a_descriptor_candidate_reaches_confirmation_through_audit_memorization(
     meta = main(["index", "embed", str(index.root), "--descriptor", spec, "--calibration-images", "3"])
     assert meta["count"] == 12 and meta["faiss"]["type"] == "IndexFlatIP" and meta["min_similarity"]["calibrated"]
     floor = meta["min_similarity"]["value"]
+    [listed] = main(["index", "info", str(index.root)])["descriptors"]
+    assert listed["name"] == meta["name"] and listed["count"] == 12 and listed["min_similarity"] == floor
     summary = main(["audit", "memorization", str(run.root), "--index", str(index.root), "--descriptor", spec])
     matches = run.read_table("memorization/matches")
     assert summary["descriptor"]["min_similarity"] == floor and (matches["descriptor_sim"] >= floor).all()
