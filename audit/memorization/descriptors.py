@@ -326,7 +326,7 @@ def calibrate(desc: Descriptor, n: int = CALIBRATION_IMAGES, *, recall: float = 
     t0 = time.perf_counter()
     cal = _split_sims(desc, "calibration", n, seed)
     copies = np.concatenate(list(cal["copy"].values()))
-    value = float(np.floor(np.quantile(copies, 1 - recall, method="lower") * 1000) / 1000)
+    value = float(np.floor(float(np.quantile(copies, 1 - recall, method="lower")) * 1000) / 1000)
 
     def report(s: dict[str, Any]) -> dict[str, Any]:
         return {"images": s["images"], "copy_recall": round(float(np.mean(np.concatenate(list(s["copy"].values()))
