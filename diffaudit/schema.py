@@ -15,7 +15,9 @@ import pyarrow as pa
 
 from diffaudit.errors import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Oldest version still read: versions since then only added nullable columns, which read as nulls.
+OLDEST_READ_VERSION = 1
 VERSION_KEY = b"diffaudit.schema_version"
 TABLE_KEY = b"diffaudit.table"
 
@@ -217,6 +219,9 @@ MEMORIZATION_MATCHES = pa.schema([
     _f("query_variant", _str, True),  # which search-time variant of the generated image hit (mirror, crop, ...)
     _f("confirm_ms", _f64, True),    # cost of the pixel confirmation of this pair
     _f("aligned_path", _str, True),  # relative path of the training image warped into the generated frame
+    # added with descriptor search (schema version 2; older runs read them as null)
+    _f("source", _str, True),        # who proposed the candidate: hash | descriptor:<name> | hash+descriptor:<name>
+    _f("descriptor_sim", _f64, True),  # cosine similarity of the descriptors (null: not a descriptor candidate)
 ])
 
 MEMORIZATION_RATES = pa.schema([
@@ -401,16 +406,17 @@ def to_arrow(table: str, df: pd.DataFrame) -> pa.Table:
 def check_arrow(table: str, arrow: pa.Table, origin: str) -> pa.Table:
     """Check a table read from disk against its schema and return it conformed to the schema.
 
-    Same version; every column of the file is a schema column of the same type. Older files read too: a
-    nullable column the file lacks (added since it was written) comes back as nulls, and a column the file
-    stores as non-null that the schema now allows to be null is accepted as it is.
+    A version from ``OLDEST_READ_VERSION`` to ``SCHEMA_VERSION``; every column of the file is a schema column of
+    the same type. Older files read too: a nullable column the file lacks (added since it was written) comes
+    back as nulls, and a column the file stores as non-null that the schema now allows to be null is accepted
+    as it is.
     """
     meta = arrow.schema.metadata or {}
     version = meta.get(VERSION_KEY)
-    if version is None or int(version) != SCHEMA_VERSION:
+    if version is None or not version.isdigit() or not OLDEST_READ_VERSION <= int(version) <= SCHEMA_VERSION:
         raise SchemaError(
             f"{origin}: schema version {version.decode() if version else 'missing'}, this diffaudit reads "
-            f"version {SCHEMA_VERSION}; re-run the stage that wrote it"
+            f"versions {OLDEST_READ_VERSION}-{SCHEMA_VERSION}; re-run the stage that wrote it"
         )
     expected = schema_for(table)
     got = arrow.schema.remove_metadata()

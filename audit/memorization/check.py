@@ -9,6 +9,12 @@ rounding noise) and are never counted.
 Confirmation (``confirm.py``) aligns each training candidate to the generated image and compares them where
 they overlap. What counts as a hit, and an image's verdict (its best candidate's), is ``verdicts.py``'s.
 
+Descriptors (``descriptors.py``, ``--descriptor SPEC``): each generated image is also embedded (once per run:
+the run keeps its vectors) and its nearest training images by cosine similarity, above the descriptor's
+calibrated min similarity, join the hash candidates and go through the same confirmation and verdicts;
+``matches.source`` says who proposed a candidate (``hash``, ``descriptor:<name>`` or both) and
+``descriptor_sim`` its similarity.
+
 Writes ``memorization/matches.parquet`` (one row per image x candidate, nearest first),
 ``memorization/rates.parquet`` (per prompt: images, judged, matched, memorized, near_duplicate, degenerate,
 rate = matched / judged with a Wilson 95% interval) and ``memorization/evidence/`` (per pair a thumbnail of
@@ -30,6 +36,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from audit.memorization import confirm as cf
+from audit.memorization import descriptors as ds
 from audit.memorization import verdicts as vd
 from audit.memorization.hashing import get_hasher, square_crop
 from audit.memorization.index import DEFAULT_RADIUS, Index
@@ -45,7 +52,7 @@ UNCROP = 1 / 0.9             # an un-crop pads the image back to the size it had
 TURNS = (-2.0, 2.0)
 MATCH_COLUMNS = ["image_id", "prompt_id", "train_key", "train_uri", "hamming", "tile_l2", "ssim", "embedding_sim",
                  "verdict", "evidence_path", "agreement", "overlap", "train_overlap", "alignment", "mirrored",
-                 "transform", "query_variant", "confirm_ms", "aligned_path"]
+                 "transform", "query_variant", "confirm_ms", "aligned_path", "source", "descriptor_sim"]
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -206,24 +213,69 @@ def _rates(gens: pd.DataFrame, matches: pd.DataFrame, degenerate: set[str] | Non
 
 
 # -- the run check ---------------------------------------------------------------------------------
-def _hash_all(hasher, files: list[str], progress: bool) -> tuple[np.ndarray, list[bool]]:
-    """Variant codes and the degenerate flag of every generated image (each decoded once here)."""
+def _hash_all(hasher, files: list[str], progress: bool, cache: ds.RunCache | None = None,
+              shas: list[str] | None = None) -> tuple[np.ndarray, list[bool], np.ndarray | None]:
+    """Variant codes, the degenerate flag and (with a descriptor ``cache``) the descriptor of every generated
+    image, each decoded once here; descriptors the run already holds (same sha256, same model) are reused."""
     it = files
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(files, unit="img", desc="hash")
+        it = tqdm(files, unit="img", desc="hash" if cache is None else f"hash + {cache.desc.name}")
     codes, flat = [], []
-    for f in it:
+    vectors: list[np.ndarray | None] = [None] * len(files)
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        for (k, _), v in zip(pending, cache.desc.embed([a for _, a in pending]), strict=True):
+            vectors[k] = v
+            cache.put(shas[k], v)
+        pending.clear()
+
+    for k, f in enumerate(it):
         img = _open(f)
         codes.append(query_codes(hasher, img))
         flat.append(cf.prepare(img).degenerate)
-    return (np.stack(codes) if codes else np.empty((0, len(VARIANT_NAMES)), np.uint64)), flat
+        if cache is not None:
+            vectors[k] = cache.get(shas[k])
+            if vectors[k] is None:
+                pending.append((k, np.asarray(img.convert("RGB"))))
+                if len(pending) >= ds.BATCH:
+                    flush()
+    if pending:
+        flush()
+    codes = np.stack(codes) if codes else np.empty((0, len(VARIANT_NAMES)), np.uint64)
+    if cache is None:
+        return codes, flat, None
+    return codes, flat, np.stack(vectors) if vectors else np.zeros((0, cache.desc.dim), np.float32)
+
+
+def _descriptor(index: Index, descriptor: str | ds.Descriptor | None) -> ds.Store | None:
+    """The descriptor store to search (checked against the model before any image is read), or None."""
+    if descriptor is None:
+        return None
+    desc = descriptor if isinstance(descriptor, ds.Descriptor) else ds.resolve(descriptor, index)
+    return ds.Store.open(index, desc)
+
+
+def _candidates(index: Index, codes: np.ndarray, radius: int, max_candidates: int, store: ds.Store | None,
+                vectors: np.ndarray | None, min_similarity: float | None) -> list[pd.DataFrame]:
+    """Per image: hash candidates (nearest ``max_candidates``) and, with a descriptor, its nearest
+    ``max_candidates`` training images above the min similarity, each with its ``source``."""
+    hashed = search_codes(index, codes, radius)
+    found = (store.search(vectors, max_candidates, min_similarity) if store is not None
+             else [pd.DataFrame({"id": np.empty(0, np.int64), "descriptor_sim": np.empty(0)})] * len(hashed))
+    source = ds.source_name(store.descriptor) if store is not None else "hash"
+    return ds.merge_candidates(hashed, found, codes, index, source, VARIANT_NAMES, max_candidates)
 
 
 def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAULT_RADIUS,
-              max_candidates: int = MAX_CANDIDATES, progress: bool = True) -> dict[str, Any]:
-    """Check every image of a run against an index; write matches, rates and evidence; return a summary."""
+              max_candidates: int = MAX_CANDIDATES, progress: bool = True,
+              descriptor: str | ds.Descriptor | None = None, min_similarity: float | None = None) -> dict[str, Any]:
+    """Check every image of a run against an index; write matches, rates and evidence; return a summary.
+
+    ``descriptor`` (a spec or a loaded ``Descriptor`` the index was embedded with) adds its nearest
+    neighbours above ``min_similarity`` (default: the index's calibrated value) as candidates."""
     t0 = time.perf_counter()
     run = Run.open(run_dir)
     index = Index.open(index_dir)
@@ -231,13 +283,15 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
     if gens.empty:
         raise InputError(f"run {run.root} has no images; generate into it first")
     hasher = get_hasher(index.hash_name)
-    # stream: keep only codes; images are decoded again only for the few with candidates
-    codes, flat = _hash_all(hasher, gens["file"].tolist(), progress)
+    store = _descriptor(index, descriptor)
+    cache = ds.RunCache(run, store.descriptor) if store is not None else None
+    # stream: keep only codes (and descriptors); images are decoded again only for the few with candidates
+    codes, flat, vectors = _hash_all(hasher, gens["file"].tolist(), progress, cache, gens["sha256"].tolist())
     degenerate = set(gens["image_id"][np.asarray(flat, bool)]) if len(flat) else set()
-    candidates = search_codes(index, codes, radius)
-    wanted = np.unique(np.concatenate([c["id"].to_numpy()[:max_candidates] for c in candidates] + [[]]))
+    candidates = _candidates(index, codes, radius, max_candidates, store, vectors, min_similarity)
+    wanted = np.unique(np.concatenate([c["id"].to_numpy() for c in candidates] + [[]]))
     items = index.items(wanted.astype(np.int64)).set_index("id") if len(wanted) else None
-    pairs = [(i, c) for i, cands in enumerate(candidates) for c in cands.head(max_candidates).itertuples()]
+    pairs = [(i, c) for i, cands in enumerate(candidates) for c in cands.itertuples()]
     if progress and pairs:
         from tqdm import tqdm
 
@@ -250,7 +304,9 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
             gen = gens.iloc[i]
             row = dict.fromkeys(MATCH_COLUMNS)
             row.update(image_id=gen["image_id"], prompt_id=gen["prompt_id"], train_key=item["key"],
-                       train_uri=item["uri"], hamming=int(cand.hamming), query_variant=cand.variant)
+                       train_uri=item["uri"], hamming=int(cand.hamming), query_variant=cand.variant,
+                       source=cand.source, descriptor_sim=None if pd.isna(cand.descriptor_sim)
+                       else round(float(cand.descriptor_sim), 6))
             if gen["image_id"] in degenerate:
                 row["verdict"] = vd.DEGENERATE  # never confirmed, never counted, no evidence kept
                 rows.append(row)
@@ -273,6 +329,8 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
         rates = _rates(gens, matches, degenerate)
         run.write_table("memorization/matches", matches)
         run.write_table("memorization/rates", rates)
+        if cache is not None:
+            cache.save(gens)
         _prune_evidence(run, set(matches["evidence_path"].dropna()) | set(matches["aligned_path"].dropna()))
     n = vd.image_counts(matches, degenerate)
     assert n["matched_images"] == int(rates["matched"].sum())  # one definition: the tables agree by construction
@@ -280,42 +338,67 @@ def check_run(run_dir: str | Path, index_dir: str | Path, *, radius: int = DEFAU
     summary = {"run": str(run.root), "index": str(index.root), "hash": index.hash_name, "radius": radius,
                "images": len(gens), **n, "verdicts": matches["verdict"].value_counts().to_dict(),
                "confirm_ms_per_candidate": per_pair, "seconds": round(time.perf_counter() - t0, 3)}
+    extra: dict[str, Any] = {}
+    if store is not None:
+        src = matches["source"].fillna("")
+        hits = matches[matches["verdict"].map(vd.is_hit)]
+        extra = {"descriptor": store.descriptor.name, "min_similarity": store.min_similarity
+                 if min_similarity is None else float(min_similarity)}
+        summary["descriptor"] = {**extra, "spec": store.descriptor.spec,
+                                 "descriptor_candidates": int(src.str.contains("descriptor:").sum()),
+                                 "descriptor_only_candidates": int(src.str.startswith("descriptor:").sum()),
+                                 "hits_found_by_descriptor_only": int(hits["source"].fillna("").str
+                                                                      .startswith("descriptor:").sum()),
+                                 "vectors_reused": cache.reused, "faiss": store.meta["faiss"]["type"]}
     run.record_stage("memorization", seconds=summary["seconds"], index=summary["index"], hash=index.hash_name,
-                     radius=radius, images=len(gens), confirm_ms_per_candidate=per_pair, **n)
+                     radius=radius, images=len(gens), confirm_ms_per_candidate=per_pair, **extra, **n)
     return summary
 
 
 def query_files(files: list[str], index_dir: str | Path | Index, *, radius: int = DEFAULT_RADIUS, top_k: int = 5,
-                confirm_matches: bool = True, max_candidates: int = MAX_CANDIDATES) -> list[dict[str, Any]]:
-    """Look up images a user brings: matches within ``radius`` (confirmed, nearest ``max_candidates``) and
-    the ``top_k`` nearest codes of the plain image."""
+                confirm_matches: bool = True, max_candidates: int = MAX_CANDIDATES,
+                descriptor: str | ds.Descriptor | None = None, min_similarity: float | None = None
+                ) -> list[dict[str, Any]]:
+    """Look up images a user brings: matches within ``radius`` (confirmed, nearest ``max_candidates``; with a
+    ``descriptor``, its nearest neighbours too) and the ``top_k`` nearest codes of the plain image."""
+    index = index_dir if isinstance(index_dir, Index) else Index.open(index_dir)
+    store = _descriptor(index, descriptor)  # a wrong model fails before any image is read
     images = [_open(f) for f in files]
-    return [{"file": f, **r} for f, r in zip(files, query_images(images, index_dir, radius=radius, top_k=top_k,
+    return [{"file": f, **r} for f, r in zip(files, query_images(images, index, radius=radius, top_k=top_k,
                                                                   confirm_matches=confirm_matches,
-                                                                  max_candidates=max_candidates), strict=True)]
+                                                                  max_candidates=max_candidates, descriptor=store,
+                                                                  min_similarity=min_similarity), strict=True)]
 
 
 def query_images(images: list[Image.Image], index_dir: str | Path | Index, *, radius: int = DEFAULT_RADIUS,
-                 top_k: int = 5, confirm_matches: bool = True, max_candidates: int = MAX_CANDIDATES
+                 top_k: int = 5, confirm_matches: bool = True, max_candidates: int = MAX_CANDIDATES,
+                 descriptor: str | ds.Descriptor | ds.Store | None = None, min_similarity: float | None = None
                  ) -> list[dict[str, Any]]:
     """``query_files`` for decoded images: per image its hash, degenerate flag, best verdict, whether that is
-    a hit, the candidates (key, Hamming, the variant that hit, the confirmation) and the nearest codes."""
+    a hit, the candidates (key, Hamming, the variant that hit, who proposed it, the confirmation) and the
+    nearest codes."""
     index = index_dir if isinstance(index_dir, Index) else Index.open(index_dir)
     hasher = get_hasher(index.hash_name)
+    store = descriptor if isinstance(descriptor, ds.Store) else _descriptor(index, descriptor)
+    codes = np.stack([query_codes(hasher, im) for im in images]) if images else \
+        np.empty((0, len(VARIANT_NAMES)), np.uint64)
+    vectors = store.descriptor.embed([np.asarray(im.convert("RGB")) for im in images]) if store is not None else None
+    candidates = _candidates(index, codes, radius, max_candidates, store, vectors, min_similarity)
     results = []
     if top_k and index.count:
         near_ids, near_d = index.topk(np.asarray([hasher.hash_image(im) for im in images], np.uint64), top_k)
     else:
         near_ids = near_d = np.zeros((len(images), 0), np.int64)
-    for img, cands, nid, nd in zip(images, search_images(index, images, radius), near_ids, near_d, strict=True):
+    for img, cands, nid, nd in zip(images, candidates, near_ids, near_d, strict=True):
         query = cf.prepare(img)
         matches = []
-        cands = cands.head(max_candidates)
         if len(cands):
             items = index.items(cands["id"].to_numpy())
-            for item, ham, var in zip(items.to_dict("records"), cands["hamming"], cands["variant"], strict=True):
+            for item, ham, var, src, sim in zip(items.to_dict("records"), cands["hamming"], cands["variant"],
+                                                cands["source"], cands["descriptor_sim"], strict=True):
                 m = {"id": int(item["id"]), "key": item["key"], "variant": item["variant"], "uri": item["uri"],
-                     "hamming": int(ham), "query_variant": var}
+                     "hamming": int(ham), "query_variant": var, "source": src,
+                     "descriptor_sim": None if pd.isna(sim) else round(float(sim), 4)}
                 if query.degenerate:
                     m["verdict"] = vd.DEGENERATE
                 elif confirm_matches:

@@ -1,4 +1,4 @@
-"""Memorization commands: ``index build|info|query`` and ``audit memorization``."""
+"""Memorization commands: ``index build|info|query|embed`` and ``audit memorization``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ from diffaudit.commands import app, audit_app
 
 index_app = typer.Typer(help="Training-set hash indexes: build one, show it, look images up.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+
+
+DESCRIPTOR_HELP = ("Also search image descriptors the index holds (`diffaudit index embed`): "
+                   "sscd:/path/model.pt[@SIZE], onnx:/path/model.onnx or clip[:MODEL].")
+MIN_SIM_HELP = ("With --descriptor: cosine similarity a neighbour needs to become a candidate (default: the value "
+                "chosen for that descriptor on the calibration split when it was embedded).")
 
 
 class Engine(StrEnum):
@@ -48,10 +54,16 @@ def index_info(
     sample: int = typer.Option(8, "--sample", min=0, help="With --check: items hashed again per shard."),
 ) -> None:
     """Show an index: hash, count, shards, size on disk, and what reading its sources skipped."""
+    from audit.memorization.descriptors import list_descriptors
     from audit.memorization.index import Index
 
     idx = Index.open(index)
     info = idx.info()
+    info["descriptors"] = [{k: m.get(k) for k in ("name", "spec", "dim", "count", "unreadable", "sha256")}
+                           | {"faiss": m.get("faiss", {}).get("type"),
+                              "recall_at_10": m.get("faiss", {}).get("recall_at_10"),
+                              "min_similarity": (m.get("min_similarity") or {}).get("value")}
+                           for m in list_descriptors(idx)]
     if not check:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -75,15 +87,20 @@ def index_query(
     engine: Engine = typer.Option(None, "--engine", help="Search here, segment by segment (local, the default), "
                                                          "or on Ray (default: $DIFFAUDIT_SEARCH_ENGINE)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
+    descriptor: str = typer.Option(None, "--descriptor", help=DESCRIPTOR_HELP),
+    min_similarity: float = typer.Option(None, "--min-similarity", min=-1.0, max=1.0, help=MIN_SIM_HELP),
 ) -> None:
     """Find training images near any image you bring: hash match within radius (the image, its mirror and
-    edited variants), then each candidate aligned and confirmed in pixels."""
+    edited variants) and, with --descriptor, nearest neighbours by embedding; then each candidate aligned and
+    confirmed in pixels."""
     from audit.memorization.check import query_files
     from audit.memorization.search import use_engine
 
     use_engine(engine and engine.value, ray_address)
+    _needs_descriptor(descriptor, min_similarity)
 
-    for result in query_files([str(f) for f in files], index, radius=radius, top_k=top_k):
+    for result in query_files([str(f) for f in files], index, radius=radius, top_k=top_k, descriptor=descriptor,
+                              min_similarity=min_similarity):
         if as_json:
             typer.echo(json.dumps(result))
             continue
@@ -100,9 +117,41 @@ def index_query(
                 extra = (f"  agreement={m['agreement']} ssim={m['ssim']} tile_l2={m['tile_l2']} "
                          f"overlap={m['overlap']}/{m['train_overlap']} {t.get('method', '-')}{mirrored} "
                          f"x{t.get('scale', 1):.2f} {t.get('rotation', 0):+.1f}deg  {m['confirm_ms']} ms")
-            typer.echo(f"  {m.get('verdict', '-'):<15} d={m['hamming']:<3} {m['key']}{crop}  {m['uri'] or ''}{extra}")
+            found = f"  [{m['source']} sim={m['descriptor_sim']}]" if m.get("descriptor_sim") is not None else ""
+            typer.echo(f"  {m.get('verdict', '-'):<15} d={m['hamming']:<3} {m['key']}{crop}  {m['uri'] or ''}{extra}"
+                       f"{found}")
         typer.echo("  nearest: " + ", ".join(f"{n['key']}{'[square]' if n['variant'] == 'square' else ''} "
                                          f"({n['hamming']})" for n in result["nearest"]))
+
+
+def _needs_descriptor(descriptor: str | None, min_similarity: float | None) -> None:
+    if min_similarity is not None and descriptor is None:
+        from diffaudit.errors import InputError
+
+        raise InputError("--min-similarity applies to descriptor search; add --descriptor SPEC")
+
+
+@index_app.command("embed")
+def index_embed(
+    index: Path = typer.Argument(..., help="An index folder (`diffaudit index build`)."),
+    descriptor: str = typer.Option(..., "--descriptor", help="sscd:/path/model.pt[@SIZE] (Meta's TorchScript "
+                                                              "SSCD), onnx:/path/model.onnx, or clip[:MODEL] (the "
+                                                              "bias probe's CLIP, e.g. clip:tiny)."),
+    device: str = typer.Option(None, "--device", help="cuda, cpu (default: cuda when there is one)."),
+    calibration_images: int = typer.Option(16, "--calibration-images", min=0,
+                                           help="Images per corpus split to choose the default min similarity on "
+                                                "(calibration) and report it (held out); 0: use 0.5, uncalibrated."),
+    exact_below: int = typer.Option(200_000, "--exact-below", min=0,
+                                    help="Exact FAISS search (IndexFlatIP) below this many images, HNSW above "
+                                         "(its recall@10 against exact search is measured and recorded)."),
+) -> None:
+    """Compute a descriptor for every indexed training image (resumable: rerun after an interruption, or after
+    the index grew), with a FAISS index for nearest-neighbour search."""
+    from audit.memorization.descriptors import embed_index
+
+    meta = embed_index(index, descriptor, device=device, calibration_images=calibration_images,
+                       flat_limit=exact_below)
+    typer.echo(json.dumps(meta, indent=2))
 
 
 @audit_app.command("memorization")
@@ -117,6 +166,8 @@ def audit_memorization(
     threshold: str = typer.Option(None, "--threshold", help="Prompt-score threshold: a number or a calibration "
                                                             "file (default: the SD 1.x setting, 5.0 at step 1)."),
     statistic: str = typer.Option(None, "--statistic", help="step1 (default) or mean (over the first steps)."),
+    descriptor: str = typer.Option(None, "--descriptor", help=DESCRIPTOR_HELP),
+    min_similarity: float = typer.Option(None, "--min-similarity", min=-1.0, max=1.0, help=MIN_SIM_HELP),
 ) -> None:
     """Flag memorized prompts from the scores recorded while generating (Wen et al. 2024) and, with an index,
     check the run's images against the training set (each hash candidate aligned to the image and confirmed
@@ -125,12 +176,15 @@ def audit_memorization(
     from diffaudit.errors import InputError
 
     summary = {}
+    _needs_descriptor(descriptor, min_similarity)
+    if descriptor is not None and index is None:
+        raise InputError("--descriptor searches a training-set index; add --index IDX")
     if index is not None:
         from audit.memorization.check import check_run
         from audit.memorization.search import use_engine
 
         use_engine(engine and engine.value, ray_address)
-        summary = check_run(run, index, radius=radius)
+        summary = check_run(run, index, radius=radius, descriptor=descriptor, min_similarity=min_similarity)
     scores = score_run(run, threshold=threshold, statistic=statistic)
     if index is None and not scores["scored_images"]:
         raise InputError(f"{scores['reason']}; regenerate the run, or check it against an index (--index IDX)")
