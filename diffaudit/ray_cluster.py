@@ -41,6 +41,8 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
     ray = ray_module()
     if ray.is_initialized():
         return False
+    if address is not None:
+        check_reachable(address)
     try:
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
@@ -51,6 +53,21 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
         raise ConfigError(f"cannot join the Ray cluster at {address} ({first}); start it with `ray start --head` "
                           "and pass its address (ray://HEAD:10001 or HEAD:6379)") from None
     return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``host:port`` or ``ray://host:port`` address that accepts no connection is refused at once (Ray itself
+    retries for minutes); ``auto`` and addresses without a port are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__}); start it "
+                          "with `ray start --head` and pass its address (ray://HEAD:10001 or HEAD:6379)") from None
 
 
 @contextlib.contextmanager

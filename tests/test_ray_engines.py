@@ -222,6 +222,7 @@ def test_ray_requests_that_cannot_be_placed_are_refused(tmp_path, ray_cluster, r
     (["--address", "ray://head:10001"], "--address needs --engine ray"),
     (["--ray-workers", "2"], "--ray-workers needs --engine ray"),
     (["--engine", "ray", "--ray-workers", "0"], "--ray-workers 0: give 1 or more"),
+    (["--engine", "ray", "--address", "127.0.0.1:1", "--ray-workers", "1"], "cannot reach the Ray cluster"),
 ])
 def test_cli_engine_options_are_checked_first(tmp_path, capsys, command, extra, message):
     run = make_photo_run(tmp_path / "photos")
