@@ -43,6 +43,12 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     if address is not None:
         check_reachable(address)
+        if address.startswith("ray://"):
+            try:
+                import grpc  # noqa: F401 - what Ray Client adds to ray
+            except ImportError:
+                raise ConfigError(f"--address {address}: ray:// addresses need Ray Client: pip install 'ray[client]' "
+                                  "(or, on a node of the cluster, pass HEAD:6379)") from None
     try:
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
@@ -50,8 +56,9 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
         if address is None:
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"cannot join the Ray cluster at {address} ({first}); start it with `ray start --head` "
-                          "and pass its address (ray://HEAD:10001 or HEAD:6379)") from None
+        raise ConfigError(f"cannot join the Ray cluster at {address} ({first}); a cluster with token authentication "
+                          "(Ray's default) needs RAY_AUTH_MODE=token here and its token (~/.ray/auth_token or "
+                          "RAY_AUTH_TOKEN)") from None
     return True
 
 

@@ -234,3 +234,20 @@ def test_cli_engine_options_are_checked_first(tmp_path, capsys, command, extra, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert not (tmp_path / "run").exists() and not run.has_table("probes/clip")
+
+
+def test_ray_client_address_without_ray_client_says_what_to_install(tmp_path, capsys):
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("grpc") is not None:
+        pytest.skip("ray[client] is installed")
+    with socket.create_server(("127.0.0.1", 0)) as server:  # something listens: the address is reachable
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(SystemExit) as e:
+            cli("generate", "--suite", "demo", "--out", str(tmp_path / "run"), "--engine", "ray", "--address",
+                address, "--ray-workers", "1", "--no-progress")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'ray[client]'" in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
