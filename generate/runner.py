@@ -254,7 +254,8 @@ class _Generator:
                 if recorded.get(j.image_id) == tuple(_plain(getattr(j.request, k)) for k in REQUEST_KEYS)}
 
     def _collect(self, futures: list[Future], rows: list[dict[str, Any]], out: BatchResult, bar) -> None:
-        if out.nsfw is None and self.plan.pipes is not None and self.plan.pipes.flags_nsfw:  # here, behind the device, not before the next batch
+        # here, behind the device, not before the next batch (an engine's workers flag their own)
+        if out.nsfw is None and self.plan.pipes is not None and self.plan.pipes.flags_nsfw:
             out.nsfw = self.plan.pipes.flag_nsfw(out.pixels.wait())
         for k, (fut, row, cells) in enumerate(zip(futures, rows, out.scores.rows(len(rows)), strict=True)):
             row["sha256"] = fut.result()
