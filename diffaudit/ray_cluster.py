@@ -39,9 +39,7 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect this process to Ray unless it is already; True if this call did (and so should shut it down).
     Without ``address`` a local cluster starts with ``num_cpus`` CPUs (default: this machine's)."""
     ray = ray_module()
-    if ray.is_initialized():
-        return False
-    if address is not None:
+    if address is not None:  # checked even where this process is connected already: a bad address is an error
         check_reachable(address)
         if address.startswith("ray://"):
             try:
@@ -49,6 +47,8 @@ def start(address: str | None = None, num_cpus: int | None = None) -> bool:
             except ImportError:
                 raise ConfigError(f"--address {address}: ray:// addresses need Ray Client: pip install 'ray[client]' "
                                   "(or, on a node of the cluster, pass HEAD:6379)") from None
+    if ray.is_initialized():
+        return False
     try:
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
