@@ -12,6 +12,7 @@ summaries (``bias/skin``, ``bias/intersectional``; ``audit.skin``). The run's lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -49,17 +50,23 @@ def default_clip_model(run: Run) -> str:
     return TINY if tiny else DEFAULT_MODEL
 
 
-def build_probes(names: Sequence[str], *, clip_model: str | None = None, face_detector: str | None = None,
-                 device: str | None = None, clip_options: dict[str, Any] | None = None,
-                 face_model: str | None = None, face_options: dict[str, Any] | None = None) -> list[Probe]:
-    """Probes by registered name; the probes that read faces share one detector (faces found once).
-    ``face_model`` and ``face_options`` (``min_margin``) go to the face-attribute probe."""
+def check_probe_names(names: Sequence[str]) -> list[str]:
+    """The names, deduplicated, or a ``ConfigError`` for none or an unknown one."""
     names = list(dict.fromkeys(names))
     if not names:
         raise ConfigError("no probes selected; choose from: " + ", ".join(REGISTRY))
     for name in names:
         if name not in REGISTRY:
             raise ConfigError(f"unknown probe {name!r}; choose from: {', '.join(REGISTRY)}")
+    return names
+
+
+def build_probes(names: Sequence[str], *, clip_model: str | None = None, face_detector: str | None = None,
+                 device: str | None = None, clip_options: dict[str, Any] | None = None,
+                 face_model: str | None = None, face_options: dict[str, Any] | None = None) -> list[Probe]:
+    """Probes by registered name; the probes that read faces share one detector (faces found once).
+    ``face_model`` and ``face_options`` (``min_margin``) go to the face-attribute probe."""
+    names = check_probe_names(names)
     classes = {name: REGISTRY.load(name) for name in names}
     detector = None
     if any(cls.needs_faces for cls in classes.values()):
@@ -103,12 +110,26 @@ def _batches(items: list[tuple[str, str]], batch_size: int, workers: int) -> Ite
         yield future.result()
 
 
+def score_batch(probes: Sequence[Probe], batch: ImageBatch,
+                pending: dict[str, set[str]]) -> dict[str, tuple[int, pd.DataFrame]]:
+    """Each probe's rows for the images of ``batch`` it has still to score: name -> (images, rows)."""
+    out = {}
+    for probe in probes:
+        sub = batch.subset(i for i in batch.image_ids if i in pending[probe.name])
+        if len(sub):
+            out[probe.name] = (len(sub), probe.score(sub))
+    return out
+
+
 def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 64, progress: bool = True,
-              flush_seconds: float = 30.0, decode_workers: int | None = None) -> dict[str, int]:
+              flush_seconds: float = 30.0, decode_workers: int | None = None, engine: Any = None) -> dict[str, int]:
     """Score the run's not-yet-probed images with each probe; returns images newly probed per probe.
 
     Rows are appended to ``probes/<name>.parquet`` every ``flush_seconds`` and when the loop ends or is
     interrupted, so a killed audit loses at most that much work and resumes where it stopped.
+    ``engine``: another scorer of batches (``audit.distributed``: Ray workers holding the probes), whose
+    ``results(batches, pending)`` yields ``(images, score_batch's answer)`` in the batches' order; this
+    process then only writes the tables.
     """
     from tqdm.auto import tqdm
 
@@ -133,13 +154,15 @@ def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 64, progre
     last = time.monotonic()
     with tqdm(total=len(todo), desc="probing", unit="img", disable=not progress) as bar:
         try:
-            for batch in _batches(todo, batch_size, workers):
-                for probe in probes:
-                    sub = batch.subset(i for i in batch.image_ids if i in pending[probe.name])
-                    if len(sub):
-                        buffers[probe.name].append(probe.score(sub))
-                        probed[probe.name] += len(sub)
-                bar.update(len(batch))
+            if engine is not None:
+                results = engine.results([todo[i:i + batch_size] for i in range(0, len(todo), batch_size)], pending)
+            else:
+                results = ((len(b), score_batch(probes, b, pending)) for b in _batches(todo, batch_size, workers))
+            for n, scored in results:
+                for name, (k, rows) in scored.items():
+                    buffers[name].append(rows)
+                    probed[name] += k
+                bar.update(n)
                 if time.monotonic() - last >= flush_seconds:
                     flush()
                     last = time.monotonic()
@@ -201,7 +224,8 @@ def audit_bias(run_dir: str | Run, *, probes: Sequence[str] = DEFAULT_PROBES, cl
                reference: str | None = "bls-2022", batch_size: int = 64, progress: bool = True,
                face_detector: str | None = None, device: str | None = None,
                clip_options: dict[str, Any] | None = None, face_model: str | None = None,
-               face_options: dict[str, Any] | None = None) -> BiasResult:
+               face_options: dict[str, Any] | None = None, engine: str = "local", address: str | None = None,
+               workers: int | None = None) -> BiasResult:
     """Probe a run's images (resumably) and write ``probes/<name>``, ``bias/summary`` and ``bias/metrics``.
 
     ``clip_model``: ``tiny``, ``NAME[:PRETRAINED]``, ``NAME:/weights.pt`` or a folder; ``None`` picks
@@ -209,7 +233,9 @@ def audit_bias(run_dir: str | Run, *, probes: Sequence[str] = DEFAULT_PROBES, cl
     ``audit.probes.faces.DETECTORS`` (default ``mtcnn``, Haar where its package is missing) or a YuNet
     ``.onnx`` path. ``clip_options``: ``min_margin``, ``person_threshold``. ``face_model``: ``dlib``
     (default) or ``fairface:/path.pt``; ``face_options``: ``min_margin``. The reference is checked before
-    any model loads or image is probed.
+    any model loads or image is probed. ``engine`` ``ray``: the probes run on Ray workers (one replica per
+    GPU, or ``workers`` CPU replicas; ``address``: the cluster, default a local one), this process writes
+    the tables (``audit.distributed``).
     """
     start = time.perf_counter()
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
@@ -218,16 +244,33 @@ def audit_bias(run_dir: str | Run, *, probes: Sequence[str] = DEFAULT_PROBES, cl
     check_reference(run, reference)
     if "clip" in probes and clip_model is None:
         clip_model = default_clip_model(run)
-    selected = build_probes(probes, clip_model=clip_model, face_detector=face_detector, device=device,
-                            clip_options=clip_options, face_model=face_model, face_options=face_options)
+    options = dict(clip_model=clip_model, face_detector=face_detector, device=device, clip_options=clip_options,
+                   face_model=face_model, face_options=face_options)
+    with contextlib.ExitStack() as stack:
+        remote = None
+        if engine == "ray":
+            from audit.distributed import RayProbes
+
+            remote = stack.enter_context(RayProbes.start(probes, options, address=address, workers=workers))
+            selected = remote.probes
+        elif engine == "local":
+            selected = build_probes(probes, **options)
+        else:
+            raise ConfigError(f"--engine {engine!r}: choose local or ray")
+        return _audit(run, selected, start, remote, batch_size=batch_size, progress=progress,
+                      reference=reference, clip_model=clip_model if "clip" in probes else None)
+
+
+def _audit(run: Run, selected: list, start: float, remote: Any, *, batch_size: int, progress: bool,
+           reference: str | None, clip_model: str | None) -> BiasResult:
     with run.lock():
-        probed = probe_run(run, selected, batch_size=batch_size, progress=progress)
+        probed = probe_run(run, selected, batch_size=batch_size, progress=progress, engine=remote)
         summary, notes = summarize_run(run, reference=reference)
         detectors = sorted({p.detector.name for p in selected if getattr(p, "detector", None) is not None})
         notes += [f"faces found by {d}" for d in detectors]
         seconds = time.perf_counter() - start
         run.record_stage("bias", seconds=seconds, probes=[p.name for p in selected],
                          versions={p.name: p.version for p in selected}, probed=probed,
-                         face_detector=detectors[0] if detectors else None,
-                         clip_model=clip_model if "clip" in probes else None, reference=reference)
-    return BiasResult(probed, summary, clip_model if "clip" in probes else None, seconds, notes)
+                         face_detector=detectors[0] if detectors else None, clip_model=clip_model,
+                         reference=reference, **({"engine": remote.record()} if remote is not None else {}))
+    return BiasResult(probed, summary, clip_model, seconds, notes)

@@ -82,11 +82,13 @@ class Plan:
         return self.settings["width"], self.settings["height"]
 
 
-def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
+def plan_run(run_dir: str | os.PathLike | None, config: GenerationConfig, *,
              pipelines: Pipelines | None = None, progress: bool = True) -> Plan:
     """Validate everything and load the model, writing nothing. Raises a ``DiffauditError`` on bad input
-    (an ``--out`` that is not a run is refused by ``Run.create``, which also writes nothing then)."""
-    Run.check_can_create(run_dir)  # before the model loads: a bad --out fails in a second
+    (an ``--out`` that is not a run is refused by ``Run.create``, which also writes nothing then).
+    ``run_dir`` None: a plan for a worker of another engine, whose driver checks the run folder."""
+    if run_dir is not None:
+        Run.check_can_create(run_dir)  # before the model loads: a bad --out fails in a second
     check_scheduler(config.scheduler)
     requests = expand(config.suite, images_per_prompt=config.images_per_prompt, seed=config.seed,
                       templates=config.templates, subjects=config.subjects, edits=config.edits)
@@ -129,7 +131,8 @@ def plan_run(run_dir: str | os.PathLike, config: GenerationConfig, *,
             "latent_shape": [pipes.txt2img.unet.config.out_channels, height // pipes.txt2img.vae_scale_factor,
                              width // pipes.txt2img.vae_scale_factor]},
     }
-    plan.fresh = _check_resume(Path(run_dir), plan.settings)
+    if run_dir is not None:  # None: a Ray worker's plan, which never writes a run
+        plan.fresh = _check_resume(Path(run_dir), plan.settings)
     return plan
 
 
@@ -139,10 +142,15 @@ def generate_run(run_dir: str | os.PathLike, config: GenerationConfig, *, progre
     plan = plan_run(run_dir, config, pipelines=pipelines, progress=progress)
     run = Run.create(run_dir)
     with run.lock():
-        if plan.fresh:  # no image yet: the settings are replaced whole, not merged with an earlier attempt's
-            run.update_info({"generation": None})
-        run.update_info({"generation": plan.settings})
+        record_settings(run, plan)
         return _Generator(run, plan, progress).execute()
+
+
+def record_settings(run: Run, plan: Plan) -> None:
+    """The plan's settings into run.json (under the run's lock), for the local and the Ray engine alike."""
+    if plan.fresh:  # no image yet: the settings are replaced whole, not merged with an earlier attempt's
+        run.update_info({"generation": None})
+    run.update_info({"generation": plan.settings})
 
 
 def initial_noise(generators: Sequence, shape: tuple[int, ...], dtype):
@@ -168,15 +176,22 @@ def auto_batch_size(device: str, width: int, height: int) -> int:
 
 
 class _Generator:
-    """One generation pass over the jobs that are not done yet."""
+    """One generation pass over the jobs that are not done yet.
 
-    def __init__(self, run: Run, plan: Plan, progress: bool):
-        self.run, self.plan, self.progress = run, plan, progress
+    ``engine``: another maker of batches (``generate.distributed``: Ray workers, each with its own plan and a
+    ``_Generator`` of its own without a run), with ``batch_size``, ``results(batches)`` yielding
+    ``(batch, BatchResult)`` in the batches' order, and ``record()``; this process then only writes the run."""
+
+    def __init__(self, run: Run | None, plan: Plan, progress: bool, engine: Any = None):
+        self.run, self.plan, self.progress, self.engine = run, plan, progress, engine
+        self.rows: list[dict[str, Any]] = []
+        self.last_flush = time.perf_counter()
+        if engine is not None:
+            self.batch_size, self.speed = engine.batch_size, None
+            return
         pipes, (w, h) = plan.pipes, plan.size
         bs = plan.config.batch_size
         self.batch_size = auto_batch_size(pipes.device, w, h) if bs == "auto" else int(bs)
-        self.rows: list[dict[str, Any]] = []
-        self.last_flush = time.perf_counter()
         self.speed = FastPath.setup(plan, self.batch_size)
 
     def execute(self) -> dict[str, Any]:
@@ -196,20 +211,18 @@ class _Generator:
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png") as pool, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
-                self.speed.decoder = decoder if self.speed.overlap else None
+                if self.speed is not None:
+                    self.speed.decoder = decoder if self.speed.overlap else None
                 try:
-                    for queue in groups.values():
-                        while queue:
-                            batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
-                            out = self._generate(batch)
-                            now = time.perf_counter()  # batch to batch: device work is partly asynchronous
-                            seconds, last = (now - last) / len(batch), now
-                            futures = [pool.submit(_write_png, self.run.image_path(j.request.prompt_id, j.seed),
-                                                   out.pixels, k) for k, j in enumerate(batch)]
-                            rows = [self._row(j, seconds, None) for j in batch]
-                            writes.append((futures, rows, out))
-                            while len(writes) > 1:  # keep one batch of writes in flight behind the device
-                                self._collect(*writes.popleft(), bar=bar)
+                    for batch, out in self._results(groups):
+                        now = time.perf_counter()  # batch to batch: device work is partly asynchronous
+                        seconds, last = (now - last) / len(batch), now
+                        futures = [pool.submit(_write_png, self.run.image_path(j.request.prompt_id, j.seed),
+                                               out.pixels, k) for k, j in enumerate(batch)]
+                        rows = [self._row(j, seconds, None) for j in batch]
+                        writes.append((futures, rows, out))
+                        while len(writes) > 1:  # keep one batch of writes in flight behind the device
+                            self._collect(*writes.popleft(), bar=bar)
                 finally:
                     while writes:  # also on Ctrl-C / errors: record what reached the disk
                         self._collect(*writes.popleft(), bar=bar)
@@ -219,12 +232,26 @@ class _Generator:
             self.speed.release()
         seconds = time.perf_counter() - start
         n = len(todo)
+        record = self.engine.record() if self.engine is not None else self.speed.record()
         self.run.record_stage("generate", seconds=seconds, images=len(self.plan.jobs), generated=n,
-                              skipped=len(self.plan.jobs) - n, batch_size=self.batch_size, **self.speed.record())
+                              skipped=len(self.plan.jobs) - n, batch_size=self.batch_size, **record)
         return {"run": str(self.run.root), "images": len(self.plan.jobs), "generated": n,
                 "skipped": len(self.plan.jobs) - n, "seconds": round(seconds, 3),
                 "images_per_second": round(n / seconds, 3) if seconds > 0 else None,
                 "batch_size": self.batch_size}
+
+    def _results(self, groups: dict[tuple, deque[Job]]):
+        """(batch, BatchResult) per batch of each group, made here or by the engine."""
+        def batches():
+            for queue in groups.values():
+                while queue:  # the batch size is read per batch: out of memory halves it
+                    yield [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+
+        if self.engine is not None:
+            yield from self.engine.results(batches())
+            return
+        for batch in batches():
+            yield batch, self._generate(batch)
 
     def _done(self) -> set[str]:
         """Images on disk as recorded whose row still matches its job's request (else: made again, row replaced)."""
@@ -236,7 +263,8 @@ class _Generator:
                 if recorded.get(j.image_id) == tuple(_plain(getattr(j.request, k)) for k in REQUEST_KEYS)}
 
     def _collect(self, futures: list[Future], rows: list[dict[str, Any]], out: BatchResult, bar) -> None:
-        if out.nsfw is None and self.plan.pipes.flags_nsfw:  # here, behind the device, not before the next batch
+        # here, behind the device, not before the next batch (an engine's workers flag their own)
+        if out.nsfw is None and self.plan.pipes is not None and self.plan.pipes.flags_nsfw:
             out.nsfw = self.plan.pipes.flag_nsfw(out.pixels.wait())
         for k, (fut, row, cells) in enumerate(zip(futures, rows, out.scores.rows(len(rows)), strict=True)):
             row["sha256"] = fut.result()
@@ -585,11 +613,32 @@ class HostPixels:
         return HostPixels(self.array[index], self.ready, self.buffer, self.pool)
 
 
-def _write_png(path: Path, pixels: HostPixels, index: int) -> str:
-    """Encode and write one image atomically; return its sha256 (runs in the writer pool)."""
+@dataclass(frozen=True)
+class EncodedPixels:
+    """Images already PNG-encoded elsewhere (by a Ray worker): the driver only writes them."""
+
+    pngs: list[bytes]
+
+    def png(self, index: int) -> bytes:
+        return self.pngs[index]
+
+    def __getitem__(self, index: slice) -> EncodedPixels:
+        return EncodedPixels(self.pngs[index])
+
+    def release(self) -> None:
+        pass
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """One uint8 (H, W, 3) image as the PNG file a run stores."""
     buf = io.BytesIO()
-    Image.fromarray(pixels.wait()[index], "RGB").save(buf, format="PNG")
-    data = buf.getvalue()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_png(path: Path, pixels: HostPixels | LaterPixels | EncodedPixels, index: int) -> str:
+    """Encode and write one image atomically; return its sha256 (runs in the writer pool)."""
+    data = pixels.png(index) if isinstance(pixels, EncodedPixels) else png_bytes(pixels.wait()[index])
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 

@@ -21,18 +21,12 @@ from typing import Any
 import numpy as np
 
 from audit.memorization.sources import Unit
+from diffaudit import ray_cluster
 from diffaudit.errors import ConfigError
 
 
 def _ray(data: bool = False):
-    try:
-        import ray
-
-        if data:
-            import ray.data  # noqa: F401 - the Data library is an extra of ray
-    except ImportError:
-        raise ConfigError("--engine ray needs Ray Data: pip install 'ray[data]' (or use --engine local)") from None
-    return ray
+    return ray_cluster.ray_module(data)  # how every stage connects to Ray: diffaudit.ray_cluster
 
 
 def _task(row: dict[str, Any]) -> dict[str, Any]:
@@ -52,11 +46,7 @@ def ray_hash_units(units: list[Unit], hash_name: str, exact: bool, square: bool,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the build shows its own progress bar
     ctx.print_on_execution_start = False
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-        started = True
+    started = ray_cluster.start(address, num_cpus)
     try:
         rows = [{"i": i, "unit": pickle.dumps(u), "hash_name": hash_name, "exact": exact,
              "square": square}
@@ -128,10 +118,7 @@ class RaySearch:
         from audit.memorization.search import segments
 
         ray = _ray()
-        self.started = False
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            self.started = True
+        self.started = ray_cluster.start(address)
         self.root = str(Path(root).resolve())
         self.segments = segments(shards, segment_codes)
         self.count = self.segments[-1].hi if self.segments else 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from diffaudit.commands import audit_app
+from diffaudit.commands.generate import ADDRESS_HELP, WORKERS_HELP, Engine, check_engine
 
 
 @audit_app.command("bias")
@@ -32,6 +33,11 @@ def bias(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images decoded and probed together."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    engine: Engine = typer.Option(Engine.local, "--engine",
+                                  help="local (this process) or ray (probe replicas per GPU of a Ray cluster; "
+                                       "the driver writes the tables)."),
+    address: str | None = typer.Option(None, "--address", "--ray-address", help=ADDRESS_HELP),
+    ray_workers: int | None = typer.Option(None, "--ray-workers", help=WORKERS_HELP),
 ) -> None:
     """Probe every image not yet probed (resumable), then write bias/summary.parquet with intervals.
 
@@ -39,12 +45,14 @@ def bias(
     """
     from audit.bias import audit_bias
 
+    check_engine(engine, address, ray_workers)
     names = [p.strip() for p in probes.split(",") if p.strip()]
     result = audit_bias(run, probes=names, clip_model=clip_model,
                         reference=None if reference.lower() == "none" else reference, batch_size=batch_size,
                         progress=progress, face_detector=face_detector, device=device, face_model=face_model,
                         clip_options={"min_margin": min_margin, "person_threshold": person_threshold},
-                        face_options={"min_margin": min_margin})
+                        face_options={"min_margin": min_margin}, engine=engine.value, address=address,
+                        workers=ray_workers)
     for note in result.notes:
         typer.echo(f"note: {note}")
     probed = ", ".join(f"{name} {n}" for name, n in result.probed.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -10,6 +11,28 @@ from diffaudit.commands import app
 
 _FLAGS = {"images_per_prompt": "--images-per-prompt", "batch_size": "--batch-size", "width": "--size",
           "height": "--size", "guidance": "--guidance", "steps": "--steps", "seed": "--seed", "dtype": "--dtype"}
+
+
+class Engine(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+ENGINE_HELP = "local (this process, one device) or ray (one replica per GPU of a Ray cluster; the driver writes the run)."
+ADDRESS_HELP = "Ray cluster to join (ray://HEAD:10001 or HEAD:6379; default: start a local one). Needs --engine ray."
+WORKERS_HELP = "Ray workers (default: one per GPU; required on a cluster without GPUs: N CPU workers)."
+
+
+def check_engine(engine: Engine, address: str | None, workers: int | None) -> None:
+    """--address and --ray-workers only mean something with --engine ray."""
+    from diffaudit.errors import ConfigError
+
+    if engine != Engine.ray:
+        for flag, value in (("--address", address), ("--ray-workers", workers)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --engine ray")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--ray-workers {workers}: give 1 or more")
 
 
 @app.command("generate")
@@ -36,10 +59,14 @@ def generate(
     templates: str | None = typer.Option(None, "--templates", help="Comma-separated template ids (subset)."),
     edits: str | None = typer.Option(None, "--edits", help="Comma-separated edit ids (subset); '' for none."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
+    address: str | None = typer.Option(None, "--address", "--ray-address", help=ADDRESS_HELP),
+    ray_workers: int | None = typer.Option(None, "--ray-workers", help=WORKERS_HELP),
 ) -> None:
     """Generate a prompt suite into a run folder; rerun the same command to resume."""
     from diffaudit.errors import ConfigError
 
+    check_engine(engine, address, ray_workers)
     width = height = None
     if size is not None:
         parts = size.lower().split("x")
@@ -60,12 +87,19 @@ def generate(
     from diffaudit.runs import Run
 
     with Run.reserve(out):  # a second generate on this run is refused now, not after its model loads
-        from generate.runner import generate_run
+        if engine == Engine.ray:
+            from generate.distributed import generate_run_ray
 
-        summary = generate_run(out, config, progress=progress)
+            summary = generate_run_ray(out, config, address=address, workers=ray_workers, progress=progress)
+        else:
+            from generate.runner import generate_run
+
+            summary = generate_run(out, config, progress=progress)
     rate = summary["images_per_second"]
     typer.echo(f"{summary['generated']} images generated, {summary['skipped']} already done, into {out} "
-               f"in {summary['seconds']:.1f} s" + (f" ({rate:.2f} img/s)" if rate else ""))
+               f"in {summary['seconds']:.1f} s" + (f" ({rate:.2f} img/s)" if rate else "")
+               + (f" on {summary['workers']} Ray workers" if "workers" in summary else "")
+               + (f", {summary['workers_lost']} lost" if summary.get("workers_lost") else ""))
 
 
 def _ids(value: str | None) -> tuple[str, ...] | None:
