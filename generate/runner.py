@@ -229,7 +229,8 @@ class _Generator:
                     self._flush_rows(force=True)
         finally:
             bar.close()
-            self.speed.release()
+            if self.speed is not None:  # the Ray engine's workers hold their own fast paths
+                self.speed.release()
         seconds = time.perf_counter() - start
         n = len(todo)
         record = self.engine.record() if self.engine is not None else self.speed.record()

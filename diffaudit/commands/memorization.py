@@ -33,7 +33,7 @@ def index_build(
     hash_name: str = typer.Option("phash", "--hash", help="phash, dhash or whash (`diffaudit list hashes`)."),
     engine: Engine = typer.Option(Engine.local, "--engine", help="local processes or a Ray cluster."),
     workers: int = typer.Option(0, "--workers", min=0, help="Local processes (0: all cores)."),
-    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
+    ray_address: str = typer.Option(None, "--ray-address", "--address", help="Ray cluster address (default: a local Ray)."),
     exact: bool = typer.Option(False, "--exact", help="Decode JPEGs in full: bit-identical to imagehash, slower."),
     square: bool = typer.Option(True, "--square/--no-square",
                                 help="Also index the centred square crop of wide/tall images."),
@@ -86,7 +86,7 @@ def index_query(
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
     engine: Engine = typer.Option(None, "--engine", help="Search here, segment by segment (local, the default), "
                                                          "or on Ray (default: $DIFFAUDIT_SEARCH_ENGINE)."),
-    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
+    ray_address: str = typer.Option(None, "--ray-address", "--address", help="Ray cluster address (default: a local Ray)."),
     descriptor: str = typer.Option(None, "--descriptor", help=DESCRIPTOR_HELP),
     min_similarity: float = typer.Option(None, "--min-similarity", min=-1.0, max=1.0, help=MIN_SIM_HELP),
 ) -> None:
@@ -162,7 +162,7 @@ def audit_memorization(
     radius: int = typer.Option(10, "--radius", min=0, max=64, help="Hamming radius (exact search)."),
     engine: Engine = typer.Option(None, "--engine", help="Search here, segment by segment (local, the default), "
                                                          "or on Ray (default: $DIFFAUDIT_SEARCH_ENGINE)."),
-    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)."),
+    ray_address: str = typer.Option(None, "--ray-address", "--address", help="Ray cluster address (default: a local Ray)."),
     threshold: str = typer.Option(None, "--threshold", help="Prompt-score threshold: a number or a calibration "
                                                             "file (default: the SD 1.x setting, 5.0 at step 1)."),
     statistic: str = typer.Option(None, "--statistic", help="step1 (default) or mean (over the first steps)."),
