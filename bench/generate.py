@@ -77,12 +77,12 @@ def build_sd15():
                                    requires_safety_checker=False)
 
 
-def write_suite(folder: Path) -> Path:
-    """The demo's twelve occupations through one template, as a suite file (no edits)."""
+def write_suite(folder: Path, prompts: int | None = None) -> Path:
+    """The demo's twelve occupations (or the first ``prompts``) through one template, as a suite file (no edits)."""
     from prompts.suites import load_suite
 
     demo = load_suite("demo")
-    subjects = "\n".join(f"  - {{id: {s.id}, text: {s.text}}}" for s in demo.subjects)
+    subjects = "\n".join(f"  - {{id: {s.id}, text: {s.text}}}" for s in demo.subjects[:prompts])
     path = folder / "bench.yaml"
     path.write_text(textwrap.dedent("""\
         name: bench

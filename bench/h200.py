@@ -45,7 +45,6 @@ import json
 import os
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,23 +173,6 @@ def build(setting: Setting, dtype):
 
         return load_pipelines("tiny", device="cpu").txt2img  # the plain diffusers pipeline inside
     return build_sd15(setting.device, dtype)
-
-
-def write_suite(folder: Path) -> Path:
-    """The demo's twelve occupations through one template, txt2img only (as bench/generate.py)."""
-    from prompts.suites import load_suite
-
-    subjects = "\n".join(f"  - {{id: {s.id}, text: {s.text}}}" for s in load_suite("demo").subjects[:PROMPTS])
-    path = folder / "bench.yaml"
-    path.write_text(textwrap.dedent("""\
-        name: bench
-        description: demo occupations, txt2img only
-        sources: ["bench"]
-        templates:
-          - {id: heim_face, text: "a photo of the face of {a} {subject}"}
-        subjects:
-        """) + subjects + "\n")
-    return path
 
 
 # --- stages --------------------------------------------------------------------------------------------------
@@ -425,9 +407,11 @@ def run(setting: Setting, b: Bench) -> dict[str, Any]:
     b.guarded("attention", attention_stage, b, setting, pipe, batch, dtype)
     settings = dict(num_inference_steps=setting.steps, guidance_scale=7.5, height=setting.size, width=setting.size)
     results: dict[str, Any] = {}
+    from bench.generate import write_suite
+
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        suite = write_suite(tmp)
+        suite = write_suite(tmp, PROMPTS)
         jobs = jobs_of(suite, setting)
         best, baseline, reference = naive_stage(b, setting, pipe, jobs, settings, tmp)
         flops = b.guarded("flops", flops_stage, pipe, settings, setting.device, dtype)
