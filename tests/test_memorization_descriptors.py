@@ -433,3 +433,66 @@ def test_matches_written_before_descriptors_still_read(tmp_path):
     pq.write_table(table.replace_schema_metadata({schema.VERSION_KEY: str(schema.SCHEMA_VERSION + 1).encode()}), path)
     with pytest.raises(DiffauditError, match="schema version"):
         run.read_table("memorization/matches")
+
+
+# -- models that run but answer wrongly --------------------------------------------------------------
+class BatchMean(torch.nn.Module):
+    """One vector for the whole batch (N x 3 x H x W -> 1 x 2*DIM): runs on one image, wrong on several."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(0, keepdim=True).repeat(1, 2)
+
+
+class NaNOnBright(torch.nn.Module):
+    """NaN for very bright images (mean normalised input > 1), a vector for the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x.mean(dim=(1, 2, 3)) > 1.0
+        y = self.net(x)
+        return torch.where(bright[:, None], torch.full_like(y, float("nan")), y)
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.net, self.factor = tiny_net(), factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.factor
+
+
+def test_models_that_answer_wrongly_are_one_line_model_errors(tmp_path, capsys):
+    import diffaudit.commands.memorization  # noqa: F401 - registers the commands
+    from diffaudit.cli import main
+
+    for name, module in (("batchmean", BatchMean()), ("nan", Scaled(float("nan"))), ("inf", Scaled(float("inf")))):
+        torch.jit.script(module.eval()).save(str(tmp_path / f"{name}.pt"))
+        with pytest.raises(ModelError, match="one vector per image|NaN or infinite") as e:
+            ds.load_descriptor(f"sscd:{tmp_path / name}.pt")  # found when loaded, before any index is touched
+        assert "\n" not in str(e.value)
+    torch.jit.script(NaNOnBright().eval()).save(str(tmp_path / "bright.pt"))
+    desc = ds.load_descriptor(f"sscd:{tmp_path / 'bright.pt'}")  # grey probe images are fine
+    grey, white = np.full((40, 40, 3), 100, np.uint8), np.full((40, 40, 3), 255, np.uint8)
+    assert desc.embed([grey]).shape == (1, DIM)
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        desc.embed([grey, white])
+    train = tmp_path / "train"
+    train.mkdir()
+    skimage_photo("rocket", 64).save(train / "rocket.png")
+    Image.fromarray(white).save(train / "white.png")  # a training image the model fails on
+    build_index([str(train)], str(tmp_path / "idx"), workers=1, progress=False, square=False)
+    index = Index.open(tmp_path / "idx")
+    with pytest.raises(SystemExit) as e:
+        main(["index", "embed", str(index.root), "--descriptor", f"sscd:{tmp_path / 'bright.pt'}",
+              "--calibration-images", "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
+    assert e.value.code != 0 and err.startswith("error: ") and "\n" not in err and "NaN or infinite" in err, err
+    assert not (tmp_path / "idx" / "descriptors" / desc.name / "meta.json").exists()  # nothing half-true stored

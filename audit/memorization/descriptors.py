@@ -90,14 +90,31 @@ class Descriptor:
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         if not len(images):
             return np.zeros((0, self.dim), np.float32)
-        out = [np.asarray(self._forward([_rgb(im) for im in images[i:i + BATCH]]), np.float32)
-               for i in range(0, len(images), BATCH)]
-        return l2_normalise(np.concatenate(out).reshape(len(images), -1))
+        out = []
+        for i in range(0, len(images), BATCH):
+            batch = [_rgb(im) for im in images[i:i + BATCH]]
+            out.append(_checked(self.spec, np.asarray(self._forward(batch), np.float32), len(batch), self.dim))
+        return l2_normalise(np.concatenate(out))
 
     def identity(self) -> dict[str, Any]:
         """What an index records about the model its vectors came from."""
         return {"name": self.name, "spec": self.spec, "kind": self.kind, "version": self.version,
                 "sha256": self.sha256, "dim": self.dim}
+
+
+def _checked(spec: str, y: np.ndarray, n: int, dim: int = 0) -> np.ndarray:
+    """A model's output for ``n`` images as ``n`` rows of ``dim`` finite values, or a one-line ``ModelError``
+    (a model that pools over the batch, or returns NaN, would otherwise give vectors that find nothing)."""
+    if y.ndim < 1 or y.shape[0] != n or y.size < 2 * n or (dim and y.size != n * dim):
+        want = f"{n} x {dim}" if dim else f"{n} vectors"
+        raise ModelError(f"descriptor {spec!r} returned shape {tuple(y.shape)} for {n} image(s), not {want}; "
+                         "it must return one vector per image")
+    y = y.reshape(n, -1)
+    bad = int((~np.isfinite(y).all(axis=1)).sum())
+    if bad:
+        raise ModelError(f"descriptor {spec!r} returned NaN or infinite values for {bad} of {n} image(s); check "
+                         "the model file (and its input size and dtype)")
+    return y
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -186,16 +203,18 @@ def load_descriptor(spec: str, *, device: str | None = None) -> Descriptor:
 
 
 def _probe_dim(desc: Descriptor) -> Descriptor:
-    """Run one small image through the model: its output width, and a clear error for a broken model."""
+    """Run two small images through the model together: its output width, and a clear error for a broken
+    model (one that fails, returns one vector for the batch, or NaN)."""
+    probe = [np.full((64, 64, 3), 127, np.uint8), np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))[..., None]
+             .repeat(3, axis=2)]
     try:
-        out = np.asarray(desc._forward([np.full((64, 64, 3), 127, np.uint8)]))
+        out = np.asarray(desc._forward(probe), np.float32)
+    except ModelError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure of a user's model file is one line
         raise ModelError(f"descriptor {desc.spec!r} does not run on an image ({_first_line(e)}); "
                          "it must take N x 3 x H x W floats and return N vectors") from None
-    if out.ndim < 1 or out.shape[0] != 1 or out.size < 2:
-        raise ModelError(f"descriptor {desc.spec!r} returned shape {out.shape} for one image; it must return "
-                         "one vector per image")
-    desc.dim = int(out.size)
+    desc.dim = int(_checked(desc.spec, out, len(probe)).shape[1])
     return desc
 
 
@@ -224,7 +243,10 @@ def _torchscript(spec: str, path: Path, size: int | None, device: str | None) ->
             idx = [i for i, s in enumerate(shapes) if s == shape]
             x = torch.from_numpy(_normalised(np.stack([_resize(images[i], shape) for i in idx]))).to(dev)
             y = model(x)
-            y = (y[0] if isinstance(y, tuple | list) else y).float().reshape(len(idx), -1).cpu().numpy()
+            y = (y[0] if isinstance(y, tuple | list) else y).float()
+            if y.ndim < 1 or y.shape[0] != len(idx):
+                _checked(spec, y.cpu().numpy(), len(idx))  # raises: not one vector per image
+            y = y.reshape(len(idx), -1).cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = y[j]
         return np.stack(out)
@@ -253,7 +275,7 @@ def _onnx(spec: str, path: Path) -> Descriptor:
     def forward(images: list[np.ndarray]) -> np.ndarray:
         x = _normalised(np.stack([_resize(im, (h, w)) for im in images])).astype(dtype)
         parts = [x[i:i + 1] for i in range(len(x))] if one_at_a_time else [x]
-        out = [np.asarray(session.run(None, {inp.name: p})[0], np.float32).reshape(len(p), -1) for p in parts]
+        out = [_checked(spec, np.asarray(session.run(None, {inp.name: p})[0], np.float32), len(p)) for p in parts]
         return np.concatenate(out)
 
     name = f"onnx-{_slug(path.stem)}"
@@ -476,14 +498,16 @@ def embed_index(index_dir: str | os.PathLike, spec: str | Descriptor, *, device:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(min(s + chunk, total) - s for s in todo), unit="img", desc=f"embed {desc.name}")
-        for s in todo:
-            end = min(s + chunk, total)
-            vecs = _embed_items(desc, index.items(np.arange(s, end)))
-            atomic_write_bytes(parts / f"{s:012d}-{end:012d}.npy", _npy(vecs))
+        try:
+            for s in todo:
+                end = min(s + chunk, total)
+                vecs = _embed_items(desc, index.items(np.arange(s, end)))
+                atomic_write_bytes(parts / f"{s:012d}-{end:012d}.npy", _npy(vecs))
+                if bar is not None:
+                    bar.update(end - s)
+        finally:  # an error's one line goes below the bar, not after it
             if bar is not None:
-                bar.update(end - s)
-        if bar is not None:
-            bar.close()
+                bar.close()
         vectors = _assemble(folder, desc.dim, done, total, starts, chunk)
         fx, fmeta = build_faiss(vectors, flat_limit=flat_limit)
         _write_faiss(folder, fx)
