@@ -392,6 +392,14 @@ def test_a_descriptor_candidate_reaches_confirmation_through_audit_memorization(
     best = [m for m in result["matches"] if m["verdict"] == "memorized"]
     assert result["hit"] and [m["key"] for m in best] == ["astronaut.png"] and best[0]["source"].startswith("descriptor:")
     main(["index", "query", str(query), "--index", str(index.root), "--descriptor", spec, "--min-similarity", "-1"])
+    # the report says who proposed the match, and that the descriptor searched too
+    from diffaudit.report import build_report
+
+    md = build_report(run.root)[0].read_text()
+    section = md.split("## Memorization")[1]
+    assert "hash candidate" not in section and meta["name"] in section and "min similarity -1" in section
+    [row] = [line for line in section.splitlines() if line.startswith("| p-copy-0 ")]
+    assert f"descriptor:{meta['name']}" in row
 
 
 def test_descriptor_options_are_checked_with_one_line_errors(tmp_path, models, train_index, capsys):
