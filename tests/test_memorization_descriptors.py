@@ -504,3 +504,19 @@ def test_models_that_answer_wrongly_are_one_line_model_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
     assert e.value.code != 0 and err.startswith("error: ") and "\n" not in err and "NaN or infinite" in err, err
     assert not (tmp_path / "idx" / "descriptors" / desc.name / "meta.json").exists()  # nothing half-true stored
+
+
+def test_search_without_a_floor_keeps_dissimilar_neighbours_but_never_unreadable_images(tmp_path, models):
+    desc = ds.load_descriptor(f"sscd:{models['sscd']}")
+    e = np.eye(DIM, dtype=np.float32)
+    vectors = np.stack([e[0], -e[0], np.zeros(DIM, np.float32), e[1], ds.l2_normalise(e[:1] + e[1:2])[0]])
+    np.save(tmp_path / "vectors.npy", vectors)
+    ds._write_faiss(tmp_path, ds.build_faiss(vectors)[0])
+    store = ds.Store(tmp_path, {"min_similarity": {"value": 0.5}, "faiss": {"type": "IndexFlatIP"},
+                                "unreadable": 1}, desc)
+    [found] = store.search(e[:1], 10, min_similarity=-1.0)  # -1: no floor; id 2 is an unreadable image
+    assert found["id"].tolist() == [0, 4, 3, 1] and np.allclose(found["descriptor_sim"], [1, 0.7071068, 0, -1])
+    assert store.search(e[:1], 10)[0]["id"].tolist() == [0, 4]  # the default floor
+    for bad in (1.5, -2.0, float("nan")):
+        with pytest.raises(InputError, match="between -1 and 1"):
+            store.search(e[:1], 10, min_similarity=bad)

@@ -591,20 +591,36 @@ class Store:
                 self._fx.hnsw.efSearch = int(self.meta["faiss"]["efSearch"])
         return self._fx
 
+    def _unreadable(self) -> np.ndarray:
+        """Ids of the training images that could not be read when embedded (their vectors are zero)."""
+        if not hasattr(self, "_zero"):
+            self._zero = np.empty(0, np.int64)
+            if self.meta.get("unreadable"):
+                v = np.load(self.folder / "vectors.npy", mmap_mode="r")
+                self._zero = np.concatenate([np.flatnonzero(~np.asarray(v[s:s + 65536]).any(axis=1)) + s
+                                             for s in range(0, len(v), 65536)] + [self._zero]).astype(np.int64)
+        return self._zero
+
     def search(self, queries: np.ndarray, k: int, min_similarity: float | None = None) -> list[pd.DataFrame]:
         """Per query vector: index ids and cosine similarities (``descriptor_sim``) of its ``k`` nearest
         training images with similarity >= ``min_similarity`` (default: the calibrated one), most similar first.
         Unreadable training images (zero vectors) are never returned."""
         floor = self.min_similarity if min_similarity is None else float(min_similarity)
+        if not -1.0 <= floor <= 1.0:  # NaN too
+            raise InputError(f"min similarity {floor} must be a cosine similarity between -1 and 1")
         q = l2_normalise(np.asarray(queries, np.float32).reshape(len(queries), -1))
         fx = self._index()
-        k = min(int(k), fx.ntotal)
-        if not len(q) or k <= 0:
+        # unreadable images have zero vectors: they score 0 with everything, so only a floor <= 0 meets them
+        unreadable = self._unreadable() if floor <= 0 else np.empty(0, np.int64)
+        want = int(k)
+        k = min(want + len(unreadable), fx.ntotal)
+        if not len(q) or k <= 0 or want <= 0:
             return [pd.DataFrame({"id": np.empty(0, np.int64), "descriptor_sim": np.empty(0)}) for _ in q]
         sims, ids = fx.search(q, k)
         out = []
         for s, i in zip(sims, ids, strict=True):
-            keep = (i >= 0) & (s >= floor) & (s > 0)  # a zero vector scores 0 with everything
+            keep = (i >= 0) & (s >= floor) & ~np.isin(i, unreadable)
+            keep &= np.cumsum(keep) <= want
             out.append(pd.DataFrame({"id": i[keep].astype(np.int64), "descriptor_sim": s[keep].astype(np.float64)}))
         return out
 
