@@ -477,13 +477,25 @@ class Scaled(torch.nn.Module):
         return self.net(x) * self.factor
 
 
+class FeatureMap(torch.nn.Module):
+    """Unpooled features: N x 16 x h x w, whose length depends on the input size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.conv2(torch.relu(self.net.conv1(x)))
+
+
 def test_models_that_answer_wrongly_are_one_line_model_errors(tmp_path, capsys):
     import diffaudit.commands.memorization  # noqa: F401 - registers the commands
     from diffaudit.cli import main
 
-    for name, module in (("batchmean", BatchMean()), ("nan", Scaled(float("nan"))), ("inf", Scaled(float("inf")))):
+    for name, module in (("batchmean", BatchMean()), ("nan", Scaled(float("nan"))), ("inf", Scaled(float("inf"))),
+                         ("featuremap", FeatureMap())):
         torch.jit.script(module.eval()).save(str(tmp_path / f"{name}.pt"))
-        with pytest.raises(ModelError, match="one vector per image|NaN or infinite") as e:
+        with pytest.raises(ModelError, match="one vector per image|NaN or infinite|vectors of different lengths") as e:
             ds.load_descriptor(f"sscd:{tmp_path / name}.pt")  # found when loaded, before any index is touched
         assert "\n" not in str(e.value)
     torch.jit.script(NaNOnBright().eval()).save(str(tmp_path / "bright.pt"))
@@ -520,3 +532,6 @@ def test_search_without_a_floor_keeps_dissimilar_neighbours_but_never_unreadable
     for bad in (1.5, -2.0, float("nan")):
         with pytest.raises(InputError, match="between -1 and 1"):
             store.search(e[:1], 10, min_similarity=bad)
+    (tmp_path / "vectors.npy").unlink()
+    with pytest.raises(InputError, match="vectors.npy is missing"):
+        ds.Store(tmp_path, store.meta, desc).search(e[:1], 10, min_similarity=-1.0)

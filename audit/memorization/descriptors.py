@@ -203,10 +203,11 @@ def load_descriptor(spec: str, *, device: str | None = None) -> Descriptor:
 
 
 def _probe_dim(desc: Descriptor) -> Descriptor:
-    """Run two small images through the model together: its output width, and a clear error for a broken
-    model (one that fails, returns one vector for the batch, or NaN)."""
-    probe = [np.full((64, 64, 3), 127, np.uint8), np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))[..., None]
-             .repeat(3, axis=2)]
+    """Run three small images through the model (two of one size, together, and a wider one): its output
+    width, and a clear error for a broken model (one that fails, returns one vector for the batch, NaN, or
+    unpooled features whose length depends on the input size)."""
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))[..., None].repeat(3, axis=2)
+    probe = [np.full((64, 64, 3), 127, np.uint8), ramp, np.ascontiguousarray(np.concatenate([ramp, ramp[:, :32]], 1))]
     try:
         out = np.asarray(desc._forward(probe), np.float32)
     except ModelError:
@@ -249,6 +250,10 @@ def _torchscript(spec: str, path: Path, size: int | None, device: str | None) ->
             y = y.reshape(len(idx), -1).cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = y[j]
+        lengths = sorted({len(v) for v in out})
+        if len(lengths) > 1:
+            raise ModelError(f"descriptor {spec!r} returned vectors of different lengths {lengths} for images of "
+                             "different sizes; it must pool its features to one vector per image")
         return np.stack(out)
 
     tag = f"square{size}" if size else f"short{SSCD_SHORT_SIDE}"
@@ -596,7 +601,11 @@ class Store:
         if not hasattr(self, "_zero"):
             self._zero = np.empty(0, np.int64)
             if self.meta.get("unreadable"):
-                v = np.load(self.folder / "vectors.npy", mmap_mode="r")
+                try:
+                    v = np.load(self.folder / "vectors.npy", mmap_mode="r")
+                except (OSError, ValueError) as e:
+                    raise InputError(f"{self.folder}/vectors.npy is missing or unreadable ({_first_line(e)}); run "
+                                     "`diffaudit index embed` again") from None
                 self._zero = np.concatenate([np.flatnonzero(~np.asarray(v[s:s + 65536]).any(axis=1)) + s
                                              for s in range(0, len(v), 65536)] + [self._zero]).astype(np.int64)
         return self._zero
