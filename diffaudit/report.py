@@ -700,18 +700,24 @@ def _memorization(doc: Doc, run: Run) -> None:
     flagged = int(rates["degenerate"].fillna(0).sum()) if "degenerate" in rates else 0
     n = vd.image_counts(matches)
     stage = (run.info.get("stages") or {}).get("memorization") or {}
-    searched = f" (searched with {stage['hash']} at radius {stage['radius']})" if {"hash", "radius"} <= set(stage) else ""
-    doc.p(f"{matches['image_id'].nunique()} generated image(s) had a hash candidate in the training index{searched}; "
+    searched = f" (searched with {stage['hash']} at radius {stage['radius']}" if {"hash", "radius"} <= set(stage) else ""
+    if searched and stage.get("descriptor"):
+        searched += f" and the {stage['descriptor']} descriptor at min similarity {stage.get('min_similarity')}"
+    searched += ")" if searched else ""
+    doc.p(f"{matches['image_id'].nunique()} generated image(s) had a candidate in the training index{searched}; "
           f"**{n['matched_images']} matched** a training image once aligned and compared in pixels "
           f"({n['memorized_images']} `{vd.MEMORIZED}`: {vd.HELP[vd.MEMORIZED]}; {n['near_duplicate_images']} "
           f"`{vd.NEAR_DUPLICATE}`: {vd.HELP[vd.NEAR_DUPLICATE]}). "
           f"{max(flagged, n['degenerate_images'])} image(s) are `{vd.DEGENERATE}` ({vd.HELP[vd.DEGENERATE]}) and "
-          "are never counted. A miss is not proof of absence: the hash search misses some edited copies.")
+          "are never counted. A miss is not proof of absence: the search misses some edited copies.")
     confirmed = matches[matches["verdict"].map(vd.is_hit)]
     if len(confirmed):
         show = confirmed[["image_id", "train_key", "hamming", "agreement", "ssim", "tile_l2", "overlap",
                           "verdict"]].copy()
         show["aligned by"] = [_alignment(r) for r in confirmed.itertuples(index=False)]
+        if "source" in confirmed and confirmed["source"].notna().any():  # who proposed it: hash, descriptor, both
+            show["found by"] = [s if isinstance(s, str) else "hash" for s in confirmed["source"]]
+            show["descriptor sim"] = confirmed["descriptor_sim"]
         doc.table(show.round(3))
         pairs = []
         gens = run.read_table("generations").set_index("image_id")

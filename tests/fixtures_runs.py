@@ -135,7 +135,11 @@ def _memorization(run: Run, gens: pd.DataFrame, size: int) -> None:
             img.save(run.path(evidence), format="JPEG", quality=50)
         rows.append(dict(image_id=g.image_id, prompt_id=g.prompt_id, train_key=key,
                          train_uri=f"https://example.org/{key}.jpg", hamming=hamming, tile_l2=l2, ssim=ssim,
-                         embedding_sim=None, verdict=verdict, evidence_path=evidence))
+                         embedding_sim=None, verdict=verdict, evidence_path=evidence,
+                         query_variant="full" if hamming < 10 else "crop90",  # the last found by a descriptor only
+                         source="hash" if hamming < 10 else "descriptor:sscd-x",
+                         descriptor_sim=None if hamming < 10 else 0.71,
+                         alignment=None if hamming < 10 else "keypoints"))
     matches = pd.DataFrame(rows)
     run.write_table("memorization/matches", matches)
     confirmed = matches[matches["verdict"] != "unconfirmed"]

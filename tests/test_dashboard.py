@@ -146,6 +146,9 @@ def test_memorization_page_pairs_and_threshold(app, runs_dir):
     facts = [m.value for m in app.markdown if "Hamming" in m.value]
     assert facts[0] == "**memorized**  \nHamming **2** · tile-L2 0.031 · SSIM 0.940"
     assert len(facts) == 3
+    said = texts(app)  # who proposed each candidate; a descriptor-only one was no hash hit
+    assert "found by descriptor:sscd-x (similarity 0.710)" in said and "found by hash" in said
+    assert "aligned by keypoints" in said and "hash hit by" not in said
     matches = Run.open(runs_dir / "tiny-base").read_table("memorization/matches")
     pairs = [img.captions[0] for img in app.image]
     first = matches.iloc[0]

@@ -392,6 +392,14 @@ def test_a_descriptor_candidate_reaches_confirmation_through_audit_memorization(
     best = [m for m in result["matches"] if m["verdict"] == "memorized"]
     assert result["hit"] and [m["key"] for m in best] == ["astronaut.png"] and best[0]["source"].startswith("descriptor:")
     main(["index", "query", str(query), "--index", str(index.root), "--descriptor", spec, "--min-similarity", "-1"])
+    # the report says who proposed the match, and that the descriptor searched too
+    from diffaudit.report import build_report
+
+    md = build_report(run.root)[0].read_text()
+    section = md.split("## Memorization")[1]
+    assert "hash candidate" not in section and meta["name"] in section and "min similarity -1" in section
+    [row] = [line for line in section.splitlines() if line.startswith("| p-copy-0 ")]
+    assert f"descriptor:{meta['name']}" in row
 
 
 def test_descriptor_options_are_checked_with_one_line_errors(tmp_path, models, train_index, capsys):
@@ -433,3 +441,97 @@ def test_matches_written_before_descriptors_still_read(tmp_path):
     pq.write_table(table.replace_schema_metadata({schema.VERSION_KEY: str(schema.SCHEMA_VERSION + 1).encode()}), path)
     with pytest.raises(DiffauditError, match="schema version"):
         run.read_table("memorization/matches")
+
+
+# -- models that run but answer wrongly --------------------------------------------------------------
+class BatchMean(torch.nn.Module):
+    """One vector for the whole batch (N x 3 x H x W -> 1 x 2*DIM): runs on one image, wrong on several."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(0, keepdim=True).repeat(1, 2)
+
+
+class NaNOnBright(torch.nn.Module):
+    """NaN for very bright images (mean normalised input > 1), a vector for the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x.mean(dim=(1, 2, 3)) > 1.0
+        y = self.net(x)
+        return torch.where(bright[:, None], torch.full_like(y, float("nan")), y)
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.net, self.factor = tiny_net(), factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.factor
+
+
+class FeatureMap(torch.nn.Module):
+    """Unpooled features: N x 16 x h x w, whose length depends on the input size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.conv2(torch.relu(self.net.conv1(x)))
+
+
+def test_models_that_answer_wrongly_are_one_line_model_errors(tmp_path, capsys):
+    import diffaudit.commands.memorization  # noqa: F401 - registers the commands
+    from diffaudit.cli import main
+
+    for name, module in (("batchmean", BatchMean()), ("nan", Scaled(float("nan"))), ("inf", Scaled(float("inf"))),
+                         ("featuremap", FeatureMap())):
+        torch.jit.script(module.eval()).save(str(tmp_path / f"{name}.pt"))
+        with pytest.raises(ModelError, match="one vector per image|NaN or infinite|vectors of different lengths") as e:
+            ds.load_descriptor(f"sscd:{tmp_path / name}.pt")  # found when loaded, before any index is touched
+        assert "\n" not in str(e.value)
+    torch.jit.script(NaNOnBright().eval()).save(str(tmp_path / "bright.pt"))
+    desc = ds.load_descriptor(f"sscd:{tmp_path / 'bright.pt'}")  # grey probe images are fine
+    grey, white = np.full((40, 40, 3), 100, np.uint8), np.full((40, 40, 3), 255, np.uint8)
+    assert desc.embed([grey]).shape == (1, DIM)
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        desc.embed([grey, white])
+    train = tmp_path / "train"
+    train.mkdir()
+    skimage_photo("rocket", 64).save(train / "rocket.png")
+    Image.fromarray(white).save(train / "white.png")  # a training image the model fails on
+    build_index([str(train)], str(tmp_path / "idx"), workers=1, progress=False, square=False)
+    index = Index.open(tmp_path / "idx")
+    with pytest.raises(SystemExit) as e:
+        main(["index", "embed", str(index.root), "--descriptor", f"sscd:{tmp_path / 'bright.pt'}",
+              "--calibration-images", "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
+    assert e.value.code != 0 and err.startswith("error: ") and "\n" not in err and "NaN or infinite" in err, err
+    assert not (tmp_path / "idx" / "descriptors" / desc.name / "meta.json").exists()  # nothing half-true stored
+
+
+def test_search_without_a_floor_keeps_dissimilar_neighbours_but_never_unreadable_images(tmp_path, models):
+    desc = ds.load_descriptor(f"sscd:{models['sscd']}")
+    e = np.eye(DIM, dtype=np.float32)
+    vectors = np.stack([e[0], -e[0], np.zeros(DIM, np.float32), e[1], ds.l2_normalise(e[:1] + e[1:2])[0]])
+    np.save(tmp_path / "vectors.npy", vectors)
+    ds._write_faiss(tmp_path, ds.build_faiss(vectors)[0])
+    store = ds.Store(tmp_path, {"min_similarity": {"value": 0.5}, "faiss": {"type": "IndexFlatIP"},
+                                "unreadable": 1}, desc)
+    [found] = store.search(e[:1], 10, min_similarity=-1.0)  # -1: no floor; id 2 is an unreadable image
+    assert found["id"].tolist() == [0, 4, 3, 1] and np.allclose(found["descriptor_sim"], [1, 0.7071068, 0, -1])
+    assert store.search(e[:1], 10)[0]["id"].tolist() == [0, 4]  # the default floor
+    for bad in (1.5, -2.0, float("nan")):
+        with pytest.raises(InputError, match="between -1 and 1"):
+            store.search(e[:1], 10, min_similarity=bad)
+    (tmp_path / "vectors.npy").unlink()
+    with pytest.raises(InputError, match="vectors.npy is missing"):
+        ds.Store(tmp_path, store.meta, desc).search(e[:1], 10, min_similarity=-1.0)

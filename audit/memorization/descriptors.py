@@ -90,14 +90,31 @@ class Descriptor:
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         if not len(images):
             return np.zeros((0, self.dim), np.float32)
-        out = [np.asarray(self._forward([_rgb(im) for im in images[i:i + BATCH]]), np.float32)
-               for i in range(0, len(images), BATCH)]
-        return l2_normalise(np.concatenate(out).reshape(len(images), -1))
+        out = []
+        for i in range(0, len(images), BATCH):
+            batch = [_rgb(im) for im in images[i:i + BATCH]]
+            out.append(_checked(self.spec, np.asarray(self._forward(batch), np.float32), len(batch), self.dim))
+        return l2_normalise(np.concatenate(out))
 
     def identity(self) -> dict[str, Any]:
         """What an index records about the model its vectors came from."""
         return {"name": self.name, "spec": self.spec, "kind": self.kind, "version": self.version,
                 "sha256": self.sha256, "dim": self.dim}
+
+
+def _checked(spec: str, y: np.ndarray, n: int, dim: int = 0) -> np.ndarray:
+    """A model's output for ``n`` images as ``n`` rows of ``dim`` finite values, or a one-line ``ModelError``
+    (a model that pools over the batch, or returns NaN, would otherwise give vectors that find nothing)."""
+    if y.ndim < 1 or y.shape[0] != n or y.size < 2 * n or (dim and y.size != n * dim):
+        want = f"{n} x {dim}" if dim else f"{n} vectors"
+        raise ModelError(f"descriptor {spec!r} returned shape {tuple(y.shape)} for {n} image(s), not {want}; "
+                         "it must return one vector per image")
+    y = y.reshape(n, -1)
+    bad = int((~np.isfinite(y).all(axis=1)).sum())
+    if bad:
+        raise ModelError(f"descriptor {spec!r} returned NaN or infinite values for {bad} of {n} image(s); check "
+                         "the model file (and its input size and dtype)")
+    return y
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -186,16 +203,19 @@ def load_descriptor(spec: str, *, device: str | None = None) -> Descriptor:
 
 
 def _probe_dim(desc: Descriptor) -> Descriptor:
-    """Run one small image through the model: its output width, and a clear error for a broken model."""
+    """Run three small images through the model (two of one size, together, and a wider one): its output
+    width, and a clear error for a broken model (one that fails, returns one vector for the batch, NaN, or
+    unpooled features whose length depends on the input size)."""
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))[..., None].repeat(3, axis=2)
+    probe = [np.full((64, 64, 3), 127, np.uint8), ramp, np.ascontiguousarray(np.concatenate([ramp, ramp[:, :32]], 1))]
     try:
-        out = np.asarray(desc._forward([np.full((64, 64, 3), 127, np.uint8)]))
+        out = np.asarray(desc._forward(probe), np.float32)
+    except ModelError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure of a user's model file is one line
         raise ModelError(f"descriptor {desc.spec!r} does not run on an image ({_first_line(e)}); "
                          "it must take N x 3 x H x W floats and return N vectors") from None
-    if out.ndim < 1 or out.shape[0] != 1 or out.size < 2:
-        raise ModelError(f"descriptor {desc.spec!r} returned shape {out.shape} for one image; it must return "
-                         "one vector per image")
-    desc.dim = int(out.size)
+    desc.dim = int(_checked(desc.spec, out, len(probe)).shape[1])
     return desc
 
 
@@ -224,9 +244,16 @@ def _torchscript(spec: str, path: Path, size: int | None, device: str | None) ->
             idx = [i for i, s in enumerate(shapes) if s == shape]
             x = torch.from_numpy(_normalised(np.stack([_resize(images[i], shape) for i in idx]))).to(dev)
             y = model(x)
-            y = (y[0] if isinstance(y, tuple | list) else y).float().reshape(len(idx), -1).cpu().numpy()
+            y = (y[0] if isinstance(y, tuple | list) else y).float()
+            if y.ndim < 1 or y.shape[0] != len(idx):
+                _checked(spec, y.cpu().numpy(), len(idx))  # raises: not one vector per image
+            y = y.reshape(len(idx), -1).cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = y[j]
+        lengths = sorted({len(v) for v in out})
+        if len(lengths) > 1:
+            raise ModelError(f"descriptor {spec!r} returned vectors of different lengths {lengths} for images of "
+                             "different sizes; it must pool its features to one vector per image")
         return np.stack(out)
 
     tag = f"square{size}" if size else f"short{SSCD_SHORT_SIDE}"
@@ -253,7 +280,7 @@ def _onnx(spec: str, path: Path) -> Descriptor:
     def forward(images: list[np.ndarray]) -> np.ndarray:
         x = _normalised(np.stack([_resize(im, (h, w)) for im in images])).astype(dtype)
         parts = [x[i:i + 1] for i in range(len(x))] if one_at_a_time else [x]
-        out = [np.asarray(session.run(None, {inp.name: p})[0], np.float32).reshape(len(p), -1) for p in parts]
+        out = [_checked(spec, np.asarray(session.run(None, {inp.name: p})[0], np.float32), len(p)) for p in parts]
         return np.concatenate(out)
 
     name = f"onnx-{_slug(path.stem)}"
@@ -476,14 +503,16 @@ def embed_index(index_dir: str | os.PathLike, spec: str | Descriptor, *, device:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(min(s + chunk, total) - s for s in todo), unit="img", desc=f"embed {desc.name}")
-        for s in todo:
-            end = min(s + chunk, total)
-            vecs = _embed_items(desc, index.items(np.arange(s, end)))
-            atomic_write_bytes(parts / f"{s:012d}-{end:012d}.npy", _npy(vecs))
+        try:
+            for s in todo:
+                end = min(s + chunk, total)
+                vecs = _embed_items(desc, index.items(np.arange(s, end)))
+                atomic_write_bytes(parts / f"{s:012d}-{end:012d}.npy", _npy(vecs))
+                if bar is not None:
+                    bar.update(end - s)
+        finally:  # an error's one line goes below the bar, not after it
             if bar is not None:
-                bar.update(end - s)
-        if bar is not None:
-            bar.close()
+                bar.close()
         vectors = _assemble(folder, desc.dim, done, total, starts, chunk)
         fx, fmeta = build_faiss(vectors, flat_limit=flat_limit)
         _write_faiss(folder, fx)
@@ -567,20 +596,40 @@ class Store:
                 self._fx.hnsw.efSearch = int(self.meta["faiss"]["efSearch"])
         return self._fx
 
+    def _unreadable(self) -> np.ndarray:
+        """Ids of the training images that could not be read when embedded (their vectors are zero)."""
+        if not hasattr(self, "_zero"):
+            self._zero = np.empty(0, np.int64)
+            if self.meta.get("unreadable"):
+                try:
+                    v = np.load(self.folder / "vectors.npy", mmap_mode="r")
+                except (OSError, ValueError) as e:
+                    raise InputError(f"{self.folder}/vectors.npy is missing or unreadable ({_first_line(e)}); run "
+                                     "`diffaudit index embed` again") from None
+                self._zero = np.concatenate([np.flatnonzero(~np.asarray(v[s:s + 65536]).any(axis=1)) + s
+                                             for s in range(0, len(v), 65536)] + [self._zero]).astype(np.int64)
+        return self._zero
+
     def search(self, queries: np.ndarray, k: int, min_similarity: float | None = None) -> list[pd.DataFrame]:
         """Per query vector: index ids and cosine similarities (``descriptor_sim``) of its ``k`` nearest
         training images with similarity >= ``min_similarity`` (default: the calibrated one), most similar first.
         Unreadable training images (zero vectors) are never returned."""
         floor = self.min_similarity if min_similarity is None else float(min_similarity)
+        if not -1.0 <= floor <= 1.0:  # NaN too
+            raise InputError(f"min similarity {floor} must be a cosine similarity between -1 and 1")
         q = l2_normalise(np.asarray(queries, np.float32).reshape(len(queries), -1))
         fx = self._index()
-        k = min(int(k), fx.ntotal)
-        if not len(q) or k <= 0:
+        # unreadable images have zero vectors: they score 0 with everything, so only a floor <= 0 meets them
+        unreadable = self._unreadable() if floor <= 0 else np.empty(0, np.int64)
+        want = int(k)
+        k = min(want + len(unreadable), fx.ntotal)
+        if not len(q) or k <= 0 or want <= 0:
             return [pd.DataFrame({"id": np.empty(0, np.int64), "descriptor_sim": np.empty(0)}) for _ in q]
         sims, ids = fx.search(q, k)
         out = []
         for s, i in zip(sims, ids, strict=True):
-            keep = (i >= 0) & (s >= floor) & (s > 0)  # a zero vector scores 0 with everything
+            keep = (i >= 0) & (s >= floor) & ~np.isin(i, unreadable)
+            keep &= np.cumsum(keep) <= want
             out.append(pd.DataFrame({"id": i[keep].astype(np.int64), "descriptor_sim": s[keep].astype(np.float64)}))
         return out
 

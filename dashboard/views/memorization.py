@@ -104,7 +104,7 @@ def _alignment_line(m) -> str | None:
     parts.append(words)
     if _get(m, "agreement") is not None:
         parts.append(f"agreement {ui.number(m.agreement, 2)} of textured tiles")
-    if _get(m, "query_variant") is not None:
+    if _get(m, "query_variant") is not None and "hash" in (_get(m, "source") or "hash"):  # not descriptor-only
         parts.append(f"hash hit by the {ui.md(m.query_variant)} variant")
     if _get(m, "confirm_ms") is not None:
         parts.append(f"confirmed in {ui.number(m.confirm_ms, 0)} ms")
@@ -133,7 +133,11 @@ for m in shown.iloc[(page - 1) * PAIRS: page * PAIRS].itertuples():
         line = _alignment_line(m)
         if line:
             st.caption(line)
+        found = _get(m, "source")
+        sim = _get(m, "descriptor_sim")
         st.caption(f"prompt {ui.md(m.prompt_id)}"
+                   + (f" · found by {ui.md(found)}" if found else "")
+                   + (f" (similarity {ui.number(sim, 3)})" if found and sim is not None else "")
                    + (f" · source {ui.md(m.train_uri)}" if isinstance(m.train_uri, str) else ""))
         if isinstance(aligned, str) and isinstance(m.evidence_path, str):
             with st.expander("Training image as indexed"):
