@@ -143,6 +143,7 @@ def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 64, progre
             if any(i in pending[p.name] for p in probes)]
     buffers: dict[str, list[pd.DataFrame]] = {p.name: [] for p in probes}
     probed = dict.fromkeys(buffers, 0)
+    kept = EmbeddingsKept(run, images, probes)
 
     def flush() -> None:
         for name, frames in buffers.items():
@@ -160,6 +161,7 @@ def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 64, progre
                 results = ((len(b), score_batch(probes, b, pending)) for b in _batches(todo, batch_size, workers))
             for n, scored in results:
                 for name, (k, rows) in scored.items():
+                    kept.take(name, rows)
                     buffers[name].append(rows)
                     probed[name] += k
                 bar.update(n)
@@ -168,7 +170,36 @@ def probe_run(run: Run, probes: Sequence[Probe], *, batch_size: int = 64, progre
                     last = time.monotonic()
         finally:
             flush()
+            kept.save()  # once, at the end: a cache (a killed run just computes them again when asked)
     return probed
+
+
+class EmbeddingsKept:
+    """Image embeddings a probe computed anyway (CLIP's, in ``rows.attrs["embeddings"]``), kept in the run as
+    the memorization check's descriptor cache (``audit.memorization.descriptors.RunCache``), so that
+    ``audit memorization --descriptor clip:MODEL`` reuses them instead of running CLIP again."""
+
+    def __init__(self, run: Run, images: pd.DataFrame, probes: Sequence[Probe]):
+        self.run, self.caches = run, {}
+        self.sha = dict(zip(images["image_id"], images["sha256"], strict=True))
+        self.images = images
+        self.probes = {p.name: p for p in probes if callable(getattr(p, "descriptor", None))}  # local probes only
+
+    def take(self, name: str, rows: pd.DataFrame) -> None:
+        found = rows.attrs.pop("embeddings", None)
+        if found is None or name not in self.probes:
+            return
+        if name not in self.caches:
+            from audit.memorization.descriptors import RunCache
+
+            self.caches[name] = RunCache(self.run, self.probes[name].descriptor())
+        for image_id, vector in zip(*found, strict=True):
+            if image_id in self.sha:
+                self.caches[name].put(self.sha[image_id], vector)
+
+    def save(self) -> None:
+        for cache in self.caches.values():
+            cache.save(self.images)
 
 
 def check_reference(run: Run, reference: str | None) -> None:

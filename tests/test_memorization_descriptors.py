@@ -535,3 +535,23 @@ def test_search_without_a_floor_keeps_dissimilar_neighbours_but_never_unreadable
     (tmp_path / "vectors.npy").unlink()
     with pytest.raises(InputError, match="vectors.npy is missing"):
         ds.Store(tmp_path, store.meta, desc).search(e[:1], 10, min_similarity=-1.0)
+
+
+def test_the_bias_probes_clip_embeddings_are_the_memorization_checks_vectors(tmp_path, train_index):
+    """`audit bias` keeps the CLIP embeddings it computes anyway; `audit memorization --descriptor clip:tiny`
+    then reuses them for every image (none recomputed) and they equal the descriptor's own."""
+    from audit.bias import audit_bias
+    from audit.memorization.check import check_run
+
+    run = image_run(tmp_path / "run", {"astro": skimage_photo("astronaut", 128), "coffee": skimage_photo("coffee", 96)})
+    audit_bias(run.root, probes=["clip"], clip_model="tiny", reference=None, progress=False)
+    clip = ds.load_descriptor("clip:tiny")
+    kept = ds.RunCache(Run.open(run.root), clip)
+    gens = run.read_table("generations")
+    assert set(kept.vectors) == set(gens["sha256"])
+    pixels = [np.asarray(Image.open(run.path(p)).convert("RGB")) for p in gens["path"]]
+    assert np.allclose(np.stack([kept.vectors[s] for s in gens["sha256"]]), clip.embed(pixels), atol=1e-5)
+    index = copy_index(train_index, tmp_path / "idx")
+    ds.embed_index(index.root, clip, calibration_images=0, progress=False)
+    summary = check_run(run.root, index.root, descriptor=clip, progress=False)
+    assert summary["descriptor"]["vectors_reused"] == 2

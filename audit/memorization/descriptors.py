@@ -289,12 +289,19 @@ def _onnx(spec: str, path: Path) -> Descriptor:
 
 def _clip(spec: str, model_spec: str, device: str | None) -> Descriptor:
     """The bias probe's CLIP (``audit.probes.clip``: same loading, same preprocessing), image tower only."""
+    from audit.probes.clip import DEFAULT_MODEL, load_clip
+
+    return clip_descriptor(load_clip(model_spec or DEFAULT_MODEL, device=device))
+
+
+def clip_descriptor(clip: Any) -> Descriptor:
+    """The descriptor of an already loaded CLIP (``audit.probes.clip.LoadedClip``): the bias probe hands its
+    own model here, so the image embeddings it computes anyway are the vectors memorization searches with."""
     import torch
 
-    from audit.probes.clip import DEFAULT_MODEL, load_clip, preprocess
+    from audit.probes.clip import preprocess
 
-    model_spec = model_spec or DEFAULT_MODEL
-    clip = load_clip(model_spec, device=device)
+    model_spec = clip.spec
     cuda = clip.device.type == "cuda"
 
     @torch.inference_mode()

@@ -237,6 +237,7 @@ class ClipProbe:
         self.clip = model if isinstance(model, LoadedClip) else load_clip(model or DEFAULT_MODEL, device=device)
         self.min_margin, self.person_threshold, self.batch_size = min_margin, person_threshold, batch_size
         self._classes = self._encode_prompts()
+        self._descriptor = None
 
     @property
     def version(self) -> str:
@@ -281,7 +282,8 @@ class ClipProbe:
     def score(self, batch: ImageBatch) -> pd.DataFrame:
         if not len(batch):
             return frame([])
-        probs = self.probabilities(self.encode_images([r.pixels for r in batch.records]))
+        features = self.encode_images([r.pixels for r in batch.records])
+        probs = self.probabilities(features)
         meta = {"probe": self.name, "version": self.version}
         person_col = self._classes["person"][0].index("person")
         rows = []
@@ -298,4 +300,15 @@ class ClipProbe:
                 reason = NO_PERSON if not shows_person else LOW_MARGIN if margin < self.min_margin else None
                 rows.append(row(record.image_id, attribute, label=labels[top[0]], score=float(p[top[0]]),
                                 margin=margin, abstain_reason=reason, **meta))
-        return frame(rows)
+        out = frame(rows)
+        out.attrs["embeddings"] = ([r.image_id for r in batch.records], features.cpu().numpy())  # see descriptor()
+        return out
+
+    def descriptor(self):
+        """This probe's CLIP as a memorization descriptor (``clip:MODEL``), made once: the embeddings ``score``
+        computes are kept in the run (``audit.bias.EmbeddingsKept``) and searched with by the memorization check."""
+        if self._descriptor is None:
+            from audit.memorization.descriptors import clip_descriptor
+
+            self._descriptor = clip_descriptor(self.clip)
+        return self._descriptor
