@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from audit.memorization.verdicts import HITS
 from diffaudit.errors import ConfigError, InputError
 from diffaudit.runs import Run, atomic_write_text
 
@@ -44,7 +45,7 @@ REFERENCE_LATENT = (4, 64, 64)  # SD 1.x at 512x512: the setting the default com
 STATISTICS = {"step1": "mem_score_step1", "mean": "mem_score_mean"}
 POSITIVE_SUITES = frozenset({"memorized_sd1"})   # prompts known to be memorized by SD 1.x
 NEGATIVE_SUITES = frozenset({"ordinary_sd1"})    # prompts assumed ordinary
-COPY_VERDICTS = ("memorized", "near_duplicate")  # verdicts of memorization/matches confirmed in pixels
+COPY_VERDICTS = tuple(sorted(HITS))  # what counts as a memorization hit is defined once (verdicts.HITS)
 TOP = 10
 BOOTSTRAP = 2000
 TABLE = "memorization/prompt_scores"
