@@ -17,6 +17,7 @@
     the confirmation's cost per candidate. Degenerate (too flat) images are counted apart, never as hits.
 
     python bench/memorization.py [--quick] [--codes N] [--files N] [--workers N] [--recall-only]
+    python bench/memorization.py --calibrate     # how variants.SEARCH and confirm.py's thresholds were chosen
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
             for i, (q, r) in enumerate(zip(queries, results, strict=True)):
                 costs += [m["confirm_ms"] for m in r["matches"] if "confirm_ms" in m]
                 own = [m for m in r["matches"] if m["key"] == f"{i:05d}.jpg"]
-                degenerate = r["degenerate"] or (own and own[0]["verdict"] == "degenerate")
+                # a copy of a degenerate training image is never a hit, found or not: counted apart
+                degenerate = r["degenerate"] or prepared[i].degenerate
                 tally["degenerate" if degenerate else "judged"] += 1
                 if degenerate:
                     continue
@@ -353,7 +355,15 @@ def main() -> None:
     p.add_argument("--radius", type=int, default=10)
     p.add_argument("--recall-only", action="store_true", help="only (d), the held-out recall table")
     p.add_argument("--indexed", type=int, default=None, help="(d): indexed images (200; --quick: 40)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="instead: choose the search variants and the confirmation thresholds on the calibration "
+                        "split (audit.memorization.calibration; 160 indexed images, --quick: 60) and print them")
     args = p.parse_args()
+    if args.calibrate:
+        from audit.memorization.calibration import calibrate
+
+        calibrate(args.indexed or (60 if args.quick else 160))
+        return
     n_codes = args.codes or (1_000_000 if args.quick else 10_000_000)
     n_files = args.files or (200 if args.quick else 1000)
     n_queries = args.queries or (1000 if args.quick else 5000)
