@@ -46,8 +46,8 @@ from audit.memorization.verdicts import DEGENERATE, MEMORIZED, is_hit
 
 MEMORIZED_MARGIN = 0.15         # memorized: no distractor confirmed even at thresholds this much looser
 NEAR_MARGIN = 0.05              # near_duplicate: ... this much looser
-TILE_GRID = {"textured": (0.03, 0.04, 0.05), "tile_corr": (0.5, 0.6, 0.7), "tile_l2": (0.12, 0.15, 0.2),
-             "min_evidence": (4, 6, 8)}
+TILE_GRID = {"textured": (0.03, 0.04), "tile_corr": (0.5, 0.6, 0.7), "tile_l2": (0.12, 0.15, 0.2),
+             "min_evidence": (4, 6, 8, 12), "occlusion": (False, True), "min_phase_response": (0.0, 0.2, 0.3, 0.4)}
 LEVELS = np.round(np.arange(0.3, 1.0001, 0.025), 3)
 VARIANT_BUDGET = 40             # codes per side the search-time variants may cost (``full`` included)
 
@@ -145,8 +145,8 @@ def _best_levels(pairs: list[Pair], t: cf.Thresholds) -> tuple[np.ndarray, np.nd
     for i, p in enumerate(pairs):
         if p.query.is_degenerate(t) or p.train.is_degenerate(t):
             continue
-        for _, s in p.scored:
-            if s.overlap < t.min_overlap or s.train_overlap < t.min_train_overlap:
+        for a, s in p.scored:
+            if not t.usable(a) or s.overlap < t.min_overlap or s.train_overlap < t.min_train_overlap:
                 continue
             share, evidence = s.agreement(t)
             if evidence < t.min_evidence:

@@ -11,8 +11,11 @@ overlap's mean and contrast (a brighter copy is a copy):
   are left out), the maximum taken, images in [0, 1] (the paper: RGB, 0.15 at 128 px tiles of 512 px);
 - ``ssim``: SSIM (Wang et al. 2004; Gaussian window, sigma 1.5) averaged over the overlap;
 - ``agreement``: the share of the 8x8 grid's textured tiles (some luminance variation in either image) whose
-  own RMS difference and SSIM both pass, so an overlaid caption or logo (up to about a quarter of the tiles)
-  does not hide a copy, and blank regions that any two documents share prove nothing;
+  own RMS difference and correlation both pass, so blank regions that any two documents share prove nothing.
+  An overlaid caption or logo covers a band along the top or bottom edge or a block in a corner: the share
+  is the best of the whole grid's and the grid's without one such region (``OCCLUSIONS``: the top or bottom
+  one or two rows, a 2x2 corner block), so a caption does not hide a copy of an image with few textured
+  tiles, while an unrelated image disagrees everywhere;
 - ``overlap``: the share of the query the aligned training image covers, and ``train_overlap``: the share
   of the training image that lies inside the query. A copy must show most of its training image: a crop
   of a quarter of it is not called a copy, however well it matches.
@@ -64,6 +67,26 @@ NEAR_AGREEMENT = 0.625
 NEAR_SSIM = 0.45
 MIN_OVERLAP = 0.6              # of the query
 MIN_TRAIN_OVERLAP = 0.5        # of the training image
+OCCLUSION = True               # agreement may leave out one overlay region (``OCCLUSIONS``)
+MIN_PHASE_RESPONSE = 0.0       # a phase-correlation alignment counts only with a peak at least this high
+
+
+def _occlusions(n: int = GRID) -> tuple[np.ndarray, ...]:
+    """Tile masks (n x n) of the regions an overlay may hide: edge bands of 1-2 rows, 2x2 corner blocks."""
+    out = []
+    for rows in ((0,), (0, 1), (n - 1,), (n - 2, n - 1)):
+        m = np.zeros((n, n), bool)
+        m[list(rows)] = True
+        out.append(m)
+    for ys in (slice(0, 2), slice(n - 2, n)):
+        for xs in (slice(0, 2), slice(n - 2, n)):
+            m = np.zeros((n, n), bool)
+            m[ys, xs] = True
+            out.append(m)
+    return tuple(out)
+
+
+OCCLUSIONS = _occlusions()
 
 #: kept for callers of the old centre-crop search (``check.query_codes``)
 CROPS = (1.0, 0.95, 0.9)
@@ -198,6 +221,12 @@ class Thresholds:
     near_ssim: float = NEAR_SSIM
     min_overlap: float = MIN_OVERLAP
     min_train_overlap: float = MIN_TRAIN_OVERLAP
+    occlusion: bool = OCCLUSION
+    min_phase_response: float = MIN_PHASE_RESPONSE
+
+    def usable(self, a: align.Alignment) -> bool:
+        """Whether an alignment may support a verdict (a weak phase-correlation peak is a guess, not a fit)."""
+        return a.method != "phase" or a.response >= self.min_phase_response
 
 
 @dataclass(frozen=True)
@@ -213,19 +242,32 @@ class Scores:
     corr: np.ndarray           # Pearson correlation of the two
     rms: np.ndarray            # RMS difference
     mean_diff: np.ndarray      # |mean difference|
+    cells: np.ndarray | None = None  # flat 8x8 grid position of each tile above (None: no occlusion regions)
 
     def agreement(self, t: Thresholds) -> tuple[float, int]:
-        """(share of evidence tiles that agree, number of evidence tiles). A tile textured in both agrees when
-        correlated and close; textured in one only, it disagrees; flat in both, it is evidence only when the
-        two means differ (then it disagrees)."""
+        """(share of evidence tiles that agree, number of tiles textured in both). A tile textured in both
+        agrees when correlated and close; textured in one only, it disagrees; flat in both, it is evidence
+        only when the two means differ (then it disagrees). With ``t.occlusion``, the best share of the whole
+        grid and of the grid without each ``OCCLUSIONS`` region (ties: the whole grid)."""
         tq, tt = self.std_q >= t.textured, self.std_t >= t.textured
         half_q, half_t = self.std_q >= t.textured / 2, self.std_t >= t.textured / 2
         both = (tq | tt) & half_q & half_t
         one = (tq & ~half_t) | (tt & ~half_q)
         flat_differ = ~(tq | tt) & (self.mean_diff > t.flat_diff)
         agree = both & (self.corr >= t.tile_corr) & (self.rms <= t.tile_l2)
-        evidence = int(both.sum() + one.sum() + flat_differ.sum())
-        return (float(agree.sum()) / evidence if evidence else 0.0), int(both.sum())
+        evidence = both | one | flat_differ
+
+        def share(keep: np.ndarray) -> tuple[float, int]:
+            n = int(evidence[keep].sum())
+            return (float(agree[keep].sum()) / n if n else 0.0), int(both[keep].sum())
+
+        best = share(np.ones(len(agree), bool))
+        if t.occlusion and self.cells is not None:
+            for region in OCCLUSIONS:
+                s, textured = share(~region.ravel()[self.cells])
+                if textured >= t.min_evidence and s > best[0]:
+                    best = (s, textured)
+        return best
 
     def verdict(self, t: Thresholds | None = None) -> str:
         t = t or DEFAULT
@@ -291,7 +333,7 @@ def score(query: Prepared, train: Prepared, matrix: np.ndarray) -> Scores | None
     rms = np.sqrt(sums(diff2, GRID) / c)
     return Scores(tile_l2=tile_l2, ssim=ssim_mean, overlap=overlap, train_overlap=float(train_overlap),
                   std_q=np.sqrt(vq)[keep], std_t=np.sqrt(vt)[keep], corr=corr[keep], rms=rms[keep],
-                  mean_diff=np.abs(mq - mt)[keep])
+                  mean_diff=np.abs(mq - mt)[keep], cells=np.flatnonzero(keep))
 
 
 def candidates(query: Prepared, train: Prepared) -> list[align.Alignment]:
@@ -325,15 +367,16 @@ def scored_candidates(query: Prepared, train: Prepared) -> list[tuple[align.Alig
 
 def decide(query: Prepared, train: Prepared, scored: list[tuple[align.Alignment, Scores]],
            t: Thresholds | None = None, seconds: float = 0.0) -> Confirmation:
-    """The confirmation of the best candidate under thresholds ``t`` (best verdict, then most agreement)."""
+    """The confirmation of the best candidate under thresholds ``t`` (best verdict, then most agreement, then
+    the highest SSIM: the closest alignment, when an overlay region left out makes two agree alike)."""
     t = t or DEFAULT
     if query.is_degenerate(t) or train.is_degenerate(t):
         return Confirmation(verdict=DEGENERATE, seconds=seconds)
     best = None
     for a, s in scored:
-        v = s.verdict(t)
+        v = s.verdict(t) if t.usable(a) else UNCONFIRMED
         share = s.agreement(t)[0]
-        key = (rank(v), -share)
+        key = (rank(v), -share, -s.ssim)
         if best is None or key < best[0]:
             best = (key, a, s, v, share)
     if best is None:

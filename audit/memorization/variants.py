@@ -39,9 +39,12 @@ CANDIDATES = (
     *(f"corner:{f}" for f in (0.2, 0.24, 0.28)),
 )
 
-#: Chosen on the calibration split (160 indexed images; see the module docstring and the notes there):
-#: ``python bench/memorization.py --calibrate`` prints this list.
-SEARCH = ("crop:0.95", "crop:0.9", "turn:2", "uncrop:0.9:3:replicate")
+#: Chosen on the calibration split (``python bench/memorization.py --calibrate`` prints this list, in the order
+#: the greedy choice took them): 39 codes per side. There, copies within radius 10 went from (the full code
+#: alone) to (these): crop90 16% -> 74%, rotate2 68% -> 89%, translate4 79% -> 87%, overlay 55% -> 84%; the
+#: rest are pattern and texture images whose pHash is set by aliasing (no variant helps; see the notes).
+SEARCH = ("crop:0.95", "turn:2", "band:0.12:reflect", "uncrop:0.9:3:replicate", "corner:0.2", "band:0.15:mirror",
+          "crop:0.9", "band:0.18:reflect", "uncrop:0.9:3:reflect", "band:0.12:mirror", "corner:0.24")
 
 
 def _grid(g: int) -> np.ndarray:
