@@ -12,8 +12,9 @@
     candidate (hash hit), confirmed as a hit (memorized or near_duplicate) and as memorized, with 95%
     Wilson intervals, beside the baseline of the same run (the previous check: plain and centre-crop codes,
     no mirror, images stretched onto each other and compared in RGB); false confirmations on near
-    distractors (crops showing 16-36% of an indexed image) and far ones (other images of the same kinds,
-    photos of other sources), both through the search and forced against their nearest indexed images;
+    distractors (two crops per indexed image, each showing 16-36% of it) and far ones (other images of the
+    same kinds, photos of other sources), both through the search and forced against their nearest indexed
+    images;
     the confirmation's cost per candidate. Degenerate (too flat) images are counted apart, never as hits.
 
     python bench/memorization.py [--quick] [--codes N] [--files N] [--workers N] [--recall-only]
@@ -37,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audit.memorization.hashing import get_hasher  # noqa: E402
 from audit.memorization.index import Index, MultiIndexHash, choose_m  # noqa: E402
+
+NEAR_PER = 2  # near distractors (parts of an indexed image) per indexed image
 
 
 def emit(**fields) -> None:
@@ -302,7 +305,8 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
             rows.append(row)
             emit(**row)
         # distractors: through the search, and forced against their nearest indexed images
-        near = [(Image.fromarray(partial_crop(s.rgb, rng)), i, s.kind) for i, s in enumerate(indexed)]
+        near = [(Image.fromarray(partial_crop(s.rgb, rng)), i, s.kind) for _ in range(NEAR_PER)
+                for i, s in enumerate(indexed)]
         far_q = [(Image.fromarray(s.rgb), None, s.kind) for s in far]
         false = {}
         for group, items in (("near", near), ("far", far_q)):
