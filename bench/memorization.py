@@ -12,11 +12,13 @@
     candidate (hash hit), confirmed as a hit (memorized or near_duplicate) and as memorized, with 95%
     Wilson intervals, beside the baseline of the same run (the previous check: plain and centre-crop codes,
     no mirror, images stretched onto each other and compared in RGB); false confirmations on near
-    distractors (crops showing 16-36% of an indexed image) and far ones (other images of the same kinds,
-    photos of other sources), both through the search and forced against their nearest indexed images;
+    distractors (two crops per indexed image, each showing 16-36% of it) and far ones (other images of the
+    same kinds, photos of other sources), both through the search and forced against their nearest indexed
+    images;
     the confirmation's cost per candidate. Degenerate (too flat) images are counted apart, never as hits.
 
     python bench/memorization.py [--quick] [--codes N] [--files N] [--workers N] [--recall-only]
+    python bench/memorization.py --calibrate     # how variants.SEARCH and confirm.py's thresholds were chosen
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audit.memorization.hashing import get_hasher  # noqa: E402
 from audit.memorization.index import Index, MultiIndexHash, choose_m  # noqa: E402
+
+NEAR_PER = 2  # near distractors (parts of an indexed image) per indexed image
 
 
 def emit(**fields) -> None:
@@ -220,7 +224,7 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
     from audit.memorization import confirm as cf
     from audit.memorization.build import build_index
     from audit.memorization.calibration import split_photos
-    from audit.memorization.check import query_images
+    from audit.memorization.check import VARIANT_NAMES, query_images
     from audit.memorization.copies import TRANSFORMS, partial_crop
     from audit.memorization.hashing import get_hasher
     from audit.memorization.verdicts import MEMORIZED, is_hit
@@ -256,11 +260,13 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
             results = query_images(queries, index, radius=radius, top_k=0)
             seconds = time.perf_counter() - t0
             tally = dict.fromkeys(("judged", "degenerate", "hash_hit", "confirmed", "memorized", "base_hash_hit",
-                                   "base_confirmed", "other_confirmed"), 0)
+                                   "base_confirmed", "other_confirmed", "photo_judged", "photo_confirmed"), 0)
+            missed: dict[str, int] = {}
             for i, (q, r) in enumerate(zip(queries, results, strict=True)):
                 costs += [m["confirm_ms"] for m in r["matches"] if "confirm_ms" in m]
                 own = [m for m in r["matches"] if m["key"] == f"{i:05d}.jpg"]
-                degenerate = r["degenerate"] or (own and own[0]["verdict"] == "degenerate")
+                # a copy of a degenerate training image is never a hit, found or not: counted apart
+                degenerate = r["degenerate"] or prepared[i].degenerate
                 tally["degenerate" if degenerate else "judged"] += 1
                 if degenerate:
                     continue
@@ -270,6 +276,11 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
                 hit = bool(own) and is_hit(own[0]["verdict"])
                 tally["confirmed"] += int(hit)
                 kind["confirmed"] += int(hit)
+                if not hit:
+                    missed[indexed[i].kind] = missed.get(indexed[i].kind, 0) + 1
+                if indexed[i].kind == "photo":
+                    tally["photo_judged"] += 1
+                    tally["photo_confirmed"] += int(hit)
                 tally["memorized"] += int(bool(own) and own[0]["verdict"] == MEMORIZED)
                 tally["other_confirmed"] += any(is_hit(m["verdict"]) and m["key"] != f"{i:05d}.jpg"
                                                 and indexed[key_id[m["key"]]].source != indexed[i].source
@@ -284,6 +295,8 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
                    "confirmed_rate": round(tally["confirmed"] / max(j, 1), 3),
                    "confirmed_ci": _interval(tally["confirmed"], j),
                    "memorized_rate": round(tally["memorized"] / max(j, 1), 3),
+                   "photo_confirmed_rate": round(tally["photo_confirmed"] / max(tally["photo_judged"], 1), 3),
+                   "missed_by_kind": dict(sorted(missed.items())), "codes_per_query": len(VARIANT_NAMES),
                    "baseline": "previous check (no mirror, no alignment)",
                    "baseline_hash_hit_rate": round(tally["base_hash_hit"] / max(j, 1), 3),
                    "baseline_confirmed_rate": round(tally["base_confirmed"] / max(j, 1), 3),
@@ -292,7 +305,8 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
             rows.append(row)
             emit(**row)
         # distractors: through the search, and forced against their nearest indexed images
-        near = [(Image.fromarray(partial_crop(s.rgb, rng)), i, s.kind) for i, s in enumerate(indexed)]
+        near = [(Image.fromarray(partial_crop(s.rgb, rng)), i, s.kind) for _ in range(NEAR_PER)
+                for i, s in enumerate(indexed)]
         far_q = [(Image.fromarray(s.rgb), None, s.kind) for s in far]
         false = {}
         for group, items in (("near", near), ("far", far_q)):
@@ -334,12 +348,22 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
         emit(bench="confirm_cost", candidates=len(costs), ms_per_candidate=round(float(np.mean(costs)), 1) if costs else None,
              p95_ms=round(float(np.percentile(costs, 95)), 1) if costs else None,
              note="one core; aligning (ORB + RANSAC, phase correlation) and scoring, mirrored too")
-        table = ["| transform | hash hit | confirmed (95% CI) | memorized | baseline: hash hit | baseline: confirmed |",
-                 "|---|---|---|---|---|---|"]
+        table = ["| transform | hash hit (95% CI) | confirmed (95% CI) | memorized | photos: confirmed | misses by kind "
+                 "| baseline: hash hit | baseline: confirmed |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            table.append(f"| {r['transform']} | {r['hash_hit_rate']:.0%} | {r['confirmed_rate']:.0%} "
+            misses = ", ".join(f"{k} {v}" for k, v in r["missed_by_kind"].items()) or "none"
+            table.append(f"| {r['transform']} | {r['hash_hit_rate']:.0%} [{r['hash_hit_ci'][0]:.0%}, "
+                         f"{r['hash_hit_ci'][1]:.0%}] | {r['confirmed_rate']:.0%} "
                          f"[{r['confirmed_ci'][0]:.0%}, {r['confirmed_ci'][1]:.0%}] | {r['memorized_rate']:.0%} | "
+                         f"{r['photo_confirmed_rate']:.0%} of {r['photo_judged']} | {misses} | "
                          f"{r['baseline_hash_hit_rate']:.0%} | {r['baseline_confirmed_rate']:.0%} |")
+        table.append(f"\n{min(r['judged'] for r in rows)}-{max(r['judged'] for r in rows)} judged copies per "
+                     f"transform of {n} indexed images (copies of degenerate images counted apart); {len(VARIANT_NAMES)} codes "
+                     f"searched per query. False confirmations: {wrong} of {total} distractors through the search "
+                     f"(95% CI [{_interval(wrong, total)[0]:.1%}, {_interval(wrong, total)[1]:.1%}]; near "
+                     f"{false['near']['judged']}, far {false['far']['judged']}), {forced} of {pairs} forced pairs. "
+                     f"Confirmation: {np.mean(costs):.1f} ms per candidate (p95 {np.percentile(costs, 95):.1f}), "
+                     "one core.")
         print("\n".join(table), file=sys.stderr)
 
 
@@ -353,7 +377,15 @@ def main() -> None:
     p.add_argument("--radius", type=int, default=10)
     p.add_argument("--recall-only", action="store_true", help="only (d), the held-out recall table")
     p.add_argument("--indexed", type=int, default=None, help="(d): indexed images (200; --quick: 40)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="instead: choose the search variants and the confirmation thresholds on the calibration "
+                        "split (audit.memorization.calibration; 160 indexed images, --quick: 60) and print them")
     args = p.parse_args()
+    if args.calibrate:
+        from audit.memorization.calibration import calibrate
+
+        calibrate(args.indexed or (60 if args.quick else 160))
+        return
     n_codes = args.codes or (1_000_000 if args.quick else 10_000_000)
     n_files = args.files or (200 if args.quick else 1000)
     n_queries = args.queries or (1000 if args.quick else 5000)

@@ -101,10 +101,12 @@ def summary(run, config: AuditConfig) -> list[str]:
     prompted = set(gens.loc[gens["template"] != EDIT_TEMPLATE, "image_id"])  # what the bias shares count
     gender = clip[(clip["attribute"] == "perceived_gender") & clip["image_id"].isin(prompted)]
     faces = run.read_table("probes/faces")
-    from audit.memorization.verdicts import is_hit
+    from audit.memorization import verdicts as vd
 
     matches = run.read_table("memorization/matches")
-    confirmed = matches[matches["verdict"].map(is_hit)]  # the hits run.json and the rates count
+    counts = vd.image_counts(matches)  # the counts run.json, the rates, the report and the dashboard show
+    hit = vd.image_verdicts(matches).map(vd.is_hit)
+    hit_prompts = sorted(matches.loc[matches["image_id"].isin(hit.index[hit]), "prompt_id"].unique())
     anchors = Path(config.provenance.identity) / "root-ca.pem"
     verified = verify_paths([run.root / "provenance" / "stamped"], trust_anchors=anchors)
     states = {}
@@ -117,9 +119,9 @@ def summary(run, config: AuditConfig) -> list[str]:
         f"{len(prompted)} occupation images "
         f"({', '.join(sorted(gender['abstain_reason'].dropna().unique())) or 'no abstention'}); "
         f"faces found in {faces.loc[faces['face_index'] >= 0, 'image_id'].nunique()} image(s)",
-        f"[summary] memorization: {matches['image_id'].nunique()} image(s) matched a training photo by hash, "
-        f"{confirmed['image_id'].nunique()} confirmed in pixels as near-copies "
-        f"({', '.join(sorted(confirmed['prompt_id'].unique())) or 'none'})",
+        f"[summary] memorization: {matches['image_id'].nunique()} image(s) had a hash candidate among the training "
+        f"photos, {counts['matched_images']} matched one in pixels ({counts['memorized_images']} {vd.MEMORIZED}, "
+        f"{counts['near_duplicate_images']} {vd.NEAR_DUPLICATE}; {', '.join(hit_prompts) or 'no prompt'})",
         f"[summary] provenance: {len(verified)} stamped copies verified against the demo root CA: "
         + ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
     ]

@@ -118,4 +118,36 @@ def test_demo_prints_a_summary_read_from_the_run(demo):
     n = len(run.read_table("generations"))
     assert f"images: {n} " in lines["[summary] images"]
     assert f"{n} stamped copies verified against the demo root CA: Trusted {n}" in lines["[summary] provenance"]
-    assert "2 confirmed in pixels as near-copies (img2img-astronaut, img2img-coffee)" in lines["[summary] memorization"]
+    stage = run.info["stages"]["memorization"]
+    assert f"photos, {stage['matched_images']} matched one in pixels" in lines["[summary] memorization"]
+    assert "; img2img-astronaut, img2img-coffee)" in lines["[summary] memorization"]
+
+
+def test_memorization_counts_agree_across_run_json_rates_report_dashboard_and_summary(demo, monkeypatch):
+    """One definition (``verdicts.image_counts``): the demo's matched / memorized / near_duplicate image counts
+    are the same in run.json, rates.parquet, the report, the dashboard and the printed summary."""
+    from fixtures_runs import open_app
+
+    from audit.memorization import verdicts as vd
+
+    _, run, logs = demo
+    stage = run.info["stages"]["memorization"]
+    rates = run.read_table("memorization/rates")
+    n = vd.image_counts(run.read_table("memorization/matches"))
+    matched, memorized, near = n["matched_images"], n["memorized_images"], n["near_duplicate_images"]
+    assert matched >= 2 and matched == memorized + near  # at least the two img2img copies
+    assert (stage["matched_images"], stage["memorized_images"], stage["near_duplicate_images"]) == (matched, memorized, near)
+    assert (int(rates["matched"].sum()), int(rates["memorized"].sum()), int(rates["near_duplicate"].sum())) == (
+        matched, memorized, near)
+    md = (run.root / "report.md").read_text()
+    assert f"**{matched} matched** a training image" in md
+    assert f"({memorized} `{vd.MEMORIZED}`" in md and f"{near} `{vd.NEAR_DUPLICATE}`" in md
+    line = next(x for x in logs if x.startswith("[summary] memorization"))
+    assert f"{matched} matched one in pixels ({memorized} {vd.MEMORIZED}, {near} {vd.NEAR_DUPLICATE};" in line
+    at = open_app(run.root.parent, [run.root.name], monkeypatch)
+    at.switch_page("views/memorization.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Images matched"] == f"{matched} of {len(run.read_table('generations'))}"
+    captions = " ".join(c.value for c in at.caption)
+    assert f"Of the matched images: {memorized} {vd.MEMORIZED}, {near} {vd.NEAR_DUPLICATE}." in captions

@@ -63,8 +63,8 @@ def test_each_transformed_copy_is_confirmed_in_pixels(samples, name):
 
 def test_search_finds_copies_by_hash_then_confirms_them(indexed, samples):
     """Through the index as a user's query: the source is a hash candidate and the best verdict is a hit.
-    pHash cannot see many crops or overlays, least of all on documents and textures (bench/memorization.py
-    measures it), so those two need only a quarter of theirs found; everything found must be confirmed."""
+    pHash loses some 90% crops and overlays even with the search variants (bench/memorization.py measures
+    it), so those two need 60% of theirs found; everything found must be confirmed."""
     keys = [f"{i:03d}.png" for i in range(len(samples))]
     for name, tf in TRANSFORMS.items():
         rng = np.random.default_rng([9, len(name)])
@@ -75,8 +75,76 @@ def test_search_finds_copies_by_hash_then_confirms_them(indexed, samples):
             found += bool(own)
             confirmed += bool(own) and vd.is_hit(own[0]["verdict"])
             assert all(not vd.is_hit(m["verdict"]) for m in r["matches"] if m["key"] != key), (name, r)
-        need = 0.25 if name in ("crop90", "overlay") else 0.8
+        need = 0.6 if name in ("crop90", "overlay") else 0.8
         assert found >= need * len(samples) and confirmed >= found - 1, (name, found, confirmed)
+
+
+def test_search_variants_find_crops_and_overlays_the_full_code_misses(samples):
+    """The un-crop, caption-band and corner variants bring edited copies within the radius that the plain
+    code (and the mirrored one) leave outside it; every variant is named after its family."""
+    from audit.memorization import variants as vr
+    from audit.memorization.hashing import get_hasher
+
+    hasher = get_hasher("phash")
+    names = vr.names()
+    assert len(set(names)) == len(names) == len(vr.query_variants(pil(samples[0])))
+    plain = {"full", "mirror+full"}
+    helped = {}
+    for name, tf in (("crop90", TRANSFORMS["crop90"]), ("overlay", TRANSFORMS["overlay"])):
+        rng = np.random.default_rng([21, len(name)])
+        full_only = with_variants = 0
+        for rgb in samples:
+            code = np.uint64(hasher.hash_image(pil(rgb)))
+            d = np.bitwise_count(vr.query_codes(hasher, pil(tf(rgb, rng))) ^ code)
+            full_only += int(min(d[names.index(v)] for v in plain) <= 10)
+            with_variants += int(d.min() <= 10)
+            if d.min() <= 10 < min(d[names.index(v)] for v in plain):
+                helped.setdefault(name, []).append(names[int(d.argmin())])
+        assert with_variants >= full_only + 3 and with_variants >= 0.6 * len(samples), (name, full_only, with_variants)
+    assert all(v.startswith(("uncrop", "crop", "turn")) for v in helped["crop90"]), helped
+    assert any(v.startswith(("band", "corner")) for v in helped["overlay"]), helped
+
+
+def test_variant_families_and_their_costs():
+    from audit.memorization import variants as vr
+
+    small = np.zeros((40, 60, 3), np.uint8)
+    assert len(vr.family("uncrop:0.9:3:replicate", small)) == 9 and len(vr.family("uncrop:0.9:5:reflect", small)) == 25
+    assert [n for n, _ in vr.family("band:0.12:reflect", small)] == ["band12-reflect@bottom", "band12-reflect@top"]
+    assert all(v.shape == (round(40 / 0.9), round(60 / 0.9), 3) for _, v in vr.family("uncrop:0.9:3:mirror", small))
+    assert len(vr.family("corner:0.2", small)) == 4 and len(vr.family("turn:2", small)) == 2
+    assert set(vr.SEARCH) <= set(vr.CANDIDATES)
+    with pytest.raises(ValueError):
+        vr.family("blur:3", small)
+
+
+def test_choose_variants_is_greedy_per_code_under_the_budget():
+    """A cheap family that finds as much as a dear one is chosen first; nothing over budget is taken."""
+    from audit.memorization.calibration import choose_variants
+
+    far, near = 30, 4
+    rows = [{"kind": "x", "full": far, "crop:0.9": near, "uncrop:0.9:3:replicate": near, "band:0.12:reflect": far}
+            for _ in range(5)] + [{"kind": "x", "full": far, "crop:0.9": far, "uncrop:0.9:3:replicate": near,
+                                   "band:0.12:reflect": far}]
+    fams = ("crop:0.9", "uncrop:0.9:3:replicate", "band:0.12:reflect")
+    chosen, path = choose_variants({"crop90": rows}, budget=12, families=fams)
+    assert chosen == ("crop:0.9", "uncrop:0.9:3:replicate") and path[-1]["crop90"] == 6 and path[-1]["codes"] == 11
+    assert choose_variants({"crop90": rows}, budget=5, families=fams)[0] == ("crop:0.9",)
+
+
+def test_a_weak_phase_peak_supports_no_verdict(samples):
+    """A copy confirmed through a phase-correlation alignment is not confirmed when the peak is weak."""
+    import dataclasses
+
+    q = cf.prepare(pil(translate(samples[3], np.random.default_rng(2))))
+    t = cf.prepare(pil(samples[3]))
+    scored = cf.scored_candidates(q, t)
+    assert vd.is_hit(cf.decide(q, t, scored).verdict)
+    as_phase = [(dataclasses.replace(a, method="phase", response=r), s) for a, s in scored
+                for r in (cf.MIN_PHASE_RESPONSE / 2,)]
+    assert cf.decide(q, t, as_phase).verdict == vd.UNCONFIRMED
+    strong = [(dataclasses.replace(a, response=1.0), s) for a, s in as_phase]
+    assert vd.is_hit(cf.decide(q, t, strong).verdict)
 
 
 def test_mirrored_copy_is_found_by_its_mirror_code_and_confirmed_mirrored(indexed, samples):

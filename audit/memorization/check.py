@@ -1,8 +1,9 @@
 """Check a run's images against a training-set index: hash, exact radius search, confirm, write tables.
 
-Search: each generated image is hashed as it is and in a few variants that undo common edits (its mirror
-image, centre crops, edge-padded "un-crops" at nine placements, turns of +-2 degrees; ``query_variants``),
-and every code is searched exactly within the radius; a candidate keeps its nearest variant. Images with
+Search: each generated image is hashed as it is and in variants that undo common edits (its mirror image,
+centre crops, padded "un-crops", caption bands and corner logos painted over, turns of +-2 degrees; chosen
+on the calibration split, ``variants.py``), and every code is searched exactly within the radius; a
+candidate keeps its nearest variant. Images with
 almost no texture are flagged ``degenerate`` before any search result is trusted (their hash bits are
 rounding noise) and are never counted.
 
@@ -33,10 +34,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
 from audit.memorization import confirm as cf
 from audit.memorization import descriptors as ds
+from audit.memorization import variants
 from audit.memorization import verdicts as vd
 from audit.memorization.hashing import get_hasher, square_crop
 from audit.memorization.index import DEFAULT_RADIUS, Index
@@ -47,9 +49,6 @@ from diffaudit.runs import Run, atomic_write_bytes
 MAX_CANDIDATES = 10          # confirmed per generated image, nearest first
 EVIDENCE_SIDE = 384
 EVIDENCE_DIR = "memorization/evidence"
-VARIANT_SIDE = 256           # variants are cut from the image downscaled to this (the hash sees 32x32)
-UNCROP = 1 / 0.9             # an un-crop pads the image back to the size it had before a 90% crop
-TURNS = (-2.0, 2.0)
 MATCH_COLUMNS = ["image_id", "prompt_id", "train_key", "train_uri", "hamming", "tile_l2", "ssim", "embedding_sim",
                  "verdict", "evidence_path", "agreement", "overlap", "train_overlap", "alignment", "mirrored",
                  "transform", "query_variant", "confirm_ms", "aligned_path", "source", "descriptor_sim"]
@@ -63,52 +62,10 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 
 
 # -- search ----------------------------------------------------------------------------------------
-def _variants_of(small: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Edited-copy variants of a downscaled RGB image: centre crops, un-crops at nine placements, turns."""
-    import cv2
-
-    h, w = small.shape[:2]
-    out = []
-    for keep in cf.CROPS[1:]:
-        dy, dx = round(h * (1 - keep) / 2), round(w * (1 - keep) / 2)
-        out.append((f"crop{round(keep * 100)}", small[dy:h - dy, dx:w - dx]))
-    ph, pw = round(h * UNCROP) - h, round(w * UNCROP) - w
-    for fy in (0.0, 0.5, 1.0):
-        for fx in (0.0, 0.5, 1.0):
-            top, left = round(ph * fy), round(pw * fx)
-            out.append((f"uncrop{fy:g},{fx:g}", cv2.copyMakeBorder(small, top, ph - top, left, pw - left,
-                                                                    cv2.BORDER_REPLICATE)))
-    for angle in TURNS:
-        turn = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
-        out.append((f"turn{angle:+g}", cv2.warpAffine(small, turn, (w, h), flags=cv2.INTER_LINEAR,
-                                                       borderMode=cv2.BORDER_REPLICATE)))
-    return out
-
-
-def query_variants(img: Image.Image) -> list[tuple[str, Image.Image]]:
-    """The image and its search-time variants, each also mirrored (training pipelines flip at random).
-
-    The plain and mirrored codes come from the full image (the code the index holds for an exact copy);
-    the others from a ``VARIANT_SIDE`` px version (they approximate an edit anyway)."""
-    rgb = img.convert("RGB")
-    small = rgb.copy()
-    small.thumbnail((VARIANT_SIDE, VARIANT_SIDE), Image.Resampling.BILINEAR)
-    arr = np.asarray(small)
-    out: list[tuple[str, Image.Image]] = []
-    for mirrored in (False, True):
-        prefix = "mirror+" if mirrored else ""
-        base = arr[:, ::-1] if mirrored else arr
-        out.append((f"{prefix}full" if prefix else "full", ImageOps.mirror(rgb) if mirrored else rgb))
-        out += [(prefix + name, Image.fromarray(np.ascontiguousarray(v))) for name, v in _variants_of(base)]
-    return out
-
-
-VARIANT_NAMES = tuple(name for name, _ in query_variants(Image.new("RGB", (8, 8))))
-
-
-def query_codes(hasher, img: Image.Image) -> np.ndarray:
-    """Codes of an image's search-time variants (``VARIANT_NAMES`` order)."""
-    return hasher.codes([v for _, v in query_variants(img)])
+# the variants searched (and their names) are ``variants.py``'s
+VARIANT_NAMES = variants.names()
+query_variants = variants.query_variants
+query_codes = variants.query_codes
 
 
 def search_codes(index: Index, codes: np.ndarray, radius: int) -> list[pd.DataFrame]:
