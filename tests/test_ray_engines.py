@@ -251,3 +251,35 @@ def test_ray_client_address_without_ray_client_says_what_to_install(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert "pip install 'ray[client]'" in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_bias_on_a_locked_run_is_refused_before_probes_load_or_ray_starts(tmp_path, monkeypatch, engine):
+    import threading
+
+    import audit.bias
+    from audit.bias import audit_bias
+    from audit.distributed import RayProbes
+    from diffaudit.errors import RunLockedError
+
+    run = make_photo_run(tmp_path / "photos")
+    started = []
+    monkeypatch.setattr(audit.bias, "build_probes", lambda *a, **k: started.append("local"))
+    monkeypatch.setattr(RayProbes, "start", classmethod(lambda cls, *a, **k: started.append("ray")))
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # another writer of the run (another thread is refused as another process would be)
+        with run.lock():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(RunLockedError, match="locked"):
+            audit_bias(run, clip_model="tiny", progress=False, engine=engine, workers=1)
+    finally:
+        release.set()
+        holder.join()
+    assert started == [] and not run.has_table("probes/clip")
