@@ -283,3 +283,20 @@ def test_bias_on_a_locked_run_is_refused_before_probes_load_or_ray_starts(tmp_pa
         release.set()
         holder.join()
     assert started == [] and not run.has_table("probes/clip")
+
+
+@pytest.mark.parametrize("command", ["generate", "bias"])
+def test_ray_address_from_the_environment_is_the_cluster_joined(tmp_path, capsys, monkeypatch, command):
+    """RAY_ADDRESS (set by `ray job submit`, or on a node of a cluster) names the cluster as --address does;
+    Ray itself refused the local cluster's CPU count then, with a traceback."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    run = make_photo_run(tmp_path / "photos")
+    args = (["generate", "--suite", "demo", "--out", str(tmp_path / "run")] if command == "generate"
+            else ["audit", "bias", str(run.root)])
+    with pytest.raises(SystemExit) as e:
+        cli(*args, "--engine", "ray", "--ray-workers", "1", "--no-progress")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1") and "\n" not in err, err
+    assert not (tmp_path / "run").exists() and not run.has_table("probes/clip")
