@@ -69,8 +69,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     retries for minutes); ``auto`` and addresses without a port are left to Ray."""
     import socket
 
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not rest or (sep and not (host and port.isdigit())):  # Ray would wait for a client timeout, or misparse
+        raise ConfigError(f"--address {address!r}: give ray://HEAD:10001, HEAD:6379 or auto")
+    if not sep:
         return
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()

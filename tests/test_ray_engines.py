@@ -223,6 +223,9 @@ def test_ray_requests_that_cannot_be_placed_are_refused(tmp_path, ray_cluster, r
     (["--ray-workers", "2"], "--ray-workers needs --engine ray"),
     (["--engine", "ray", "--ray-workers", "0"], "--ray-workers 0: give 1 or more"),
     (["--engine", "ray", "--address", "127.0.0.1:1", "--ray-workers", "1"], "cannot reach the Ray cluster"),
+    (["--engine", "ray", "--address", "ray://", "--ray-workers", "1"], "give ray://HEAD:10001, HEAD:6379 or auto"),
+    (["--engine", "ray", "--address", "head:", "--ray-workers", "1"], "give ray://HEAD:10001, HEAD:6379 or auto"),
+    (["--engine", "ray", "--address", ":6379", "--ray-workers", "1"], "give ray://HEAD:10001, HEAD:6379 or auto"),
 ])
 def test_cli_engine_options_are_checked_first(tmp_path, capsys, command, extra, message):
     run = make_photo_run(tmp_path / "photos")
