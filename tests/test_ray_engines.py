@@ -303,3 +303,27 @@ def test_ray_address_from_the_environment_is_the_cluster_joined(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1") and "\n" not in err, err
     assert not (tmp_path / "run").exists() and not run.has_table("probes/clip")
+
+
+@pytest.mark.slow
+def test_a_workers_own_error_at_start_is_the_local_engines_one_line(tmp_path, ray_cluster, capsys):
+    """Bad input that only a loaded model reveals (a strength that leaves no step) fails on the workers as it
+    fails locally: the same line, not a hint about nodes (Ray keeps only the text of a constructor's error)."""
+    suite = write_suite(tmp_path / "suite", strength=0.1)
+    lines = []
+    for extra in ((), ("--engine", "ray", "--ray-workers", "1")):
+        with pytest.raises(SystemExit) as e:
+            cli("generate", "--suite", str(suite), "--out", str(tmp_path / "run"), "-n", "1", "--steps", "2",
+                "--size", "48x32", "--no-progress", *extra)
+        assert e.value.code == 2
+        lines.append(capsys.readouterr().err.strip())
+        assert not (tmp_path / "run").exists()
+    assert "leaves no denoising step" in lines[0] and lines[1] == lines[0], lines
+    run, lines = make_photo_run(tmp_path / "photos"), []
+    for extra in ((), ("--engine", "ray", "--ray-workers", "1")):  # the probes' workers likewise
+        with pytest.raises(SystemExit) as e:
+            cli("audit", "bias", str(run.root), "--probes", "clip", "--clip-model", str(tmp_path / "no-such-clip"),
+                "--no-progress", *extra)
+        assert e.value.code == 2
+        lines.append(capsys.readouterr().err.strip())
+    assert "no-such-clip" in lines[0] and lines[1] == lines[0], lines
