@@ -278,6 +278,7 @@ def audit_bias(run_dir: str | Run, *, probes: Sequence[str] = DEFAULT_PROBES, cl
     options = dict(clip_model=clip_model, face_detector=face_detector, device=device, clip_options=clip_options,
                    face_model=face_model, face_options=face_options)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(run.lock())  # a run being written is refused now, before probes load or Ray starts
         remote = None
         if engine == "ray":
             from audit.distributed import RayProbes

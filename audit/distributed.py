@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from diffaudit import ray_cluster
-from diffaudit.errors import ConfigError, InputError
+from diffaudit.errors import ConfigError, DiffauditError, InputError
 
 DEPTH = 2  # batches in flight per worker
 
@@ -53,10 +53,17 @@ class ProbeWorker:
         if os.path.isdir(cwd):
             os.chdir(cwd)
         torch.set_num_threads(max(1, threads))
-        self.probes = build_probes(names, **options)
+        try:
+            self.probes = build_probes(names, **options)
+        except DiffauditError as e:  # raised by describe: Ray keeps only the text of a constructor's error
+            self.error = e
+            return
+        self.error = None
         self.where = {"host": socket.gethostname(), "pid": os.getpid(), "device": options.get("device")}
 
     def describe(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
         probes = [(p.name, p.version, getattr(getattr(p, "detector", None), "name", None)) for p in self.probes]
         return {"probes": probes, **self.where}
 

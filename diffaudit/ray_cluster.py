@@ -37,8 +37,10 @@ def ray_module(data: bool = False):
 
 def start(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect this process to Ray unless it is already; True if this call did (and so should shut it down).
-    Without ``address`` a local cluster starts with ``num_cpus`` CPUs (default: this machine's)."""
+    Without ``address`` it is ``RAY_ADDRESS`` (set by ``ray job submit``) where set, as Ray reads it; else a
+    local cluster starts with ``num_cpus`` CPUs (default: this machine's)."""
     ray = ray_module()
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray would join it and refuse num_cpus
     if address is not None:  # checked even where this process is connected already: a bad address is an error
         check_reachable(address)
         if address.startswith("ray://"):
@@ -67,8 +69,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     retries for minutes); ``auto`` and addresses without a port are left to Ray."""
     import socket
 
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not rest or (sep and not (host and port.isdigit())):  # Ray would wait for a client timeout, or misparse
+        raise ConfigError(f"--address {address!r}: give ray://HEAD:10001, HEAD:6379 or auto")
+    if not sep:
         return
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()

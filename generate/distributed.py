@@ -25,7 +25,7 @@ from typing import Any
 
 from diffaudit import ray_cluster
 from diffaudit.config import GenerationConfig
-from diffaudit.errors import ConfigError
+from diffaudit.errors import ConfigError, DiffauditError
 from diffaudit.runs import Run
 from generate import runner
 from generate.models import check_scheduler
@@ -49,7 +49,12 @@ class GenerationWorker:
             os.chdir(cwd)  # relative suite, source and model paths mean what they mean on the driver
         torch.set_num_threads(max(1, threads))
         self.config = GenerationConfig.model_validate_json(config_json)
-        self.plan = runner.plan_run(None, self.config, progress=False)
+        try:
+            self.plan = runner.plan_run(None, self.config, progress=False)
+        except DiffauditError as e:  # raised by describe: Ray keeps only the text of a constructor's error
+            self.error = e
+            return
+        self.error = None
         self.gen = runner._Generator(None, self.plan, progress=False)
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         if self.gen.speed.overlap:
@@ -58,6 +63,8 @@ class GenerationWorker:
         self.where = {"host": socket.gethostname(), "pid": os.getpid(), "device": self.plan.pipes.device}
 
     def describe(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
         return {"settings": self.plan.settings, "batch_size": self.gen.batch_size, **self.where}
 
     def make(self, jobs: list[runner.Job]) -> dict[str, Any]:

@@ -223,6 +223,9 @@ def test_ray_requests_that_cannot_be_placed_are_refused(tmp_path, ray_cluster, r
     (["--ray-workers", "2"], "--ray-workers needs --engine ray"),
     (["--engine", "ray", "--ray-workers", "0"], "--ray-workers 0: give 1 or more"),
     (["--engine", "ray", "--address", "127.0.0.1:1", "--ray-workers", "1"], "cannot reach the Ray cluster"),
+    (["--engine", "ray", "--address", "ray://", "--ray-workers", "1"], "give ray://HEAD:10001, HEAD:6379 or auto"),
+    (["--engine", "ray", "--address", "head:", "--ray-workers", "1"], "give ray://HEAD:10001, HEAD:6379 or auto"),
+    (["--engine", "ray", "--address", ":6379", "--ray-workers", "1"], "give ray://HEAD:10001, HEAD:6379 or auto"),
 ])
 def test_cli_engine_options_are_checked_first(tmp_path, capsys, command, extra, message):
     run = make_photo_run(tmp_path / "photos")
@@ -251,3 +254,76 @@ def test_ray_client_address_without_ray_client_says_what_to_install(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert "pip install 'ray[client]'" in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_bias_on_a_locked_run_is_refused_before_probes_load_or_ray_starts(tmp_path, monkeypatch, engine):
+    import threading
+
+    import audit.bias
+    from audit.bias import audit_bias
+    from audit.distributed import RayProbes
+    from diffaudit.errors import RunLockedError
+
+    run = make_photo_run(tmp_path / "photos")
+    started = []
+    monkeypatch.setattr(audit.bias, "build_probes", lambda *a, **k: started.append("local"))
+    monkeypatch.setattr(RayProbes, "start", classmethod(lambda cls, *a, **k: started.append("ray")))
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # another writer of the run (another thread is refused as another process would be)
+        with run.lock():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(RunLockedError, match="locked"):
+            audit_bias(run, clip_model="tiny", progress=False, engine=engine, workers=1)
+    finally:
+        release.set()
+        holder.join()
+    assert started == [] and not run.has_table("probes/clip")
+
+
+@pytest.mark.parametrize("command", ["generate", "bias"])
+def test_ray_address_from_the_environment_is_the_cluster_joined(tmp_path, capsys, monkeypatch, command):
+    """RAY_ADDRESS (set by `ray job submit`, or on a node of a cluster) names the cluster as --address does;
+    Ray itself refused the local cluster's CPU count then, with a traceback."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    run = make_photo_run(tmp_path / "photos")
+    args = (["generate", "--suite", "demo", "--out", str(tmp_path / "run")] if command == "generate"
+            else ["audit", "bias", str(run.root)])
+    with pytest.raises(SystemExit) as e:
+        cli(*args, "--engine", "ray", "--ray-workers", "1", "--no-progress")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1") and "\n" not in err, err
+    assert not (tmp_path / "run").exists() and not run.has_table("probes/clip")
+
+
+@pytest.mark.slow
+def test_a_workers_own_error_at_start_is_the_local_engines_one_line(tmp_path, ray_cluster, capsys):
+    """Bad input that only a loaded model reveals (a strength that leaves no step) fails on the workers as it
+    fails locally: the same line, not a hint about nodes (Ray keeps only the text of a constructor's error)."""
+    suite = write_suite(tmp_path / "suite", strength=0.1)
+    lines = []
+    for extra in ((), ("--engine", "ray", "--ray-workers", "1")):
+        with pytest.raises(SystemExit) as e:
+            cli("generate", "--suite", str(suite), "--out", str(tmp_path / "run"), "-n", "1", "--steps", "2",
+                "--size", "48x32", "--no-progress", *extra)
+        assert e.value.code == 2
+        lines.append(capsys.readouterr().err.strip())
+        assert not (tmp_path / "run").exists()
+    assert "leaves no denoising step" in lines[0] and lines[1] == lines[0], lines
+    run, lines = make_photo_run(tmp_path / "photos"), []
+    for extra in ((), ("--engine", "ray", "--ray-workers", "1")):  # the probes' workers likewise
+        with pytest.raises(SystemExit) as e:
+            cli("audit", "bias", str(run.root), "--probes", "clip", "--clip-model", str(tmp_path / "no-such-clip"),
+                "--no-progress", *extra)
+        assert e.value.code == 2
+        lines.append(capsys.readouterr().err.strip())
+    assert "no-such-clip" in lines[0] and lines[1] == lines[0], lines
