@@ -16,6 +16,9 @@ for _name in COMMAND_MODULES:  # each registers its commands on the app
     importlib.import_module(f"diffaudit.commands.{_name}")
 
 
+INTERRUPTED = "interrupted; finished work is saved, rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="diffaudit")
@@ -25,8 +28,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        print("interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C inside a command into exit 130 before the clause above sees it
+        if e.code == 130:
+            print(INTERRUPTED, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

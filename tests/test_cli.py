@@ -104,3 +104,17 @@ def test_locked_run_is_one_line_exit_2(tmp_path):
     assert res.returncode == 2 and f"is locked by pid {proc.pid}" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not run.has_table("probes/clip")  # nothing written
+
+
+def test_ctrl_c_inside_a_command_says_the_work_is_saved(monkeypatch, capsys):
+    """Typer turns a KeyboardInterrupt inside a command into exit 130 itself; the one line still comes."""
+    import prompts.suites
+    from diffaudit.cli import INTERRUPTED, main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prompts.suites, "list_suites", interrupted)
+    with pytest.raises(SystemExit) as done:
+        main(["suites", "list"])
+    assert done.value.code == 130 and INTERRUPTED in capsys.readouterr().err
