@@ -24,6 +24,7 @@ the ratio of medians is read against the spread of each variant's repeats: that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -54,22 +55,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_sd15():
-    """SD 1.5's UNet and VAE from their configs, random weights; a small text encoder; the SD 1.5 scheduler."""
+def build_sd15(text_layers: int = 1, device: str | None = None):
+    """SD 1.5's UNet and VAE from their configs, random weights; a text encoder of ``text_layers`` of SD 1.5's 12
+    (1 by default: the UNet and VAE are what is timed); the SD 1.5 scheduler. ``device``: initialise the weights
+    there (seconds on a GPU, not a minute of CPU init), falling back to the CPU where a library insists."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from generate.tiny import clip_tokenizer
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                        sample_size=512)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    def modules():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                            sample_size=512)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=text_layers, num_attention_heads=12,
+                                            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+        return unet, vae, text
+
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            unet, vae, text = modules()
+    except (RuntimeError, TypeError, NotImplementedError):  # a library that insists on the CPU: slower, same model
+        unet, vae, text = modules()
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,

@@ -134,45 +134,14 @@ def sync(device: str) -> None:
 
 # --- model ---------------------------------------------------------------------------------------------------
 
-def build_sd15(device: str, dtype):
-    """SD 1.5's UNet, VAE and text encoder from their configs, random weights, made on the device."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from generate.tiny import clip_tokenizer
-
-    def modules():
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                            sample_size=512)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                            hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
-                                            eos_token_id=49407, pad_token_id=49407))
-        return unet, vae, text
-
-    try:
-        with torch.device(device):  # initialised where it runs: seconds, not a minute of CPU init
-            unet, vae, text = modules()
-    except (RuntimeError, TypeError, NotImplementedError):  # a library that insists on the CPU: slower, same model
-        unet, vae, text = modules()
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    return pipe.to(device, dtype)
-
-
 def build(setting: Setting, dtype):
     if setting.model == "tiny":
         from generate.models import load_pipelines
 
         return load_pipelines("tiny", device="cpu").txt2img  # the plain diffusers pipeline inside
-    return build_sd15(setting.device, dtype)
+    from bench.generate import build_sd15
+
+    return build_sd15(text_layers=12, device=setting.device).to(setting.device, dtype)
 
 
 # --- stages --------------------------------------------------------------------------------------------------

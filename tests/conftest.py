@@ -70,3 +70,31 @@ def make_photo_run(root, photos=PHOTOS, size: int = 256, suite: str = "photos") 
 @pytest.fixture
 def photo_run(tmp_path) -> Run:
     return make_photo_run(tmp_path / "photo-run")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray with 2 CPUs for one test module (search actors closed before it shuts down)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        from audit.memorization.ray_engine import RaySearch
+
+        RaySearch.close_all()
+        ray.shutdown()
+
+
+def wait_for_rows(child, run_dir, rows: int, timeout: float) -> None:
+    """Poll until the child process has written ``rows`` generation rows into ``run_dir`` (it must still run)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while seen < rows:
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "child made no progress"
+        time.sleep(0.1)
+        if (run_dir / "generations.parquet").is_file():
+            seen = len(Run.open(run_dir).read_table("generations"))

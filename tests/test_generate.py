@@ -19,6 +19,7 @@ import imagehash
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import wait_for_rows
 from PIL import Image
 
 from diffaudit.config import GenerationConfig
@@ -162,14 +163,7 @@ def test_killed_run_resumes_to_exactly_the_expected_set(tmp_path, pipes):
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(out), cfg.model_dump_json()], env=env, cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
-        rows = 0
-        while rows < 3:
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "child made no progress"
-            time.sleep(0.1)
-            if (out / "generations.parquet").is_file():
-                rows = len(Run.open(out).read_table("generations"))
+        wait_for_rows(child, out, 3, timeout=180)
         with pytest.raises(RunLockedError):  # a second generate on the same run while the first runs
             generate_run(out, cfg, progress=False, pipelines=pipes)
         child.send_signal(signal.SIGKILL)
@@ -504,8 +498,7 @@ def test_compiled_model_gets_full_batches_only(tmp_path, pipes, monkeypatch):
     assert sizes and set(sizes) == {4}  # 5 images per group: a full batch, then 1 image padded to 4
     sizes.clear()
     generate_run(tmp_path / "plain", cfg, progress=False, pipelines=pipes)
-    assert 1 in sizes  # without compile the short batch is not padded
-    assert sizes == [4, 1]  # a full batch, then the short one as it is
+    assert sizes == [4, 1]  # without compile: a full batch, then the short one as it is (not padded)
     padded, plain = (Run.open(tmp_path / d).images().set_index("image_id")["file"] for d in ("padded", "plain"))
     assert sorted(padded.index) == sorted(plain.index) == sorted(expected_ids(cfg))
     for image_id in plain.index:

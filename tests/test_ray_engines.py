@@ -14,23 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_photo_run
+from conftest import make_photo_run, wait_for_rows
 from test_generate import ROOT, assert_valid_run, cli, config, write_suite
 
 from diffaudit.runs import Run, sha256_file
 
 IMAGES_PER_PROMPT = 6  # 4 prompts x 6 = 24 images, 12 batches of 2: enough to spread over 2 workers and kill mid-run
 BATCH = 2
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +99,7 @@ def test_killed_driver_resumes_to_the_local_run_despite_a_lost_worker(tmp_path, 
     child = subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 300
-        rows = 0
-        while rows < 4:
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "child made no progress"
-            time.sleep(0.2)
-            if (out / "generations.parquet").is_file():
-                rows = len(Run.open(out).read_table("generations"))
+        wait_for_rows(child, out, 4, timeout=300)
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:

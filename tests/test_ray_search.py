@@ -15,19 +15,6 @@ from audit.memorization.index import Index, flat_search
 pytestmark = pytest.mark.slow  # starting Ray takes 10-30 s on a shared machine
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        from audit.memorization.ray_engine import RaySearch
-
-        RaySearch.close_all()
-        ray.shutdown()
-
-
 def test_ray_search_equals_local_and_keeps_tables(tmp_path, ray_cluster, monkeypatch):
     from audit.memorization.ray_engine import RaySearch
 
